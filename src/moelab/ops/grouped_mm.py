@@ -33,6 +33,9 @@ def can_use_grouped_mm(x_NK: Tensor, w_EKM: Tensor) -> bool:
     strides += [s for s, n in zip(w_EKM.stride(), w_EKM.shape, strict=True) if n > 1]
     if any((s * size) % 16 for s in strides if s != 1):
         return False
+    # The backward multiplies the [N, M] output gradient: its rows must be 16-byte aligned too.
+    if (w_EKM.shape[-1] * size) % 16:
+        return False
     if x_NK.data_ptr() % 16 or w_EKM.data_ptr() % 16:
         return False
     # One of the two inner dims of each operand must be unit-stride (row- or column-major).

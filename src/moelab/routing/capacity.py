@@ -18,7 +18,9 @@ DROP_POLICIES = ("probability", "position")
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
     """``C = ceil(capacity_factor * T * k / E)`` (Switch eq. 3, GShard)."""
-    return int(math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+    c = capacity_factor * num_tokens * top_k / num_experts
+    # Float rounding must not add a slot: 1.1 * 50 is 55.000000000000007, and C is 55.
+    return int(math.ceil(c - 1e-9 * max(1.0, c)))
 
 
 def capacity_keep_mask(
@@ -34,7 +36,8 @@ def capacity_keep_mask(
     Each expert keeps at most ``capacity`` of the assignments sent to it, chosen by ``policy``:
 
     - ``"probability"``: the ones with the highest router score (batch-prioritised routing,
-      V-MoE / ST-MoE); ties go to the earlier token.
+      V-MoE / ST-MoE); ties go to the earlier slot (a first choice before a second), then
+      the earlier token.
     - ``"position"``: first come, first served in the order of GShard's dispatch: every token's
       first choice (in token order) before any token's second choice, and so on.
 

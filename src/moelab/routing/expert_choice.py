@@ -25,7 +25,9 @@ from .routing import Routing
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
     """``C = min(T, ceil(T * c / E))``."""
-    return min(num_tokens, int(math.ceil(num_tokens * capacity_factor / num_experts)))
+    c = num_tokens * capacity_factor / num_experts
+    # Float rounding must not add a slot (as in ``expert_capacity``).
+    return min(num_tokens, int(math.ceil(c - 1e-9 * max(1.0, c))))
 
 
 def expert_choice(probs_TE: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -129,6 +129,13 @@ class Routing:
                     f"Routing.top_k={self.top_k} needs N = T*top_k = {self.num_tokens * self.top_k} "
                     f"entries, got {n}"
                 )
+            # The combine fast path trusts this layout; a wrong claim would misplace rows silently.
+            token_major = torch.arange(self.num_tokens, device=self.device).repeat_interleave(self.top_k)
+            if not torch.equal(self.token_index, token_major):
+                raise ValueError(
+                    f"Routing.top_k={self.top_k} needs token-major entries "
+                    "(token_index == arange(T).repeat_interleave(top_k)); pass top_k=None otherwise"
+                )
         if self.requested is not None and tuple(self.requested.shape) != (self.num_experts,):
             raise ValueError(
                 f"Routing.requested must be [E] = [{self.num_experts}], got {tuple(self.requested.shape)}"
@@ -152,13 +159,17 @@ class Routing:
             sorted_e, perm = torch.sort(e, stable=True)
             counts = torch.bincount(e, minlength=self.num_experts)
             offsets = torch.cumsum(counts, 0).to(torch.int32)
+            # The order is cached: if it is first built under no_grad (a load check before the
+            # backend runs), the cached combine weight must still carry the router's gradient.
+            with torch.enable_grad():
+                weight = self.weight[perm]
             self._order = ExpertOrder(
                 perm=perm,
                 counts=counts,
                 offsets=offsets,
                 expert_index=sorted_e,
                 token_index=self.token_index[perm],
-                weight=self.weight[perm],
+                weight=weight,
             )
         return self._order
 
