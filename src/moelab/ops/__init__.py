@@ -1,5 +1,6 @@
 """Expert execution: dispatch/combine and interchangeable backends (reference, sorted, fast)."""
 
+from . import triton as _triton  # noqa: F401  (registers the 'triton' backend; Triton loads lazily)
 from .backends import AUTO_PREFERENCE, Backend, backend_names, get_backend, register_backend, resolve_backend
 from .dispatch import combine, dispatch
 from .grouped_mm import can_use_grouped_mm, grouped_mm, grouped_mm_loop
