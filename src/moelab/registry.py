@@ -52,7 +52,7 @@ def get(kind: str, name: str) -> MethodInfo:
         return _METHODS[(kind, name)]
     except KeyError:
         known = sorted(n for k, n in _METHODS if k == kind)
-        raise ValueError(f"unknown {kind} {name!r}; registered {kind}s: {known}") from None
+        raise ValueError(f"unknown {kind} {name!r}; registered {kind} names: {known}") from None
 
 
 def names(kind: str) -> list[str]:

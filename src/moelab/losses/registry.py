@@ -28,7 +28,10 @@ def check_aux_losses(aux_losses: dict[str, float] | None) -> dict[str, float]:
         raise TypeError(f"aux_losses must be a dict name -> coefficient, got {type(aux_losses).__name__}")
     out = {}
     for name, coef in aux_losses.items():
-        get_loss(name)  # raises with the list of known losses
+        try:
+            get_loss(name)
+        except ValueError as e:  # name the argument, keep the list of known losses
+            raise ValueError(f"aux_losses: {e}") from None
         if isinstance(coef, bool) or not isinstance(coef, (int, float)) or coef < 0:
             raise ValueError(f"aux_losses[{name!r}] must be a number >= 0, got {coef!r}")
         out[name] = float(coef)
