@@ -195,6 +195,29 @@ def test_bf16_close_to_fp32_reference():
 
 
 @needs_interpreter
+def test_autocast_runs_in_autocast_dtype():
+    """Under bf16 autocast with fp32 weights: bf16 GEMMs, fp32 weight gradients, close to fp32."""
+    x, bank = make(8, 16, 16, 3, seed=25)
+    routing = topk_routing(8, 3, 2, seed=26)
+    gy = torch.randn(8, 16, generator=torch.Generator().manual_seed(27))
+    xl = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe_triton(xl, routing, bank)
+    assert y.dtype == torch.bfloat16
+    y.backward(gy.to(y.dtype))
+    assert xl.grad.dtype == torch.float32 and bank.w_in.grad.dtype == torch.float32
+    xr = x.clone().requires_grad_(True)
+    bank32 = ExpertBank.from_parameters(
+        torch.nn.Parameter(bank.w_in.detach().clone()), torch.nn.Parameter(bank.down_proj.detach().clone())
+    )
+    y_ref = moe_reference(xr, routing, bank32)
+    y_ref.backward(gy)
+    for name, a, b in (("y", y, y_ref), ("x", xl.grad, xr.grad), ("w_in", bank.w_in.grad, bank32.w_in.grad)):
+        err = (a.float() - b).abs().max() / b.abs().max()
+        assert err < 3e-2, f"{name}: relative error {err:.3g}"
+
+
+@needs_interpreter
 def test_strided_weights_and_input():
     """Weights stored transposed (as a ``[E, d, 2h]`` buffer) and a non-contiguous ``x``: strides honoured."""
     torch.manual_seed(31)

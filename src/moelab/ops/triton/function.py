@@ -23,6 +23,7 @@ Backward (4 launches):
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import torch
@@ -152,7 +153,9 @@ def _check(x_TD: Tensor, routing: Routing, bank: ExpertBank) -> None:
             f"the triton backend supports activations {sorted(KERNEL_ACTIVATIONS)}, got {bank.activation!r}"
         )
     w = bank.w_in
-    if x_TD.dtype != w.dtype or bank.down_proj.dtype != w.dtype:
+    # Under autocast moe_triton casts x and the weights to the autocast dtype itself.
+    autocast = torch.is_autocast_enabled(x_TD.device.type)
+    if not autocast and (x_TD.dtype != w.dtype or bank.down_proj.dtype != w.dtype):
         raise TypeError(
             f"x ({x_TD.dtype}) and the bank's weights ({w.dtype}, {bank.down_proj.dtype}) must share a dtype"
         )
@@ -177,18 +180,27 @@ def moe_triton(x_TD: Tensor, routing: Routing, bank: ExpertBank) -> Tensor:
     """
     _check(x_TD, routing, bank)
     order = routing.by_expert()
-    tensors = (x_TD, order.weight, bank.w_in, bank.down_proj)
+    w_in, w_down = bank.w_in, bank.down_proj
+    device_type = x_TD.device.type
+    if torch.is_autocast_enabled(device_type):
+        # As autocast does for a matmul: run the GEMMs in its dtype; the casts are differentiable,
+        # so fp32 master weights still get fp32 gradients.
+        dtype = torch.get_autocast_dtype(device_type)
+        x_TD, w_in, w_down = x_TD.to(dtype), w_in.to(dtype), w_down.to(dtype)
+    tensors = (x_TD, order.weight, w_in, w_down)
     save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return TritonMoEFunction.apply(
-        x_TD,
-        order.weight,
-        bank.w_in,
-        bank.down_proj,
-        order.token_index,
-        order.perm,
-        order.counts,
-        order.offsets,
-        routing.top_k,
-        bank.activation,
-        save_pre,
-    )
+    device = torch.cuda.device(x_TD.device) if x_TD.is_cuda else contextlib.nullcontext()
+    with device:  # Triton launches on the current CUDA device
+        return TritonMoEFunction.apply(
+            x_TD,
+            order.weight,
+            w_in,
+            w_down,
+            order.token_index,
+            order.perm,
+            order.counts,
+            order.offsets,
+            routing.top_k,
+            bank.activation,
+            save_pre,
+        )
