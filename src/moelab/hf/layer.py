@@ -1,0 +1,138 @@
+"""``HFMoE``: a ``moelab.MoE`` that sits where a transformers MoE block was.
+
+It is the moelab layer itself (same forward, tracing, aux losses); on top it
+
+- returns what the parent decoder layer expects (gpt-oss: ``(hidden, router_scores)``);
+- feeds transformers' ``output_router_logits`` collection with the router logits, so the
+  models' own load-balancing loss keeps working;
+- routes with the model-wide ``RoutingContext`` of the current forward (token ids, a shared
+  ``state`` for routers that carry state across layers), provided by ``ContextFeeder``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..layers.moe import MoE
+from ..routing.context import RoutingContext
+from ..routing.routing import Routing
+
+try:  # transformers' per-forward output collector (private; absent in other versions)
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # pragma: no cover - depends on the transformers version
+    _active_collector = None
+
+
+class ContextFeeder:
+    """Makes one ``RoutingContext`` per forward of a model, holding the input token ids.
+
+    A forward pre-hook on the model reads ``input_ids`` (keyword or first positional argument)
+    and opens a context; a forward hook closes it. ``HFMoE`` layers read ``current`` and set
+    ``layer_index`` before routing. Nested calls (a wrapper model calling its inner model) keep
+    the outermost context.
+    """
+
+    def __init__(self) -> None:
+        self.current: RoutingContext | None = None
+        self._depth = 0
+        self._handles: list[Any] = []
+
+    def attach(self, model: nn.Module) -> None:
+        self._handles.append(model.register_forward_pre_hook(self._open, with_kwargs=True))
+        self._handles.append(model.register_forward_hook(self._close, always_call=True))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.current, self._depth = None, 0
+
+    @staticmethod
+    def input_ids(args: tuple, kwargs: dict) -> Tensor | None:
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], Tensor) and not args[0].is_floating_point():
+            ids = args[0]
+        return ids if isinstance(ids, Tensor) else None
+
+    def _open(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._depth += 1
+        if self._depth == 1:
+            ids = self.input_ids(args, kwargs)
+            self.current = RoutingContext(token_ids=None if ids is None else ids.reshape(-1))
+
+    def _close(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            self.current = None
+
+
+def feeder_of(model: nn.Module) -> ContextFeeder:
+    """The model's ``ContextFeeder``, attached on first use (one per model)."""
+    feeder = model.__dict__.get("_moelab_context_feeder")
+    if feeder is None:
+        feeder = ContextFeeder()
+        feeder.attach(model)
+        model.__dict__["_moelab_context_feeder"] = feeder
+    return feeder
+
+
+def record_router_logits(logits: Tensor | None) -> None:
+    """Append ``logits`` to transformers' ``router_logits`` collection when the model asked for it."""
+    if _active_collector is None or logits is None:
+        return
+    collected = _active_collector.get()
+    if collected is not None and "router_logits" in collected:
+        collected["router_logits"].append(logits)
+
+
+class HFMoE(MoE):
+    """``moelab.MoE`` in place of a transformers MoE block.
+
+    Args (beyond ``MoE``'s):
+        layer_index: index among the model's routed layers (``RoutingContext.layer_index``).
+        returns_scores: return ``(hidden, router_scores)`` like gpt-oss's block; the scores are
+            the ``[T, k]`` combine weights of a top-k routing, else the ``[T, E]`` dense weights.
+        family: the transformers family it replaced (``"olmoe"``), for ``repr`` and docs.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        layer_index: int = 0,
+        returns_scores: bool = False,
+        family: str = "",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.layer_index = int(layer_index)
+        self.returns_scores = bool(returns_scores)
+        self.family = family
+        self._feeder: ContextFeeder | None = None
+        self._routing: Routing | None = None
+
+    def set_feeder(self, feeder: ContextFeeder) -> None:
+        self._feeder = feeder
+
+    def run_experts(self, x_TD: Tensor, routing: Routing) -> Tensor:
+        self._routing = routing  # read back by forward, then dropped (no graph kept alive)
+        return super().run_experts(x_TD, routing)
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor | tuple[Tensor, Tensor]:
+        ctx = self._feeder.current if self._feeder is not None else None
+        if ctx is None:
+            ctx = RoutingContext()
+        elif ctx.token_ids is not None and ctx.token_ids.numel() != hidden_states.shape[:-1].numel():
+            ctx.token_ids = None  # the hidden states are not aligned with the input ids
+        ctx.layer_index = self.layer_index
+        y = super().forward(hidden_states, ctx)
+        routing, self._routing = self._routing, None
+        record_router_logits(routing.logits)
+        if not self.returns_scores:
+            return y
+        scores = routing.weight.view(-1, routing.top_k) if routing.top_k is not None else routing.dense()
+        return y, scores
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, family={self.family!r}, layer_index={self.layer_index}"
