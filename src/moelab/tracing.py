@@ -153,11 +153,22 @@ def traceable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if getattr(m, "_moelab_traceable", False)]
 
 
+def _is_transformers_model(model: nn.Module) -> bool:
+    return any(c.__module__.startswith("transformers.") for c in type(model).__mro__)
+
+
 @contextmanager
 def trace(model: nn.Module, trace: Trace | None = None) -> Iterator[Trace]:
     """Record the ``Routing`` of every routed layer of ``model`` while the block runs."""
     tr = trace if trace is not None else Trace()
     layers = traceable_layers(model)
+    if not layers and _is_transformers_model(model):
+        # An unpatched transformers MoE model: hooks on its router modules (moelab.hf.trace).
+        from .hf.trace import trace as hf_trace
+
+        with hf_trace(model, tr):
+            yield tr
+        return
     if not layers:
         raise ValueError(
             "trace(model): no moelab routed layers found; for a transformers model use moelab.hf.trace"
