@@ -1,1 +1,151 @@
-"""Package."""
+"""Routing analysis: metrics over traces, local routing consistency, caches, divergence, ARank.
+
+    import moelab.analysis as A
+    A.srp(topk_index, num_experts=8, segment_length=16)          # [T, k] one layer, token order
+    A.sch(topk_index, num_experts=8, segment_length=16, cache_size=4)
+    A.hit_rate_curve(topk_index, 8)                              # LRU / LFU / Belady / lookahead
+    A.trace_metrics(trace)                                       # load, entropy, MI per layer
+
+``moelab analyze TARGET`` runs all of it on a model or a saved trace and writes a report.
+Definitions: ``docs/analysis.md``; one page per registered method in ``docs/methods/``.
+"""
+
+from ..registry import register
+from .arank import arank_per_layer, attention_maps, attention_rank, capture_sdpa_attention
+from .cache import (
+    POLICIES,
+    CacheResult,
+    belady,
+    default_cache_sizes,
+    hit_rate_curve,
+    lfu,
+    lookahead,
+    lru,
+    next_use_table,
+    simulate_cache,
+)
+from .crosslingual import (
+    crosslingual_divergence,
+    js_divergence,
+    normalized_js,
+    parallel_verses,
+    read_bible,
+    sequence_distribution,
+)
+from .lrc import (
+    CI,
+    SEGMENT_LENGTHS,
+    bootstrap_ci,
+    sch,
+    sch_ci,
+    sch_curve,
+    sch_curves,
+    srp,
+    srp_ci,
+    srp_sequences,
+    srp_stats,
+    topk_mask,
+)
+from .metrics import (
+    coactivation,
+    expert_load,
+    load_matrix,
+    load_stats,
+    router_entropy,
+    routing_mutual_information,
+    top1_experts,
+    trace_metrics,
+)
+
+_LRC = "Liang et al. 2025, Local Routing Consistency of MoE (ljcleo/moe-lrc)"
+register(
+    "analysis",
+    "srp",
+    paper=_LRC,
+    summary="segment routing best performance: best F1 of one expert set per L-token window",
+)(srp)
+register(
+    "analysis",
+    "sch",
+    paper=_LRC,
+    summary="segment cache best hit rate: size-m cache ranked by use count in the next L tokens",
+)(sch)
+register(
+    "analysis",
+    "lru",
+    paper="Eliseev & Mazur 2023, Fast Inference of MoE with Offloading",
+    summary="expert cache evicting the least recently used expert",
+)(lru)
+register(
+    "analysis",
+    "lfu",
+    paper="Eliseev & Mazur 2023 (baseline policy)",
+    summary="expert cache evicting the least frequently used expert, ties by LRU",
+)(lfu)
+register(
+    "analysis",
+    "belady",
+    paper="Belady 1966, A study of replacement algorithms",
+    summary="oracle expert cache: evict the expert needed farthest in the future",
+)(belady)
+register(
+    "analysis",
+    "lookahead",
+    paper="Cai et al. 2024, Read-ME (pre-gating router)",
+    summary="expert cache seeing the next W tokens' routing: Belady inside the window, LRU beyond",
+)(lookahead)
+register(
+    "analysis",
+    "js_divergence",
+    paper="Bandarkar et al. 2025, Multilingual Routing in MoE",
+    summary="entropy-normalised Jensen-Shannon divergence of per-sequence routing between parallel sentences",
+)(normalized_js)
+register(
+    "analysis",
+    "arank",
+    paper="Luo et al. 2024, gamma-MoD",
+    summary="mean over heads of rank(tril(attention) with zero diagonal), per layer",
+)(attention_rank)
+
+__all__ = [
+    "CI",
+    "POLICIES",
+    "SEGMENT_LENGTHS",
+    "CacheResult",
+    "arank_per_layer",
+    "attention_maps",
+    "attention_rank",
+    "belady",
+    "bootstrap_ci",
+    "capture_sdpa_attention",
+    "coactivation",
+    "crosslingual_divergence",
+    "default_cache_sizes",
+    "expert_load",
+    "hit_rate_curve",
+    "js_divergence",
+    "lfu",
+    "load_matrix",
+    "load_stats",
+    "lookahead",
+    "lru",
+    "next_use_table",
+    "normalized_js",
+    "parallel_verses",
+    "read_bible",
+    "router_entropy",
+    "routing_mutual_information",
+    "sch",
+    "sch_ci",
+    "sch_curve",
+    "sch_curves",
+    "sequence_distribution",
+    "simulate_cache",
+    "srp",
+    "srp_ci",
+    "srp_sequences",
+    "srp_stats",
+    "top1_experts",
+    "topk_mask",
+    "trace_metrics",
+]

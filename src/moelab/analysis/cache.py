@@ -1,0 +1,206 @@
+"""Expert-offloading cache simulators: LRU, LFU, Belady (oracle) and lookahead.
+
+The setting (MoE inference with experts offloaded to slower memory; Eliseev & Mazur 2023,
+Read-ME (Cai et al. 2024) for pre-gating lookahead): one layer keeps ``m`` of its ``E`` experts
+resident. Tokens arrive in order; token ``t`` needs the set ``S_t`` of experts it was routed to
+(its row of ``topk_index``). The rules, which are ours where no paper fixes them:
+
+* **Requests are per token.** An expert of ``S_t`` that is resident when token ``t`` starts is a
+  hit; every other one is a miss and is fetched. All of ``S_t`` is resident before token
+  ``t + 1`` starts, so the cache must hold at least ``max_t |S_t|`` experts (``cache_size >= k``).
+* **Pinning.** While token ``t`` is served its own experts are never evicted: the victim is
+  chosen among resident experts not in ``S_t``.
+* **Cold start.** The cache starts empty; first uses are misses (unlike SCH's convention, see
+  ``lrc.py``).
+* **Clock.** Every request gets the next value of a counter, in token order and, within a token,
+  in column order: ``last_use[e]`` is the clock of ``e``'s latest request and ``freq[e]`` the number
+  of requests of ``e`` so far (never reset by eviction).
+* **Victim** = the resident, unpinned expert with the smallest key:
+    - ``lru``: ``last_use``;
+    - ``lfu``: ``(freq, last_use)`` (least frequently used, ties by LRU);
+    - ``belady``: ``(-next_use, last_use)``, ``next_use`` = the first later token whose set holds
+      the expert (infinity if none): evict the expert needed farthest in the future, ties by LRU
+      (Belady 1966; optimal for demand paging);
+    - ``lookahead`` with window ``W``: as ``belady`` but the policy sees only tokens
+      ``t+1 .. t+W`` (what pre-gating provides): a next use beyond the window counts as infinity,
+      so among experts not needed within the window it falls back to LRU. ``W = 0`` is LRU and
+      ``W >= T`` is Belady.
+* ``hit_rate = hits / sum_t |S_t|``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .lrc import check_topk_index
+
+POLICIES: tuple[str, ...] = ("lru", "lfu", "belady", "lookahead")
+DEFAULT_LOOKAHEAD = 8  # tokens; our choice (Read-ME does not fix a window for the cache)
+
+
+@dataclass(frozen=True)
+class CacheResult:
+    """Outcome of one simulation."""
+
+    policy: str
+    cache_size: int
+    hits: int
+    requests: int
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else float("nan")
+
+
+def next_use_table(topk_index: Tensor, num_experts: int) -> Tensor:
+    """``[T, E]`` long: ``next[t, e]`` = the first token ``t' > t`` that uses ``e``, else ``T`` (never)."""
+    T = topk_index.shape[0]
+    mask = torch.zeros(T, num_experts, dtype=torch.bool).scatter_(1, topk_index.cpu(), True)
+    t_col = torch.arange(T).unsqueeze(1).expand(T, num_experts)
+    at = torch.where(mask, t_col, torch.full_like(t_col, T))
+    # Reverse cumulative minimum over tokens t'..T-1, then shift by one: uses strictly after t.
+    after = at.flip(0).cummin(0).values.flip(0)
+    return torch.cat([after[1:], torch.full((1, num_experts), T, dtype=torch.long)], 0)
+
+
+def _check_policy(policy: object, lookahead: object) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 0:
+        raise ValueError(f"lookahead must be an int >= 0 (tokens), got {lookahead!r}")
+
+
+def simulate_cache(
+    topk_index: Tensor,
+    num_experts: int,
+    cache_size: int,
+    policy: str = "lru",
+    lookahead: int = DEFAULT_LOOKAHEAD,
+) -> CacheResult:
+    """Simulate one layer's expert cache on ``topk_index [T, k]`` (token order). See the module doc."""
+    idx = check_topk_index(topk_index, num_experts)
+    if idx.dim() != 2:
+        raise ValueError(f"topk_index must be [T, k] (one sequence), got shape {tuple(idx.shape)}")
+    _check_policy(policy, lookahead)
+    T, K = idx.shape
+    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or not K <= cache_size <= num_experts:
+        raise ValueError(
+            f"cache_size must be an int in [k={K}, num_experts={num_experts}] (a token's experts must "
+            f"all be resident), got {cache_size!r}"
+        )
+    rows: list[list[int]] = idx.tolist()
+    nxt: list[list[int]] | None = None
+    if policy in ("belady", "lookahead"):
+        nxt = next_use_table(idx, num_experts).tolist()
+    never = T  # next_use value meaning "not needed again" (or not within the window)
+    resident: set[int] = set()
+    last_use = [0] * num_experts
+    freq = [0] * num_experts
+    clock = 0
+    hits = 0
+    for t, req in enumerate(rows):
+        pinned = set(req)
+        hits += sum(1 for e in req if e in resident)
+        for e in req:
+            if e not in resident:
+                if len(resident) >= cache_size:
+                    resident.remove(
+                        _victim(resident, pinned, policy, t, last_use, freq, nxt, lookahead, never)
+                    )
+                resident.add(e)
+            clock += 1
+            last_use[e] = clock
+            freq[e] += 1
+    return CacheResult(policy, cache_size, hits, T * K)
+
+
+def _victim(
+    resident: set[int],
+    pinned: set[int],
+    policy: str,
+    t: int,
+    last_use: list[int],
+    freq: list[int],
+    nxt: list[list[int]] | None,
+    lookahead: int,
+    never: int,
+) -> int:
+    cand = [e for e in resident if e not in pinned]
+    if policy == "lru":
+        return min(cand, key=lambda e: last_use[e])
+    if policy == "lfu":
+        return min(cand, key=lambda e: (freq[e], last_use[e]))
+    row = nxt[t]  # type: ignore[index]
+    if policy == "belady":
+        return min(cand, key=lambda e: (-row[e], last_use[e]))
+    horizon = t + lookahead
+    return min(cand, key=lambda e: (-(row[e] if row[e] <= horizon else never), last_use[e]))
+
+
+def hit_rate_curve(
+    sequences: Tensor | Sequence[Tensor],
+    num_experts: int,
+    cache_sizes: Sequence[int] | None = None,
+    policies: Sequence[str] = POLICIES,
+    lookahead: int = DEFAULT_LOOKAHEAD,
+) -> dict[str, list[float]]:
+    """Hit rate against cache size for each policy, pooled over sequences (hits / requests).
+
+    ``sequences``: one ``[T, k]`` tensor, a ``[B, T, k]`` tensor or a list of ``[T_i, k]``; each
+    sequence starts with an empty cache. ``cache_sizes`` defaults to the multiples of ``k`` up to
+    ``E`` (as SCH reports them). Returns ``{"cache_size": [...], policy: [hit rates]}``.
+    """
+    if isinstance(sequences, Tensor):
+        idx = check_topk_index(sequences, num_experts)
+        seqs = [idx] if idx.dim() == 2 else list(idx.unbind(0))
+    else:
+        seqs = [check_topk_index(s, num_experts, name=f"sequences[{i}]") for i, s in enumerate(sequences)]
+        if not seqs:
+            raise ValueError("sequences must not be empty")
+    k = max(int(s.shape[1]) for s in seqs)
+    sizes = list(cache_sizes) if cache_sizes is not None else default_cache_sizes(k, num_experts)
+    for p in policies:
+        _check_policy(p, lookahead)
+    out: dict[str, list[float]] = {"cache_size": [float(m) for m in sizes]}
+    for p in policies:
+        rates = []
+        for m in sizes:
+            res = [simulate_cache(s, num_experts, m, p, lookahead) for s in seqs]
+            req = sum(r.requests for r in res)
+            rates.append(sum(r.hits for r in res) / req if req else float("nan"))
+        out[p] = rates
+    return out
+
+
+def default_cache_sizes(k: int, num_experts: int) -> list[int]:
+    """Multiples of ``k`` up to ``E`` (and ``E`` itself)."""
+    sizes = list(range(k, num_experts + 1, k))
+    if sizes[-1] != num_experts:
+        sizes.append(num_experts)
+    return sizes
+
+
+def lru(topk_index: Tensor, num_experts: int, cache_size: int) -> float:
+    """Hit rate of a least-recently-used expert cache (see the module doc)."""
+    return simulate_cache(topk_index, num_experts, cache_size, "lru").hit_rate
+
+
+def lfu(topk_index: Tensor, num_experts: int, cache_size: int) -> float:
+    """Hit rate of a least-frequently-used expert cache (ties by LRU)."""
+    return simulate_cache(topk_index, num_experts, cache_size, "lfu").hit_rate
+
+
+def belady(topk_index: Tensor, num_experts: int, cache_size: int) -> float:
+    """Hit rate of Belady's optimal cache (evicts the expert needed farthest in the future)."""
+    return simulate_cache(topk_index, num_experts, cache_size, "belady").hit_rate
+
+
+def lookahead(
+    topk_index: Tensor, num_experts: int, cache_size: int, window: int = DEFAULT_LOOKAHEAD
+) -> float:
+    """Hit rate of a cache that sees the next ``window`` tokens' routing (pre-gating)."""
+    return simulate_cache(topk_index, num_experts, cache_size, "lookahead", window).hit_rate

@@ -1,0 +1,248 @@
+"""Cross-lingual routing divergence, and a reader for verse-aligned Bibles (SWORD / diatheke).
+
+Bandarkar et al. 2025, "Multilingual Routing in Mixture-of-Experts" (arXiv:2510.04694): for a
+sequence ``i`` and a layer ``l``, the routing distribution is the mean of the router's
+post-softmax probabilities over the sequence's tokens,
+
+    q_i^(lang, l) = (1 / L_i) sum_t p_t^(l),
+
+and the divergence between two languages at layer ``l`` is an entropy-normalised Jensen-Shannon
+divergence between ``q`` of parallel sentences, averaged over sentence pairs. The paper names
+the normaliser "entropy"; the exact form was not in the sources we could read, so the default
+here (our choice) divides by the entropy of the mixture,
+
+    D(p, q) = JS(p, q) / H((p + q) / 2),     JS(p, q) = H((p+q)/2) - (H(p) + H(q)) / 2,
+
+which lies in ``[0, 1]`` (JS <= H(mixture)) and does not grow with ``log E`` the way raw JS can
+for spread-out routers. ``normalize="mean_entropy"`` (divide by ``(H(p)+H(q))/2``), ``"log2"``
+(JS / ln 2, the classic [0, 1] scaling) and ``None`` (raw JS, nats) are available.
+
+Routers whose scores are not a distribution (sigmoid) are renormalised per token before
+averaging; a routing without ``probs`` falls back to its combine weights (``Routing.dense()``).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..routing.routing import Routing
+from .lrc import CI, CI_ALPHA, NUM_BOOTSTRAP, bootstrap_indices, interval_from_replicates
+
+NORMALIZERS = ("mixture_entropy", "mean_entropy", "log2", None)
+
+# SWORD modules shipped by Debian's sword-text-web and sword-text-sparv packages.
+ENGLISH_MODULE = "engWEB2015eb"  # World English Bible (2015), with deuterocanon
+SPANISH_MODULE = "spaRV1909eb"  # Reina-Valera 1909
+
+
+# --------------------------------------------------------------------------------------------------
+# divergences
+# --------------------------------------------------------------------------------------------------
+def entropy(p: Tensor) -> Tensor:
+    """Shannon entropy (nats) over the last dim of a distribution tensor ``[..., E]``."""
+    p = p.double()
+    return -(torch.where(p > 0, p * p.clamp_min(1e-300).log(), torch.zeros_like(p))).sum(-1)
+
+
+def _check_dist(p: object, name: str) -> Tensor:
+    if not isinstance(p, Tensor) or p.dim() < 1:
+        raise TypeError(f"{name} must be a tensor [..., E] of probabilities, got {type(p).__name__}")
+    if bool((p < 0).any()) or not bool(torch.isfinite(p).all()):
+        raise ValueError(f"{name} must be finite and non-negative")
+    s = p.double().sum(-1, keepdim=True)
+    if bool((s <= 0).any()):
+        raise ValueError(f"{name} has a row summing to 0; cannot normalise it to a distribution")
+    return p.double() / s
+
+
+def js_divergence(p: Tensor, q: Tensor) -> Tensor:
+    """Jensen-Shannon divergence (nats) over the last dim; inputs are renormalised to sum to 1."""
+    p, q = _check_dist(p, "p"), _check_dist(q, "q")
+    if p.shape != q.shape:
+        raise ValueError(f"p and q must have the same shape, got {tuple(p.shape)} and {tuple(q.shape)}")
+    m = (p + q) / 2
+    return (entropy(m) - (entropy(p) + entropy(q)) / 2).clamp_min(0.0)
+
+
+def normalized_js(p: Tensor, q: Tensor, normalize: str | None = "mixture_entropy") -> Tensor:
+    """Entropy-normalised JS divergence (see the module docstring); 0 where both are one-hot on the
+    same expert (0/0)."""
+    if normalize not in NORMALIZERS:
+        raise ValueError(f"normalize must be one of {NORMALIZERS}, got {normalize!r}")
+    js = js_divergence(p, q)
+    if normalize is None:
+        return js
+    if normalize == "log2":
+        return js / torch.log(torch.tensor(2.0, dtype=torch.float64))
+    pn, qn = _check_dist(p, "p"), _check_dist(q, "q")
+    denom = entropy((pn + qn) / 2) if normalize == "mixture_entropy" else (entropy(pn) + entropy(qn)) / 2
+    return torch.where(denom > 0, js / denom.clamp_min(1e-300), torch.zeros_like(js))
+
+
+def token_distributions(routing: Routing) -> Tensor:
+    """``[T, E]`` float64: each token's routing distribution (``probs`` renormalised, else ``dense()``)."""
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a moelab.Routing, got {type(routing).__name__}")
+    p = routing.probs if routing.probs is not None else routing.dense()
+    p = p.detach().double().cpu().clamp_min(0)
+    return p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+
+
+def sequence_distribution(routing: Routing) -> Tensor:
+    """``[E]``: ``q = mean_t p_t`` over the routing's tokens (one sequence)."""
+    p = token_distributions(routing)
+    if p.shape[0] == 0:
+        raise ValueError("routing has no tokens; a sequence distribution needs at least one")
+    return p.mean(0)
+
+
+def split_sequence_distributions(routing: Routing, lengths: Sequence[int]) -> Tensor:
+    """``[N, E]``: ``q`` of consecutive sequences of the given token ``lengths`` (summing to T)."""
+    lengths = [int(n) for n in lengths]
+    if any(n < 1 for n in lengths) or sum(lengths) != routing.num_tokens:
+        raise ValueError(
+            f"lengths must be positive and sum to the routing's T={routing.num_tokens}, got sum {sum(lengths)}"
+        )
+    p = token_distributions(routing)
+    return torch.stack([chunk.mean(0) for chunk in torch.split(p, lengths)])
+
+
+def pairwise_divergence(
+    q_a: Tensor,
+    q_b: Tensor,
+    normalize: str | None = "mixture_entropy",
+    n_boot: int = NUM_BOOTSTRAP,
+    alpha: float = CI_ALPHA,
+    seed: int = 0,
+) -> CI:
+    """Mean over aligned pairs ``(q_a[i], q_b[i])`` of ``normalized_js``, with a bootstrap CI over
+    pairs (basic interval, as for SRP/SCH)."""
+    if q_a.shape != q_b.shape or q_a.dim() != 2:
+        raise ValueError(f"q_a and q_b must be aligned [N, E], got {tuple(q_a.shape)} and {tuple(q_b.shape)}")
+    d = normalized_js(q_a, q_b, normalize)
+    est = d.mean()
+    idx = bootstrap_indices(d.shape[0], n_boot, seed)
+    reps = d[idx].mean(1)
+    lo, hi = interval_from_replicates(est, reps, alpha, "basic")
+    return CI(float(est), float(lo), float(hi), n_boot, float(alpha), "basic")
+
+
+def crosslingual_divergence(
+    routings_a: dict[str, Sequence[Routing]],
+    routings_b: dict[str, Sequence[Routing]],
+    normalize: str | None = "mixture_entropy",
+    n_boot: int = NUM_BOOTSTRAP,
+    seed: int = 0,
+) -> list[dict[str, float | str]]:
+    """Per layer: divergence between parallel sentences.
+
+    ``routings_a[layer][i]`` and ``routings_b[layer][i]`` are the routings of sentence ``i`` in the
+    two languages (one ``Routing`` per sentence, e.g. ``Trace.records`` when each sentence was run
+    in its own forward). Returns ``[{"layer", "divergence", "low", "high", "pairs"}]``.
+    """
+    rows: list[dict[str, float | str]] = []
+    for layer, ra in routings_a.items():
+        if layer not in routings_b:
+            raise ValueError(f"layer {layer!r} is missing from routings_b")
+        rb = routings_b[layer]
+        if len(ra) != len(rb) or not ra:
+            raise ValueError(
+                f"layer {layer!r}: need the same non-zero number of sentences, got {len(ra)} and {len(rb)}"
+            )
+        qa = torch.stack([sequence_distribution(r) for r in ra])
+        qb = torch.stack([sequence_distribution(r) for r in rb])
+        ci = pairwise_divergence(qa, qb, normalize, n_boot=n_boot, seed=seed)
+        rows.append(
+            {"layer": layer, "divergence": ci.estimate, "low": ci.low, "high": ci.high, "pairs": len(ra)}
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# verse-aligned Bibles through diatheke
+# --------------------------------------------------------------------------------------------------
+class DiathekeError(RuntimeError):
+    """diatheke or a SWORD module is missing."""
+
+
+_INSTALL_HINT = "install them with: apt-get install -y diatheke sword-text-web sword-text-sparv"
+
+
+def diatheke_modules() -> list[str]:
+    """Names of the installed SWORD modules (``diatheke -b system -k modulelistnames``)."""
+    exe = shutil.which("diatheke")
+    if exe is None:
+        raise DiathekeError(f"the 'diatheke' program is not installed; {_INSTALL_HINT}")
+    out = subprocess.run(
+        [exe, "-b", "system", "-k", "modulelistnames"], capture_output=True, text=True, check=False
+    )
+    return [ln.strip() for ln in out.stdout.splitlines() if ln.strip()]
+
+
+_REF = re.compile(r"^(.+? \d+:\d+): ?(.*)$")
+_SPACE_BEFORE = re.compile(r"\s+([,.;:!?)\]”’»])")
+_SPACE_AFTER = re.compile(r"([(\[“‘¿¡«])\s+")
+
+
+def parse_diatheke(text: str) -> dict[str, str]:
+    """Verses ``{"Genesis 1:1": "In the beginning, ..."}`` from diatheke's default (OSIS) output.
+
+    diatheke prints one verse per line, ``<Book> <chapter>:<verse>: <marked-up text>``, possibly
+    preceded by a heading in ``<title>``; titles and footnotes are dropped, other tags removed.
+    """
+    verses: dict[str, str] = {}
+    for line in text.splitlines():
+        s = re.sub(r"<title\b[^>]*>.*?</title>", " ", line)
+        s = re.sub(r"<note\b[^>]*>.*?</note>", " ", s)
+        s = re.sub(r"<[^>]*>", " ", s)
+        s = " ".join(s.split())
+        m = _REF.match(s)
+        if not m:
+            continue
+        body = _SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", m.group(2))).strip()
+        verses[m.group(1)] = body
+    return verses
+
+
+def read_bible(module: str, key: str = "Gen-Rev") -> dict[str, str]:
+    """All verses of ``module`` in ``key`` (a diatheke range such as ``"Genesis"`` or ``"Gen-Rev"``).
+
+    Raises ``DiathekeError`` naming the packages to install when diatheke or the module is missing.
+    """
+    mods = diatheke_modules()
+    if module not in mods:
+        raise DiathekeError(f"SWORD module {module!r} is not installed (installed: {mods}); {_INSTALL_HINT}")
+    exe = shutil.which("diatheke")
+    out = subprocess.run([exe, "-b", module, "-k", key], capture_output=True, text=True, check=False)  # type: ignore[list-item]
+    verses = parse_diatheke(out.stdout)
+    if not verses:
+        raise DiathekeError(f"diatheke returned no verses for module {module!r}, key {key!r}")
+    return verses
+
+
+def parallel_verses(
+    module_a: str = ENGLISH_MODULE,
+    module_b: str = SPANISH_MODULE,
+    key: str = "Gen-Rev",
+    max_ratio: float = 3.0,
+    max_chars: int = 1000,
+) -> list[tuple[str, str, str]]:
+    """``[(reference, text_a, text_b)]`` for verses present and non-empty in both modules, in the
+    order of ``module_b``. Pairs whose lengths differ by more than ``max_ratio`` or that exceed
+    ``max_chars`` (an appendix glued to a last verse, a heading inside a verse) are dropped."""
+    a, b = read_bible(module_a, key), read_bible(module_b, key)
+    out = []
+    for ref, tb in b.items():
+        ta = a.get(ref, "")
+        if not ta or not tb or len(ta) > max_chars or len(tb) > max_chars:
+            continue
+        if max(len(ta), len(tb)) > max_ratio * min(len(ta), len(tb)):
+            continue
+        out.append((ref, ta, tb))
+    return out

@@ -1,0 +1,142 @@
+"""`moelab analyze` end to end: MoELM checkpoint, tiny transformers MoE, saved trace."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import moelab
+from moelab.analysis.report import AnalysisOptions, analyze_trace, write_report
+from moelab.cli import app
+
+PLOTS = ("load_heatmap.png", "srp.png", "sch.png", "cache_hit_rate.png", "divergence.png", "arank.png")
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> dict[str, Path]:
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 40)
+    en, es = tmp_path / "en.txt", tmp_path / "es.txt"
+    en.write_text("In the beginning God created the heavens.\nThe earth was empty.\n\nLet there be light.\n")
+    es.write_text("En el principio creó Dios los cielos.\nLa tierra estaba vacía.\n\nSea la luz.\n")
+    return {"text": text, "en": en, "es": es}
+
+
+def run_cli(target: Path, out: Path, corpus: dict[str, Path], *extra: str) -> None:
+    args = [
+        "analyze",
+        str(target),
+        "--out",
+        str(out),
+        "--text",
+        str(corpus["text"]),
+        "--parallel",
+        str(corpus["en"]),
+        str(corpus["es"]),
+        "--seq-len",
+        "32",
+        "--num-seqs",
+        "4",
+        "--batch-size",
+        "2",
+        "--n-boot",
+        "50",
+        "--arank-samples",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+
+
+def check_report(out: Path, plots=PLOTS) -> str:
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    for name in plots:
+        assert (out / name).is_file() and (out / name).stat().st_size > 1000, name
+        assert f"({name})" in md and f'src="{name}"' in html
+    data = json.loads((out / "analysis.json").read_text())
+    assert data["layers"] and data["srp"]
+    return md
+
+
+def test_analyze_moelm_checkpoint(tmp_path, corpus):
+    from moelab.models import MoELM, MoELMConfig
+
+    torch.manual_seed(0)
+    ck = MoELM(
+        MoELMConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=64, num_experts=8, top_k=2)
+    ).save_pretrained(tmp_path / "ck")
+    out = tmp_path / "report"
+    run_cli(ck, out, corpus)
+    md = check_report(out)
+    assert "SRP L=4" in md and "SRP L=16" in md and "lookahead" in md and "Cross-lingual" in md
+    data = json.loads((out / "analysis.json").read_text())
+    assert len(data["divergence"]) == 2 and data["divergence"][0]["pairs"] == 3
+    assert len(data["arank"]) == 2
+    # the saved trace reloads and its sidecar holds the sequence lengths
+    tr = moelab.Trace.load(out / "trace.safetensors")
+    assert tr.layers == data["layers"]
+    assert json.loads((out / "trace.safetensors.json").read_text())["sequence_lengths"] == [32] * 4
+
+    # a saved trace is a valid target too (no model: no ARank or divergence)
+    out2 = tmp_path / "from_trace"
+    res = CliRunner().invoke(
+        app,
+        ["analyze", str(out / "trace.safetensors"), "--out", str(out2), "--n-boot", "20", "--no-progress"],
+    )
+    assert res.exit_code == 0, res.output
+    check_report(out2, plots=("load_heatmap.png", "srp.png", "sch.png", "cache_hit_rate.png"))
+    again = json.loads((out2 / "analysis.json").read_text())
+    assert again["metrics"] == data["metrics"]
+
+
+def test_analyze_tiny_transformers_moe(tmp_path, corpus):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.OlmoeConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    torch.manual_seed(0)
+    transformers.OlmoeForCausalLM(cfg).save_pretrained(tmp_path / "olmoe")
+    out = tmp_path / "report"
+    run_cli(tmp_path / "olmoe", out, corpus)
+    md = check_report(out)
+    data = json.loads((out / "analysis.json").read_text())
+    assert len(data["layers"]) == 2 and data["num_experts"] == [8, 8] and data["top_k"] == [2, 2]
+    assert "Cross-lingual" in md and len(data["arank"]) == 2
+
+
+def test_analyze_reports_bad_targets(tmp_path):
+    res = CliRunner().invoke(app, ["analyze", str(tmp_path / "missing"), "--no-progress"])
+    assert res.exit_code == 2 and "neither a trace file nor a model directory" in res.output
+    (tmp_path / "empty").mkdir()
+    res = CliRunner().invoke(app, ["analyze", str(tmp_path / "empty"), "--no-progress"])
+    assert res.exit_code == 2 and "config.json" in res.output
+    res = CliRunner().invoke(app, ["analyze", str(tmp_path), "--segment-lengths", "4,x", "--no-progress"])
+    assert res.exit_code != 0
+
+
+def test_variable_experts_per_token_get_srp_but_no_cache(tmp_path):
+    torch.manual_seed(0)
+    layer = moelab.MoE(16, num_experts=4, top_k=2, router="expert_choice")
+    with moelab.trace(layer) as tr:
+        layer(torch.randn(4, 16, 16))
+    res = analyze_trace(tr, [16] * 4, AnalysisOptions(segment_lengths=(4,), n_boot=20))
+    name = tr.layers[0]
+    assert res["srp"][name]["4"]["sequences"] == 4 and res["sch"][name] == {} and name not in res["cache"]
+    files = write_report(res, tmp_path)
+    assert files["srp"].is_file() and "cache" not in files

@@ -1,0 +1,256 @@
+"""SRP / SCH against plain loops written from the rules of ljcleo/moe-lrc, and the bootstrap."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from moelab.analysis import lrc
+from moelab.analysis.lrc import (
+    SEGMENT_LENGTHS,
+    bootstrap_ci,
+    sch,
+    sch_ci,
+    sch_curve,
+    srp,
+    srp_ci,
+    srp_sequences,
+)
+
+
+# ------------------------------------------------------------------------------------ references
+def srp_brute(seqs: list[list[list[int]]], E: int, L: int) -> float:
+    """Every window, every threshold, summed over windows and experts, then the best F1."""
+    M = [0] * (L + 1)
+    P = [0] * (L + 1)
+    A = 0
+    for seq in seqs:
+        for s in range(len(seq) - L + 1):
+            c = [0] * E
+            for t in range(s, s + L):
+                for e in seq[t]:
+                    c[e] += 1
+            A += sum(c)
+            for tau in range(L + 1):
+                M[tau] += sum(x for x in c if x >= tau)
+                P[tau] += L * sum(1 for x in c if x >= tau)
+    return max(2 * M[t] / max(P[t] + A, 1) for t in range(L + 1))
+
+
+def sch_brute(seq: list[list[int]], E: int, L: int) -> list[float]:
+    """A Mattson stack kept as a Python list, priority (uses in [t, t+L), last use)."""
+    T, k = len(seq), len(seq[0])
+    count = [0] * E
+    for t in range(min(L, T)):
+        for e in seq[t]:
+            count[e] += 1
+    last = [0] * E
+    clock = 0
+    stack: list[int] = []
+    depth_hits = [0] * E
+    for t, row in enumerate(seq):
+        start = list(stack)
+        fresh = len(start)
+        for e in row:
+            if e in start:
+                depth_hits[start.index(e)] += 1
+            else:
+                depth_hits[fresh] += 1
+                fresh += 1
+        for e in row:
+            d = stack.index(e) if e in stack else len(stack)
+            if d == len(stack):
+                stack.append(-1)
+            if d > 0:
+                carry = stack[0]
+                for j in range(1, d):
+                    if (count[stack[j]], last[stack[j]]) < (count[carry], last[carry]):
+                        stack[j], carry = carry, stack[j]
+                stack[d] = carry
+            stack[0] = e
+            clock += 1
+            count[e] -= 1
+            last[e] = clock
+        if t + L < T:
+            for e in seq[t + L]:
+                count[e] += 1
+    out, acc = [], 0
+    for h in depth_hits:
+        acc += h
+        out.append(acc / (T * k))
+    return out
+
+
+def random_trace(rng: random.Random, T: int, E: int, k: int, sticky: float = 0.5) -> list[list[int]]:
+    rows: list[list[int]] = []
+    for _ in range(T):
+        if rows and rng.random() < sticky:
+            rows.append(list(rows[-1]))
+        else:
+            rows.append(rng.sample(range(E), k))
+    return rows
+
+
+# ------------------------------------------------------------------------------------ SRP
+def test_srp_is_one_when_every_window_uses_the_same_experts():
+    seq = torch.tensor([[2, 5]] * 40)
+    for L in (1, 4, 16):
+        assert srp(seq, 8, L) == pytest.approx(1.0)
+    # several sequences, each constant on its own experts: pooled SRP is still 1
+    batch = torch.stack(
+        [torch.tensor([[0, 1]] * 20), torch.tensor([[3, 7]] * 20), torch.tensor([[4, 2]] * 20)]
+    )
+    assert srp(batch, 8, 4) == pytest.approx(1.0)
+
+
+def test_srp_hand_computed():
+    # windows of [0,0,1,0] with L=2: counts (2,0,0) (1,1,0) (1,1,0); A = 6
+    # tau=0: 2*6/(18+6) = 0.5; tau=1: 2*6/(10+6) = 0.75; tau=2: 2*2/(2+6) = 0.5
+    seq = torch.tensor([[0], [0], [1], [0]])
+    assert srp(seq, 3, 2) == pytest.approx(0.75)
+
+
+def test_srp_matches_brute_force_on_random_traces():
+    rng = random.Random(0)
+    for _ in range(25):
+        E = rng.randint(2, 10)
+        k = rng.randint(1, min(4, E))
+        L = rng.choice([1, 2, 4, 7, 16])
+        seqs = [random_trace(rng, rng.randint(L, 40), E, k, rng.random()) for _ in range(rng.randint(1, 3))]
+        got = srp_sequences([torch.tensor(s) for s in seqs], E, L)
+        assert got == pytest.approx(srp_brute(seqs, E, L), abs=1e-12)
+
+
+def test_srp_of_one_sequence_equals_srp_sequences():
+    rng = random.Random(1)
+    seq = random_trace(rng, 50, 6, 2)
+    assert srp(torch.tensor(seq), 6, 4) == pytest.approx(srp_brute([seq], 6, 4))
+
+
+def test_srp_errors():
+    seq = torch.tensor([[0, 1], [1, 2]])
+    with pytest.raises(ValueError, match="segment_length"):
+        srp(seq, 4, 0)
+    with pytest.raises(ValueError, match="longer than every sequence"):
+        srp(seq, 4, 3)
+    with pytest.raises(ValueError, match=r"lie in \[0, num_experts=2\)"):
+        srp(seq, 2, 1)
+    with pytest.raises(ValueError, match="distinct"):
+        srp(torch.tensor([[1, 1]]), 4, 1)
+    with pytest.raises(TypeError, match="integer"):
+        srp(seq.float(), 4, 1)
+    with pytest.raises(ValueError, match=r"\[T, k\]"):
+        srp(torch.tensor([0, 1]), 4, 1)
+    with pytest.raises(ValueError, match="num_experts"):
+        srp(seq, 0, 1)
+
+
+# ------------------------------------------------------------------------------------ SCH
+def test_sch_hand_computed():
+    # k=1, E=3, tokens 0,1,2,0, L=4. After token 2 the stack is [2, 0, 1]: expert 0 (one more use
+    # ahead) outranks the more recent expert 1 (none ahead), so token 3 hits at depth 1.
+    # depths: 0 (new, 0 seen before), 1 (new), 2 (new), 1  ->  hit rates 1/4, 3/4, 4/4
+    seq = torch.tensor([[0], [1], [2], [0]])
+    assert sch_curve(seq, 3, 4).tolist() == pytest.approx([0.25, 0.75, 1.0])
+    assert sch(seq, 3, 4, 2) == pytest.approx(0.75)
+    # with L=1 only the current token counts: recency decides, expert 0 sits at depth 2
+    assert sch_curve(seq, 3, 1).tolist() == pytest.approx([0.25, 0.5, 1.0])
+
+
+def test_sch_matches_brute_force_on_random_traces():
+    rng = random.Random(2)
+    for _ in range(30):
+        E = rng.randint(2, 10)
+        k = rng.randint(1, min(4, E))
+        L = rng.choice([1, 2, 4, 16, 64])
+        seq = random_trace(rng, rng.randint(1, 50), E, k, rng.random())
+        got = sch_curve(torch.tensor(seq), E, L)
+        assert got.tolist() == pytest.approx(sch_brute(seq, E, L), abs=1e-12)
+
+
+def test_sch_batched_sequences_equal_one_by_one():
+    rng = random.Random(3)
+    seqs = [random_trace(rng, 30, 8, 2) for _ in range(4)] + [random_trace(rng, 17, 8, 2)]
+    curves = lrc.sch_curves([torch.tensor(s) for s in seqs], 8, 4)
+    for i, s in enumerate(seqs):
+        assert curves[i].tolist() == pytest.approx(sch_brute(s, 8, 4), abs=1e-12)
+    assert sch_curve([torch.tensor(s) for s in seqs], 8, 4).tolist() == pytest.approx(curves.mean(0).tolist())
+
+
+def test_sch_full_cache_hits_everything_and_curve_is_monotone():
+    rng = random.Random(4)
+    seq = torch.tensor(random_trace(rng, 60, 6, 2))
+    curve = sch_curve(seq, 6, 16)
+    assert float(curve[-1]) == pytest.approx(1.0)
+    assert bool((curve[1:] >= curve[:-1]).all())
+
+
+def test_sch_errors():
+    seq = torch.tensor([[0, 1], [1, 2]])
+    with pytest.raises(ValueError, match="cache_size"):
+        sch(seq, 4, 2, 0)
+    with pytest.raises(ValueError, match="cache_size"):
+        sch(seq, 4, 2, 5)
+    with pytest.raises(ValueError, match="segment_length"):
+        sch(seq, 4, -1, 2)
+
+
+# ------------------------------------------------------------------------------------ bootstrap
+def test_paper_defaults():
+    assert SEGMENT_LENGTHS == (4, 16, 64, 256)
+    assert lrc.NUM_BOOTSTRAP == 1000 and lrc.CI_ALPHA == 0.05
+
+
+def test_bootstrap_basic_interval_by_hand():
+    samples = [1.0, 2.0, 4.0, 8.0, 16.0]
+    mean = lambda xs: sum(xs) / len(xs)
+    ci = bootstrap_ci(mean, samples, n_boot=40, alpha=0.1, seed=7)
+    idx = lrc.bootstrap_indices(5, 40, 7)
+    reps = sorted(mean([samples[i] for i in row]) for row in idx.tolist())
+    lo_i = round(40 * 0.1 / 2)  # 2
+    hi_i = 40 - lo_i  # 38
+    theta = mean(samples)
+    assert ci.estimate == pytest.approx(theta)
+    assert ci.low == pytest.approx(2 * theta - reps[hi_i])
+    assert ci.high == pytest.approx(2 * theta - reps[lo_i])
+    pct = bootstrap_ci(mean, samples, n_boot=40, alpha=0.1, seed=7, method="percentile")
+    assert (pct.low, pct.high) == pytest.approx((reps[lo_i], reps[hi_i]))
+
+
+def test_bootstrap_interval_contains_point_estimate():
+    rng = random.Random(5)
+    seqs = [torch.tensor(random_trace(rng, 64, 8, 2, 0.6)) for _ in range(16)]
+    for L in (4, 16):
+        ci = srp_ci(seqs, 8, L, n_boot=300, seed=1)
+        assert ci.low <= ci.estimate <= ci.high
+        assert ci.low < ci.high
+        for c in sch_ci(seqs, 8, L, n_boot=300, seed=1)[:-1]:
+            assert c.low <= c.estimate <= c.high
+
+
+def test_fast_srp_ci_equals_generic_bootstrap():
+    rng = random.Random(6)
+    seqs = [torch.tensor(random_trace(rng, 32, 8, 2)) for _ in range(10)]
+    fast = srp_ci(seqs, 8, 4, n_boot=60, seed=3)
+    slow = bootstrap_ci(lambda s: srp_sequences(s, 8, 4), seqs, n_boot=60, seed=3)
+    assert (fast.estimate, fast.low, fast.high) == pytest.approx(
+        (slow.estimate, slow.low, slow.high), abs=1e-12
+    )
+    fast_sch = sch_ci(seqs, 8, 4, n_boot=60, seed=3)[3]
+    slow_sch = bootstrap_ci(lambda s: float(sch_curve(s, 8, 4)[3]), seqs, n_boot=60, seed=3)
+    assert (fast_sch.estimate, fast_sch.low, fast_sch.high) == pytest.approx(
+        (slow_sch.estimate, slow_sch.low, slow_sch.high), abs=1e-12
+    )
+
+
+def test_bootstrap_errors():
+    with pytest.raises(ValueError, match="n_boot"):
+        bootstrap_ci(len, [1, 2], n_boot=0)
+    with pytest.raises(ValueError, match="alpha"):
+        bootstrap_ci(len, [1, 2], alpha=1.5)
+    with pytest.raises(ValueError, match="method"):
+        bootstrap_ci(len, [1, 2], method="bca")
+    with pytest.raises(ValueError, match="samples"):
+        bootstrap_ci(len, [])
