@@ -72,6 +72,7 @@ def tiny_config(family: str, **overrides):
             num_experts_per_tok=2,
             head_dim=8,
             sliding_window=16,
+            swiglu_limit=0.05,  # small, so that the clamps of the clamped SwiGLU are exercised
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         )
     else:
@@ -96,6 +97,13 @@ def tiny_model(family: str, seed: int = 0, **overrides):
             for m in model.modules():
                 if hasattr(m, "e_score_correction_bias"):
                     m.e_score_correction_bias.normal_(0.0, 0.05)
+    if family == "gpt_oss":
+        # transformers initialises the expert biases to zero; make them matter.
+        with torch.no_grad():
+            for m in model.modules():
+                for name in ("gate_up_proj_bias", "down_proj_bias"):
+                    if hasattr(m, name):
+                        getattr(m, name).normal_(0.0, 0.05)
     return model.eval()
 
 

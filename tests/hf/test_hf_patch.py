@@ -209,6 +209,33 @@ def test_patched_generation_matches_original():
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "gpt_oss"])
+def test_patched_state_dict_keeps_original_names(family, tmp_path):
+    import transformers as tf
+
+    model = tiny_model(family)
+    ids = tiny_ids()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(ids).logits
+    mh.patch(model)
+    patched = model.state_dict()
+    assert list(sorted(patched)) == list(sorted(original))
+    for k, v in original.items():
+        assert torch.equal(patched[k], v), k
+    # An original state dict loads strictly into the patched model ...
+    model.load_state_dict(original, strict=True)
+    # ... and a patched model saves a checkpoint the original class loads.
+    model.save_pretrained(tmp_path)
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert not mh.patched_layers(reloaded)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, ref, atol=1e-5, rtol=0)
+    # A replaced router is not the model's own: it saves under moelab's names.
+    mh.patch(model, router="topk")
+    assert any(k.endswith("mlp.router.weight") for k in model.state_dict())
+
+
 def test_patch_bad_input():
     with pytest.raises(ValueError, match="no MoE block"):
         mh.patch(torch.nn.Linear(4, 4))

@@ -20,7 +20,7 @@ def clamped_swiglu(gate_up_N2H: Tensor, alpha: float, limit: float) -> Tensor:
     """gpt-oss's gated activation on interleaved ``[gate0, up0, gate1, up1, ...]`` columns.
 
     ``g = min(gate, limit)``, ``u = clamp(up, -limit, limit)``, ``out = (u + 1) * g * sigmoid(alpha * g)``
-    (OpenAI, *gpt-oss-120b & gpt-oss-20b model card*, 2025; alpha = 1.702, limit = 7).
+    (gpt-oss, OpenAI 2025; transformers' ``GptOssConfig`` defaults: alpha 1.702, limit 7.0).
     """
     gate = gate_up_N2H[..., ::2].clamp(max=limit)
     up = gate_up_N2H[..., 1::2].clamp(min=-limit, max=limit)

@@ -19,7 +19,7 @@ the same number), so the core ``topk`` router expresses it with no special path.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -143,6 +143,8 @@ class Family:
         shared: ``block -> SharedExperts | None``, sharing the always-on expert modules.
         score: how the router's probabilities follow from its logits: ``"softmax"`` or ``"sigmoid"``.
         returns_scores: the block returns ``(hidden, router_scores)`` instead of ``hidden``.
+        state_dict_names: ``HFMoE`` key -> the block's key (None: not saved), so that a model
+            patched with its own router keeps the original state-dict keys.
     """
 
     name: str
@@ -153,6 +155,7 @@ class Family:
     shared: Callable[[nn.Module], SharedExperts | None]
     score: str = "softmax"
     returns_scores: bool = False
+    state_dict_names: dict[str, str | None] = field(default_factory=dict)
 
     def gate(self, block: nn.Module) -> nn.Module:
         return getattr(block, self.gate_attr)
@@ -176,8 +179,18 @@ def register_family(family: Family) -> Family:
     return family
 
 
+_GATE_NAMES = {"router.weight": "gate.weight"}
+_QWEN2_SHARED_NAMES = {
+    **{
+        f"shared_experts.{p}.weight": f"shared_expert.{p}.weight"
+        for p in ("gate_proj", "up_proj", "down_proj")
+    },
+    "shared_experts.gate.weight": "shared_expert_gate.weight",
+}
+
+
 def _softmax_family(
-    name: str, block_class: str, *, normalize: Callable[[nn.Module], bool], shared=_no_shared
+    name: str, block_class: str, *, normalize: Callable[[nn.Module], bool], shared=_no_shared, names=None
 ):
     return Family(
         name=name,
@@ -186,6 +199,7 @@ def _softmax_family(
         own_router=lambda b, kw: topk_router_sharing(b.gate, kw, normalize=normalize(b)),
         bank=lambda ex: bank_sharing(ex),
         shared=shared,
+        state_dict_names={**_GATE_NAMES, **(names or {})},
     )
 
 
@@ -198,6 +212,7 @@ register_family(
         "Qwen2MoeSparseMoeBlock",
         normalize=lambda b: bool(b.gate.norm_topk_prob),
         shared=lambda b: shared_sharing(b.shared_expert, b.shared_expert_gate),
+        names=_QWEN2_SHARED_NAMES,
     )
 )
 register_family(
@@ -215,6 +230,7 @@ register_family(
         ),
         bank=lambda ex: bank_sharing(ex),
         shared=_no_shared,
+        state_dict_names=_GATE_NAMES,
     )
 )
 register_family(
@@ -226,6 +242,11 @@ register_family(
         bank=lambda ex: bank_sharing(ex),
         shared=lambda b: shared_sharing(b.shared_experts),
         score="sigmoid",
+        state_dict_names={
+            **_GATE_NAMES,
+            "router.expert_bias": "gate.e_score_correction_bias",
+            "router.load_since_step": None,  # moelab's load counter; zero after every step_end
+        },
     )
 )
 register_family(

@@ -115,6 +115,38 @@ class HFMoE(MoE):
     def set_feeder(self, feeder: ContextFeeder) -> None:
         self._feeder = feeder
 
+    def use_state_dict_names(self, aliases: dict[str, str | None]) -> None:
+        """Save and load under the replaced block's key names.
+
+        ``aliases`` maps a key of this layer (``"router.weight"``) to the original block's key
+        (``"gate.weight"``), or to None for moelab-only state that the original has no slot for
+        (it is left out of ``state_dict`` and kept as is when a state dict lacks it). A patched
+        model's ``state_dict`` then has the unpatched model's keys, so ``save_pretrained`` writes a
+        checkpoint the original class loads, and an original state dict loads into the patch.
+        """
+        first = not hasattr(self, "_aliases")
+        self._aliases = dict(aliases)
+        if first:
+            self.register_state_dict_post_hook(HFMoE._save_as_original)
+            self.register_load_state_dict_pre_hook(HFMoE._load_from_original)
+
+    @staticmethod
+    def _save_as_original(module: HFMoE, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        for ours, theirs in module._aliases.items():
+            if prefix + ours in state_dict:
+                value = state_dict.pop(prefix + ours)
+                if theirs is not None:
+                    state_dict[prefix + theirs] = value
+
+    @staticmethod
+    def _load_from_original(module: HFMoE, state_dict: dict, prefix: str, *args: Any) -> None:
+        for ours, theirs in module._aliases.items():
+            if theirs is not None and prefix + theirs in state_dict:
+                state_dict[prefix + ours] = state_dict.pop(prefix + theirs)
+            elif theirs is None and prefix + ours not in state_dict:
+                owner, _, leaf = ours.rpartition(".")
+                state_dict[prefix + ours] = getattr(module.get_submodule(owner), leaf).detach()
+
     def run_experts(self, x_TD: Tensor, routing: Routing) -> Tensor:
         self._routing = routing  # read back by forward, then dropped (no graph kept alive)
         return super().run_experts(x_TD, routing)

@@ -104,7 +104,10 @@ def patch(
             ``moelab.aux_loss(model)``. transformers' own ``output_router_logits`` loss keeps working.
         check_finite: each layer raises on NaN/Inf inputs (one reduction per layer).
 
-    Returns ``model``. Token ids reach the routers through a forward pre-hook on ``model``.
+    Returns ``model``. Token ids reach the routers through a forward pre-hook on ``model``. With
+    the model's own routing the state dict keeps the unpatched key names (``save_pretrained``
+    writes a checkpoint the original class loads); a replaced router saves under moelab's names
+    (``...mlp.router.weight``).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
@@ -131,6 +134,8 @@ def patch(
     if router is not None:
         for _, layer in patched:
             old = layer.router
+            if hasattr(layer, "_aliases"):  # the model's own router is gone: its key names go too
+                layer.use_state_dict_names({})
             layer.router = _new_router(
                 router,
                 layer.d_model,
@@ -190,6 +195,8 @@ def _patch_block(
         returns_scores=fam.returns_scores,
         family=fam.name,
     )
+    if router is None and fam.state_dict_names:
+        layer.use_state_dict_names(fam.state_dict_names)
     return layer.train(block.training)
 
 
