@@ -160,6 +160,8 @@ class HFMoE(MoE):
         ctx.layer_index = self.layer_index
         y = super().forward(hidden_states, ctx)
         routing, self._routing = self._routing, None
+        if routing is None:  # MoE.forward must route through run_experts (see moelab/layers/moe.py)
+            raise RuntimeError("HFMoE: MoE.forward did not call run_experts; the routing is unavailable")
         record_router_logits(routing.logits)
         if not self.returns_scores:
             return y
