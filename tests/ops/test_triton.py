@@ -23,7 +23,7 @@ import torch
 
 import moelab
 from moelab.experts.bank import ExpertBank
-from moelab.ops import moe_reference, resolve_backend
+from moelab.ops import get_backend, moe_reference, resolve_backend
 from moelab.routing import Routing
 from moelab.routing.expert_choice import expert_choice
 
@@ -305,6 +305,16 @@ def test_registered_and_auto_on_cuda():
     bank = ExpertBank(4, 16, 16)
     assert resolve_backend("auto", torch.device("cuda"), bank).name == "triton"
     assert resolve_backend("auto", torch.device("cpu"), bank).name != "triton"
+
+    class BiasedBank(ExpertBank):  # changes the expert math: the kernels must not claim it
+        def expert_forward(self, e, x_ND):
+            return super().expert_forward(e, x_ND) + 1.0
+
+    biased = BiasedBank(4, 16, 16)
+    assert resolve_backend("auto", torch.device("cuda"), biased).name != "triton"
+    assert not get_backend("triton").supports(biased)
+    with pytest.raises(ValueError, match="BiasedBank"):
+        moe_triton(torch.randn(3, 16), topk_routing(3, 4, 1), biased)
 
 
 def test_import_without_triton():

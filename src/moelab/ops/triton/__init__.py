@@ -37,7 +37,20 @@ def triton_available() -> bool:
 
 
 def supports_bank(bank: ExpertBank) -> bool:
-    return getattr(bank, "activation", None) in SUPPORTED_ACTIVATIONS and hasattr(bank, "w_in")
+    """Banks whose per-expert math is ``ExpertBank``'s own, with a supported activation.
+
+    A subclass that changes the math (biases, clamps, another layout: e.g. gpt-oss's bank in
+    ``moelab.hf``) is not run by kernels that would silently ignore the change.
+    """
+    from ...experts.bank import ExpertBank
+
+    cls = type(bank)
+    return (
+        isinstance(bank, ExpertBank)
+        and getattr(bank, "activation", None) in SUPPORTED_ACTIVATIONS
+        and cls.expert_forward is ExpertBank.expert_forward
+        and cls.activate is ExpertBank.activate
+    )
 
 
 @register_backend(

@@ -152,6 +152,13 @@ def _check(x_TD: Tensor, routing: Routing, bank: ExpertBank) -> None:
         raise ValueError(
             f"the triton backend supports activations {sorted(KERNEL_ACTIVATIONS)}, got {bank.activation!r}"
         )
+    from . import supports_bank
+
+    if not supports_bank(bank):
+        raise ValueError(
+            f"bank {type(bank).__name__} changes ExpertBank's expert math; the triton kernels implement "
+            "only ExpertBank's own (use backend 'sorted' or 'reference')"
+        )
     w = bank.w_in
     # Under autocast moe_triton casts x and the weights to the autocast dtype itself.
     autocast = torch.is_autocast_enabled(x_TD.device.type)
