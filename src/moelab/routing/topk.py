@@ -43,8 +43,8 @@ def sample_second_expert(
     """GShard's stochastic second expert: ``[T, k]`` bool keep mask.
 
     With the top-2 gates renormalised to ``g1 + g2 = 1``, the second expert is kept with
-    probability ``min(1, g2 / threshold)`` (mesh-tensorflow's "random" policy, threshold 0.5, so
-    ``2*g2``). The first expert is always kept; with k > 2 the rule applies to every slot after
+    probability ``min(1, g2 / threshold)`` (mesh-tensorflow's "random" policy, whose default
+    threshold is 0.2; threshold 0.5 gives ``2*g2``, the rule of fairseq's GShard gate). The first expert is always kept; with k > 2 the rule applies to every slot after
     the first, each against its own renormalised gate.
     """
     g = weight_TK / weight_TK.sum(dim=-1, keepdim=True).clamp_min(1e-9)
@@ -73,7 +73,8 @@ class TopKRouter(Router):
             default 0 (off).
         second_expert_policy: ``"all"`` keeps every chosen expert; ``"sampling"`` keeps slots
             after the first stochastically in training (GShard). Default ``"all"``.
-        second_expert_threshold: GShard's sampling threshold, 0.5 (mesh-tensorflow).
+        second_expert_threshold: the sampling threshold; 0.5 keeps the second expert with
+            probability ``2*g2`` (fairseq's GShard gate; mesh-tensorflow defaults to 0.2).
         capacity_factor: per-expert capacity ``ceil(cf * T * k / E)`` in training; None is
             dropless (default, as in Mixtral/DeepSeek).
         eval_capacity_factor: the same at eval time; default: ``capacity_factor``. Switch uses
