@@ -141,3 +141,20 @@ def test_bias_receives_no_gradient_and_router_weight_does():
 
 def test_default_bias_rate_is_the_paper_gamma():
     assert SigmoidTopKRouter(8, 4).bias_update_rate == 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bias_and_load_stay_fp32_when_the_model_is_cast(dtype):
+    # gamma = 1e-3 is below bf16's resolution near 0.5 (2**-8), and bf16 counts are not exact
+    # above 256: a model cast to half precision must keep these buffers in fp32.
+    r = SigmoidTopKRouter(16, 4, top_k=1).to(dtype).train()
+    assert r.expert_bias.dtype == torch.float32 and r.load_since_step.dtype == torch.float32
+    assert r.weight.dtype == dtype
+    with torch.no_grad():
+        r.expert_bias.fill_(0.5)
+    x = torch.randn(1500, 16).to(dtype)
+    index = r(x).topk_index()
+    load = torch.bincount(index.reshape(-1), minlength=4).float()
+    torch.testing.assert_close(r.load_since_step, load, rtol=0, atol=0)
+    r.step_end()
+    torch.testing.assert_close(r.expert_bias, 0.5 + 1e-3 * torch.sign(load.mean() - load), rtol=0, atol=1e-7)

@@ -139,6 +139,16 @@ class SigmoidTopKRouter(Router):
         # as a buffer so it moves with the module and resumes exactly.
         self.register_buffer("load_since_step", torch.zeros(num_experts))
 
+    def _apply(self, fn, recurse: bool = True):
+        # ``model.to(torch.bfloat16)`` must not cast the bias and the load: a gamma = 1e-3 step
+        # is below bf16's resolution near 0.5, and bf16 counts are inexact above 256.
+        super()._apply(fn, recurse)
+        for name in ("expert_bias", "load_since_step"):
+            buf = getattr(self, name)
+            if buf.is_floating_point() and buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        return self
+
     def route(self, x_TD: Tensor, ctx: RoutingContext) -> Routing:
         logits = self.router_logits(x_TD)
         scores, weight, index = sigmoid_topk(
