@@ -244,10 +244,12 @@ def plot_cache(res: dict[str, Any], path: Path) -> Path:
         policies = [p for p in res["cache"][layers[0]] if p not in ("cache_size", "tokens")]
         sizes = res["cache"][layers[0]]["cache_size"]
         same = all(res["cache"][n]["cache_size"] == sizes for n in layers)
+        styles = {"lru": ("o", "-"), "lfu": ("s", "-"), "belady": ("^", "-"), "lookahead": ("x", "--")}
         for p in policies:
+            marker, line = styles.get(p, ("o", "-"))
             if same:
                 mean = torch.tensor([res["cache"][n][p] for n in layers]).mean(0).tolist()
-                ax.plot(sizes, mean, marker="o", label=p)
+                ax.plot(sizes, mean, marker=marker, linestyle=line, label=p)
             else:
                 for n in layers:
                     ax.plot(res["cache"][n]["cache_size"], res["cache"][n][p], label=f"{p} {n}")
