@@ -251,3 +251,17 @@ def test_detach_copies_to_cpu_without_graph():
     assert d.requested.tolist() == [3, 2] and d.top_k is None
     assert d.by_expert().counts.tolist() == [2, 2]
     d.check()
+
+
+def test_reassigning_a_field_invalidates_the_cached_order():
+    # A composite layer may rescale the combine weights after a look at the load; the cached
+    # expert order must not keep serving the old weights.
+    bank = moelab.ExpertBank(3, 4, 4)
+    x = torch.randn(5, 4)
+    r = _routing(5, 3, 8, 0)
+    r.by_expert()
+    r.weight = r.weight * 3.0
+    torch.testing.assert_close(moelab.ops.moe_sorted(x, r, bank), moelab.ops.moe_reference(x, r, bank))
+    r.expert_index = (r.expert_index + 1) % 3
+    assert r.by_expert().counts.tolist() == torch.bincount(r.expert_index, minlength=3).tolist()
+    torch.testing.assert_close(moelab.ops.moe_sorted(x, r, bank), moelab.ops.moe_reference(x, r, bank))

@@ -79,6 +79,12 @@ class Routing:
         if self.validate:
             self.check()
 
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        # The expert order caches gathers of these fields: reassigning one must not leave it stale.
+        if name in ("token_index", "expert_index", "weight", "num_experts"):
+            object.__setattr__(self, "_order", None)
+
     # ------------------------------------------------------------------ validation
     def check(self) -> None:
         """Raise if any field is malformed. Called on construction unless ``validate=False``."""
