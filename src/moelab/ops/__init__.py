@@ -1,5 +1,6 @@
 """Expert execution: dispatch/combine and interchangeable backends (reference, sorted, fast)."""
 
+from . import fast as _fast  # noqa: F401  (registers the "fast" CPU backend)
 from . import triton as _triton  # noqa: F401  (registers the 'triton' backend; Triton loads lazily)
 from .backends import AUTO_PREFERENCE, Backend, backend_names, get_backend, register_backend, resolve_backend
 from .dispatch import combine, dispatch

@@ -70,7 +70,7 @@ def register_backend(
 
 
 # Fastest first, per device type; measured by bench/moe_layer.py.
-AUTO_PREFERENCE: dict[str, list[str]] = {"cpu": ["sorted"], "cuda": ["triton", "sorted"]}
+AUTO_PREFERENCE: dict[str, list[str]] = {"cpu": ["fast", "sorted"], "cuda": ["triton", "sorted"]}
 
 
 def get_backend(name: str) -> Backend:
