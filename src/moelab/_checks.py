@@ -60,3 +60,13 @@ def same_device_dtype(x: Tensor, ref: Tensor, name: str = "x", what: str = "the 
         raise TypeError(
             f"{name} has dtype {x.dtype} but {what} are {ref.dtype}; cast one of them or run under autocast"
         )
+
+
+def float_in(name: str, value: object, lo: float, hi: float, *, hi_open: bool = True) -> float:
+    """A real number in ``[lo, hi)`` (or ``[lo, hi]``), else a clear error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    ok = lo <= value < hi if hi_open else lo <= value <= hi
+    if not ok:
+        raise ValueError(f"{name} must be in [{lo}, {hi}{')' if hi_open else ']'}, got {value}")
+    return float(value)

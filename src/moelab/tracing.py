@@ -174,7 +174,7 @@ def trace(model: nn.Module, trace: Trace | None = None) -> Iterator[Trace]:
             "trace(model): no moelab routed layers found; for a transformers model use moelab.hf.trace"
         )
     for name, m in layers:
-        m._moelab_trace = (tr, name)
+        m._moelab_trace = (tr, name or type(m).__name__)
     try:
         yield tr
     finally:

@@ -103,3 +103,22 @@ def test_router_input_checks_name_x():
         r(torch.randn(3, 7))
     with pytest.raises(TypeError, match="x"):
         r(torch.ones(3, 8, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, arg",
+    [
+        ("topk", {"jitter": "0.01"}, "jitter"),
+        ("topk", {"jitter": 1.0}, "jitter"),
+        ("sigmoid_topk", {"bias_update_rate": "1e-3"}, "bias_update_rate"),
+        ("sigmoid_topk", {"bias_update_rate": -1e-3}, "bias_update_rate"),
+    ],
+)
+def test_bad_noise_and_rate_parameters_name_the_argument(name, kwargs, arg):
+    with pytest.raises((TypeError, ValueError), match=arg):
+        moelab.build_router(name, d_model=8, num_experts=4, **kwargs)
+
+
+def test_switch_preset_accepts_overrides():
+    r = moelab.TopKRouter.switch(8, 4, top_k=2, capacity_factor=None)
+    assert r.top_k == 2 and r.capacity_factor is None and r.normalize is False and r.jitter == 1e-2

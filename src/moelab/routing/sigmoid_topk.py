@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .._checks import positive_float, positive_int, top_k_in_range
+from .._checks import float_in, positive_float, positive_int, top_k_in_range
 from .capacity import DROP_POLICIES, token_choice_routing
 from .context import RoutingContext
 from .router import Router, register_router
@@ -123,9 +123,7 @@ class SigmoidTopKRouter(Router):
                 f"top_k={top_k} exceeds the experts in {topk_groups} of {num_groups} groups "
                 f"({topk_groups * (num_experts // num_groups)})"
             )
-        if bias_update_rate < 0:
-            raise ValueError(f"bias_update_rate must be >= 0, got {bias_update_rate}")
-        self.bias_update_rate = float(bias_update_rate)
+        self.bias_update_rate = float_in("bias_update_rate", bias_update_rate, 0.0, float("inf"))
         self.capacity_factor = positive_float("capacity_factor", capacity_factor, allow_none=True)
         self.eval_capacity_factor = positive_float(
             "eval_capacity_factor", eval_capacity_factor, allow_none=True

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import positive_float, top_k_in_range
+from .._checks import float_in, positive_float, top_k_in_range
 from .capacity import DROP_POLICIES, token_choice_routing
 from .context import RoutingContext
 from .router import Router, register_router
@@ -104,9 +104,7 @@ class TopKRouter(Router):
         self.top_k = top_k_in_range(top_k, num_experts)
         self.normalize = (top_k > 1) if normalize is None else bool(normalize)
         self.scale = positive_float("scale", scale)
-        if not (0.0 <= jitter < 1.0):
-            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
-        self.jitter = float(jitter)
+        self.jitter = float_in("jitter", jitter, 0.0, 1.0)
         if second_expert_policy not in SECOND_EXPERT_POLICIES:
             raise ValueError(
                 f"second_expert_policy must be one of {SECOND_EXPERT_POLICIES}, got {second_expert_policy!r}"
@@ -125,8 +123,15 @@ class TopKRouter(Router):
     # Presets named after the papers, so a comparison script reads like the literature.
     @classmethod
     def switch(cls, d_model: int, num_experts: int, **kw) -> TopKRouter:
-        kw = {"jitter": 1e-2, "capacity_factor": 1.25, "eval_capacity_factor": 2.0, **kw}
-        return cls(d_model, num_experts, top_k=1, normalize=False, **kw)
+        kw = {
+            "top_k": 1,
+            "normalize": False,
+            "jitter": 1e-2,
+            "capacity_factor": 1.25,
+            "eval_capacity_factor": 2.0,
+            **kw,
+        }
+        return cls(d_model, num_experts, **kw)
 
     @classmethod
     def gshard(cls, d_model: int, num_experts: int, **kw) -> TopKRouter:
