@@ -8,7 +8,7 @@ The spine: ``Router -> Routing -> dispatch -> ExpertBank -> combine``.
     loss = task_loss + moe.aux_loss
 """
 
-from . import losses, ops, registry  # noqa: F401  (registers losses and backends)
+from . import analysis, losses, ops, registry  # noqa: F401  (registers losses, backends, analyses)
 from .experts import ExpertBank, SharedExperts
 from .layers import MoE, aux_loss
 from .registry import MethodInfo, list_methods
