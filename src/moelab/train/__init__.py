@@ -1,1 +1,19 @@
-"""Package."""
+"""Training: the embedded corpus (``data``), the training loop (``trainer``), router comparisons
+(``compare``) and their CLI commands (``moelab train``, ``moelab compare``)."""
+
+from .data import Batches, BPETokenizer, ByteTokenizer, Corpus, Data, load_corpus, load_data
+from .trainer import TrainConfig, Trainer, TrainResult, latest_checkpoint
+
+__all__ = [
+    "BPETokenizer",
+    "Batches",
+    "ByteTokenizer",
+    "Corpus",
+    "Data",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "latest_checkpoint",
+    "load_corpus",
+    "load_data",
+]

@@ -1,9 +1,235 @@
-"""CLI commands of this subpackage; ``register(app)`` is called by ``moelab.cli``."""
+"""CLI commands of this subpackage; ``register(app)`` is called by ``moelab.cli``.
+
+- ``moelab compare``: the same MoELM trained with several routers, one table and a report.
+- ``moelab train``: one MoELM run with checkpoints and exact resume (works under ``torchrun``).
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+# The demo's defaults (`make demo` = `moelab compare --name demo`): chosen so that the three
+# default routers train in about 2 minutes on 2 CPU cores and still differ visibly; see
+# docs/quickstart.md ("What the demo prints") for the reasoning.
+DEMO: dict[str, Any] = {
+    "steps": 250,
+    "d_model": 128,
+    "layers": 4,
+    "heads": 4,
+    "experts": 8,
+    "top_k": 2,
+    "seq_len": 128,
+    "batch_size": 16,
+    "lr": 3e-3,
+    "warmup": 30,
+    "eval_every": 50,
+    "eval_batches": 8,
+}
+DEFAULT_ROUTERS = "topk,sigmoid_topk,expert_choice"
+
+
+def parse_router_args(items: list[str] | None, *, prefixed: bool = True) -> dict[str, dict[str, Any]]:
+    """``["topk.capacity_factor=2.0", "sigmoid_topk.bias_update_rate=0"]`` -> per-router kwargs.
+
+    Values are JSON (``2.0``, ``null``, ``true``, ``"position"``); anything that is not JSON is
+    taken as a string. With ``prefixed=False`` the items are ``ARG=VALUE`` (key ``""``).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        router, dot, arg = key.partition(".") if prefixed else ("", ".", key)
+        if not sep or not dot or (prefixed and not router) or not arg:
+            form = "ROUTER.ARG=VALUE" if prefixed else "ARG=VALUE"
+            raise typer.BadParameter(f"expected {form}, got {item!r}", param_hint="--router-arg")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(router, {})[arg] = value
+    return out
 
 
 def register(app: typer.Typer) -> None:
     """Add this subpackage's commands to ``app``."""
+
+    @app.command("compare")
+    def compare_cmd(
+        routers: Annotated[str, typer.Option(help="comma-separated router names")] = DEFAULT_ROUTERS,
+        steps: Annotated[int, typer.Option(help="optimizer steps per router")] = DEMO["steps"],
+        seed: Annotated[int, typer.Option(help="seed for init, data order and every RNG")] = 0,
+        name: Annotated[str, typer.Option(help="run name: outputs go to OUT/NAME/")] = "compare",
+        out: Annotated[Path, typer.Option(help="output root")] = Path("runs"),
+        d_model: Annotated[int, typer.Option("--d-model")] = DEMO["d_model"],
+        layers: Annotated[int, typer.Option()] = DEMO["layers"],
+        heads: Annotated[int, typer.Option()] = DEMO["heads"],
+        experts: Annotated[int, typer.Option()] = DEMO["experts"],
+        top_k: Annotated[int, typer.Option("--top-k")] = DEMO["top_k"],
+        moe_every: Annotated[int, typer.Option(help="MoE FFN on every n-th layer, dense elsewhere")] = 1,
+        seq_len: Annotated[int, typer.Option()] = DEMO["seq_len"],
+        batch_size: Annotated[int, typer.Option()] = DEMO["batch_size"],
+        lr: Annotated[float, typer.Option(help="peak learning rate")] = DEMO["lr"],
+        warmup: Annotated[int, typer.Option(help="warmup steps")] = DEMO["warmup"],
+        eval_every: Annotated[int, typer.Option()] = DEMO["eval_every"],
+        eval_batches: Annotated[int, typer.Option()] = DEMO["eval_batches"],
+        data: Annotated[
+            str, typer.Option(help="'stdlib', text files/folders (comma-separated) or hf:NAME")
+        ] = "stdlib",
+        tokenizer: Annotated[str, typer.Option(help="bytes or bpe")] = "bytes",
+        router_arg: Annotated[
+            list[str] | None,
+            typer.Option(help="ROUTER.ARG=VALUE over the paper settings, e.g. topk.capacity_factor=null"),
+        ] = None,
+        jobs: Annotated[
+            int | None, typer.Option(help="routers trained in parallel (default: all on CPU, 1 on GPU)")
+        ] = None,
+        bf16: Annotated[bool, typer.Option(help="bf16 autocast")] = False,
+        device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
+        save_models: Annotated[bool, typer.Option(help="keep each router's final model")] = True,
+        progress: Annotated[bool, typer.Option()] = True,
+    ) -> None:
+        """Train the same MoELM with each router (same data, budget, seed) and compare them."""
+        from rich.console import Console
+
+        from .compare import CompareSettings, print_table, run_compare
+
+        console = Console()
+        if not console.is_terminal:  # a log file: room for the whole table
+            console = Console(width=120)
+        settings = CompareSettings(
+            routers=[r.strip() for r in routers.split(",") if r.strip()],
+            name=name,
+            out=str(out),
+            model={
+                "d_model": d_model,
+                "n_layers": layers,
+                "n_heads": heads,
+                "num_experts": experts,
+                "top_k": top_k,
+                "moe_every": moe_every,
+                "max_seq_len": seq_len,
+            },
+            train={
+                "steps": steps,
+                "batch_size": batch_size,
+                "seq_len": seq_len,
+                "lr": lr,
+                "warmup_steps": min(warmup, steps),
+                "eval_every": eval_every,
+                "eval_batches": eval_batches,
+                "seed": seed,
+                "data": data,
+                "tokenizer": tokenizer,
+                "bf16": bf16,
+                "device": device,
+            },
+            router_kwargs=parse_router_args(router_arg),
+            save_models=save_models,
+        )
+        try:
+            summary = run_compare(settings, jobs=jobs, progress=progress, console=console)
+        except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
+        print_table(summary, console)
+        out_dir = Path(settings.out) / settings.name
+        console.print(
+            f"wrote {out_dir}/report.md, results.json, loss_curves.png, expert_load.png "
+            f"(wall time {summary['wall_time_s']:.0f} s)"
+        )
+
+    @app.command("train")
+    def train_cmd(
+        out: Annotated[
+            Path, typer.Option(help="checkpoints go to OUT/checkpoints, the final model to OUT/final")
+        ] = Path("runs/train"),
+        router: Annotated[str, typer.Option(help="a registered router (moelab list)")] = "topk",
+        router_arg: Annotated[
+            list[str] | None, typer.Option(help="ARG=VALUE for the router, e.g. capacity_factor=1.25")
+        ] = None,
+        config: Annotated[
+            Path | None, typer.Option(help="a MoELMConfig JSON file (replaces the shape options)")
+        ] = None,
+        steps: Annotated[int, typer.Option()] = 1000,
+        d_model: Annotated[int, typer.Option("--d-model")] = DEMO["d_model"],
+        layers: Annotated[int, typer.Option()] = DEMO["layers"],
+        heads: Annotated[int, typer.Option()] = DEMO["heads"],
+        experts: Annotated[int, typer.Option()] = DEMO["experts"],
+        top_k: Annotated[int, typer.Option("--top-k")] = DEMO["top_k"],
+        moe_every: Annotated[int, typer.Option()] = 1,
+        seq_len: Annotated[int, typer.Option()] = DEMO["seq_len"],
+        batch_size: Annotated[int, typer.Option(help="sequences per step per process")] = DEMO["batch_size"],
+        lr: Annotated[float, typer.Option()] = DEMO["lr"],
+        warmup: Annotated[int, typer.Option()] = 50,
+        eval_every: Annotated[int, typer.Option()] = 100,
+        eval_batches: Annotated[int, typer.Option()] = 8,
+        ckpt_every: Annotated[int, typer.Option(help="checkpoint interval in steps (0: none)")] = 100,
+        resume: Annotated[
+            bool, typer.Option("--resume", help="continue from the newest checkpoint in OUT")
+        ] = False,
+        seed: Annotated[int, typer.Option()] = 0,
+        data: Annotated[
+            str, typer.Option(help="'stdlib', text files/folders (comma-separated) or hf:NAME")
+        ] = "stdlib",
+        tokenizer: Annotated[str, typer.Option(help="bytes or bpe")] = "bytes",
+        bf16: Annotated[bool, typer.Option()] = False,
+        device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
+        progress: Annotated[bool, typer.Option()] = True,
+    ) -> None:
+        """Train one MoELM (checkpoints, exact resume; run it under torchrun for DDP)."""
+        import torch.distributed as dist
+        from rich.console import Console
+
+        from ..models.config import MoELMConfig
+        from .trainer import TrainConfig, Trainer
+
+        console = Console()
+        kw = parse_router_args(router_arg, prefixed=False).get("", {})
+        try:
+            if config is not None:
+                mcfg = MoELMConfig.from_json(config)
+            else:
+                mcfg = MoELMConfig(
+                    d_model=d_model,
+                    n_layers=layers,
+                    n_heads=heads,
+                    num_experts=experts,
+                    top_k=top_k,
+                    moe_every=moe_every,
+                    max_seq_len=seq_len,
+                    router=router,
+                    router_kwargs=kw,
+                )
+            tcfg = TrainConfig(
+                steps=steps,
+                batch_size=batch_size,
+                seq_len=seq_len,
+                lr=lr,
+                warmup_steps=min(warmup, steps),
+                eval_every=eval_every,
+                eval_batches=eval_batches,
+                ckpt_every=ckpt_every,
+                seed=seed,
+                data=data,
+                tokenizer=tokenizer,
+                bf16=bf16,
+                device=device,
+            )
+            trainer = Trainer(mcfg, tcfg, out, progress=progress, description=mcfg.router, console=console)
+            res = trainer.train(resume=resume)
+        except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+            console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
+        finally:
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+        if trainer.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "result.json").write_text(json.dumps(res.to_dict(), indent=1) + "\n")
+            console.print(
+                f"step {res.step}: val loss {res.val_loss:.4f} (ppl {res.val_ppl:.2f}), "
+                f"{res.tokens_per_s:,.0f} tok/s; final model in {out / 'final'}"
+            )

@@ -1,0 +1,142 @@
+"""``MoELMConfig``: the plain, JSON-round-trippable config of the reference decoder LM."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .._checks import positive_int, top_k_in_range
+
+
+def _default_aux_losses() -> dict[str, float]:
+    return {"load_balance": 1e-2, "z": 1e-3}
+
+
+@dataclass
+class MoELMConfig:
+    """Config of ``MoELM``, a small decoder-only LM with MoE feed-forward layers.
+
+    Attributes:
+        vocab_size: tokenizer size (256 = bytes, the default tokenizer).
+        d_model: residual width ``d``.
+        n_layers: transformer blocks.
+        n_heads: attention heads (``d_model`` must divide by it; head dim must be even for RoPE).
+        max_seq_len: longest sequence (RoPE tables are built up to it).
+        moe_every: block ``i`` has an MoE FFN when ``(i + 1) % moe_every == 0``, a dense SwiGLU
+            FFN otherwise (1: every block is MoE; 2: every second block, as in GShard/Switch).
+        num_experts, top_k: ``E`` and ``k`` of the MoE layers.
+        expert_hidden: each expert's hidden width; None: ``moelab.MoE``'s default ``4 d / k``.
+        dense_hidden: the dense FFN's hidden width; None: ``4 d`` (the same active width as an
+            MoE layer with the default expert width).
+        router: a registered router name (``moelab list``).
+        router_kwargs: extra router arguments (``capacity_factor``, ``bias_update_rate``, ...).
+        aux_losses: auxiliary losses by name and coefficient, for every MoE layer.
+        shared_experts: always-on shared experts per MoE layer (DeepSeekMoE); 0 for none.
+        backend: expert execution backend, ``"auto"`` or a name from ``moelab.ops.backend_names()``.
+        rope_theta: RoPE base.
+        tie_embeddings: share the input embedding and the output projection.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 256
+    moe_every: int = 1
+    num_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int | None = None
+    dense_hidden: int | None = None
+    router: str = "topk"
+    router_kwargs: dict[str, Any] = field(default_factory=dict)
+    aux_losses: dict[str, float] = field(default_factory=_default_aux_losses)
+    shared_experts: int = 0
+    backend: str = "auto"
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "max_seq_len",
+            "moe_every",
+            "num_experts",
+        ):
+            positive_int(name, getattr(self, name))
+        top_k_in_range(self.top_k, self.num_experts)
+        for name in ("expert_hidden", "dense_hidden"):
+            if getattr(self, name) is not None:
+                positive_int(name, getattr(self, name))
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head dim d_model/n_heads={self.d_model // self.n_heads} must be even for RoPE")
+        if (
+            isinstance(self.shared_experts, bool)
+            or not isinstance(self.shared_experts, int)
+            or self.shared_experts < 0
+        ):
+            raise ValueError(f"shared_experts must be an int >= 0, got {self.shared_experts!r}")
+        if not isinstance(self.router, str):
+            raise TypeError(
+                f"router must be a registered router name (str), got {type(self.router).__name__}"
+            )
+        if not isinstance(self.router_kwargs, dict):
+            raise TypeError(f"router_kwargs must be a dict, got {type(self.router_kwargs).__name__}")
+        if not isinstance(self.aux_losses, dict):
+            raise TypeError(
+                f"aux_losses must be a dict name -> coefficient, got {type(self.aux_losses).__name__}"
+            )
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether block ``i`` (0-based) has an MoE FFN."""
+        return (i + 1) % self.moe_every == 0
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
+    # -- plain-data round trip -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MoELMConfig:
+        """Build from a dict; unknown keys raise ``ValueError`` naming them."""
+        if not isinstance(d, dict):
+            raise TypeError(f"MoELMConfig.from_dict expects a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MoELMConfig key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The config as JSON; also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> MoELMConfig:
+        """Parse a JSON string, or read a ``.json`` file."""
+        p = Path(text_or_path) if not str(text_or_path).lstrip().startswith("{") else None
+        text = p.read_text() if p is not None else str(text_or_path)
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            where = f" in {p}" if p is not None else ""
+            raise ValueError(f"MoELMConfig JSON{where} is not valid JSON: {e}") from None
+        return cls.from_dict(d)

@@ -1,0 +1,62 @@
+"""DDP: two torchrun processes (gloo, CPU) agree with each other and with one process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from ddp_worker import configs  # noqa: E402
+
+from moelab.train.trainer import Trainer  # noqa: E402
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(tmp_path, texts):
+    data_dir = texts
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(HERE / "ddp_worker.py"),
+        str(out),
+        str(data_dir),
+        "2",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    # both replicas end bit-identical
+    assert r0.keys() == r1.keys() and all(torch.equal(r0[k], r1[k]) for k in r0)
+    # only rank 0 wrote checkpoints and the final model
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "latest",
+        "step_0000003",
+        "step_0000006",
+    ]
+    assert (out / "final" / "model.safetensors").is_file()
+
+    # one process on the concatenated batch (2 ranks x 2 = 4 sequences) reaches the same weights
+    torch.set_num_threads(1)
+    mcfg, tcfg = configs(str(data_dir), 4)
+    single = Trainer(mcfg, tcfg, None, progress=False)
+    res = single.train()
+    s = single.model.state_dict()
+    for k in s:
+        torch.testing.assert_close(r0[k], s[k], rtol=1e-4, atol=1e-5, msg=k)
+    with safe_open(str(out / "rank0.safetensors"), "pt") as f:
+        ddp_val = float(f.metadata()["val_loss"])
+    assert abs(ddp_val - res.val_loss) < 1e-4
