@@ -62,6 +62,8 @@ class Trace:
 
         ``entropy`` is the mean per-token entropy of the router's distribution divided by
         ``log E`` (1 = uniform, 0 = one-hot); NaN when the router gave no probabilities.
+        ``z`` is ST-MoE's ``mean_t logsumexp(logits_t)^2`` and ``max_abs_logit`` the largest
+        router logit magnitude (NaN without logits).
         """
         rows = []
         for name in self.layers:
@@ -77,6 +79,7 @@ class Trace:
                     "cv": (load.std(unbiased=False).item() / mean) if mean > 0 else float("nan"),
                     "drop_rate": r.drop_rate(),
                     "entropy": routing_entropy(r),
+                    **logit_stats(r),
                 }
             )
         return rows
@@ -146,6 +149,14 @@ def routing_entropy(r: Routing) -> float:
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-20)
     h = -(p * p.clamp_min(1e-20).log()).sum(-1).mean().item()
     return h / math.log(r.num_experts)
+
+
+def logit_stats(r: Routing) -> dict[str, float]:
+    """``z`` (mean squared log-partition) and ``max_abs_logit`` of the router logits."""
+    if r.logits is None or r.num_tokens == 0:
+        return {"z": float("nan"), "max_abs_logit": float("nan")}
+    lg = r.logits.float()
+    return {"z": torch.logsumexp(lg, -1).square().mean().item(), "max_abs_logit": lg.abs().max().item()}
 
 
 def traceable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -32,6 +32,22 @@ DEMO: dict[str, Any] = {
 DEFAULT_ROUTERS = "topk,sigmoid_topk,expert_choice"
 
 
+def parse_routers(spec: str) -> tuple[list[str], dict[str, str]]:
+    """``"topk,no_lb=topk"`` -> labels ``["topk", "no_lb"]`` and variants ``{"no_lb": "topk"}``."""
+    labels, variants = [], {}
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        label, eq, router = item.partition("=")
+        label, router = label.strip(), router.strip()
+        if eq and (not label or not router):
+            raise typer.BadParameter(f"expected ROUTER or LABEL=ROUTER, got {item!r}", param_hint="--routers")
+        labels.append(label)
+        if eq:
+            variants[label] = router
+    return labels, variants
+
+
 def parse_router_args(items: list[str] | None, *, prefixed: bool = True) -> dict[str, dict[str, Any]]:
     """``["topk.capacity_factor=2.0", "sigmoid_topk.bias_update_rate=0"]`` -> per-router kwargs.
 
@@ -58,7 +74,13 @@ def register(app: typer.Typer) -> None:
 
     @app.command("compare")
     def compare_cmd(
-        routers: Annotated[str, typer.Option(help="comma-separated router names")] = DEFAULT_ROUTERS,
+        routers: Annotated[
+            str,
+            typer.Option(
+                help="comma-separated router names; LABEL=ROUTER runs a router under its own label, "
+                "so one router can appear twice with different --router-arg LABEL.ARG=VALUE"
+            ),
+        ] = DEFAULT_ROUTERS,
         steps: Annotated[int, typer.Option(help="optimizer steps per router")] = DEMO["steps"],
         seed: Annotated[int, typer.Option(help="seed for init, data order and every RNG")] = 0,
         name: Annotated[str, typer.Option(help="run name: outputs go to OUT/NAME/")] = "compare",
@@ -99,8 +121,10 @@ def register(app: typer.Typer) -> None:
         console = Console()
         if not console.is_terminal:  # a log file: room for the whole table
             console = Console(width=120)
+        labels, variants = parse_routers(routers)
         settings = CompareSettings(
-            routers=[r.strip() for r in routers.split(",") if r.strip()],
+            routers=labels,
+            variants=variants,
             name=name,
             out=str(out),
             model={
@@ -233,3 +257,88 @@ def register(app: typer.Typer) -> None:
                 f"step {res.step}: val loss {res.val_loss:.4f} (ppl {res.val_ppl:.2f}), "
                 f"{res.tokens_per_s:,.0f} tok/s; final model in {out / 'final'}"
             )
+
+    @app.command("repro")
+    def repro_cmd(
+        names: Annotated[
+            list[str] | None, typer.Argument(help="reproductions to run (default: all; --list shows them)")
+        ] = None,
+        seeds: Annotated[str, typer.Option(help="comma-separated seeds; numbers are averaged")] = "0",
+        steps: Annotated[int, typer.Option(help="optimizer steps per arm")] = DEMO["steps"],
+        out: Annotated[Path, typer.Option(help="output root")] = Path("runs/repro"),
+        jobs: Annotated[
+            int | None, typer.Option(help="arms trained in parallel (default: all on CPU)")
+        ] = None,
+        write_docs: Annotated[
+            bool, typer.Option("--write-docs", help="record the rows in docs/reproductions.md")
+        ] = False,
+        list_only: Annotated[bool, typer.Option("--list", help="list the reproductions and exit")] = False,
+        progress: Annotated[bool, typer.Option(help="progress bars")] = True,
+    ) -> None:
+        """Check papers' claims at small scale (same model, data, budget and seed per arm)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from .repro import REPRODUCTIONS, render_rows, run_repro
+        from .repro import write_docs as write_docs_fn
+
+        console = Console() if Console().is_terminal else Console(width=140)
+        if list_only:
+            for r in REPRODUCTIONS.values():
+                console.print(f"[bold]{r.name}[/bold] ({r.paper}): {r.claim} Arms: {', '.join(r.arms)}")
+            return
+        chosen = names or list(REPRODUCTIONS)
+        unknown = [n for n in chosen if n not in REPRODUCTIONS]
+        if unknown:
+            console.print(
+                f"[red]error:[/red] unknown reproduction(s) {unknown}; known: {sorted(REPRODUCTIONS)}"
+            )
+            raise typer.Exit(2)
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise typer.BadParameter(
+                f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds"
+            ) from None
+        model = {
+            "d_model": DEMO["d_model"],
+            "n_layers": DEMO["layers"],
+            "n_heads": DEMO["heads"],
+            "num_experts": DEMO["experts"],
+            "top_k": DEMO["top_k"],
+            "max_seq_len": DEMO["seq_len"],
+        }
+        train = {
+            "steps": steps,
+            "batch_size": DEMO["batch_size"],
+            "seq_len": DEMO["seq_len"],
+            "lr": DEMO["lr"],
+            "warmup_steps": min(DEMO["warmup"], steps),
+            "eval_every": DEMO["eval_every"],
+            "eval_batches": DEMO["eval_batches"],
+        }
+        records = {}
+        for name in chosen:
+            console.rule(f"repro {name}")
+            records[name] = run_repro(
+                name,
+                seeds=seed_list,
+                model=model,
+                train=train,
+                out=str(out),
+                jobs=jobs,
+                progress=progress,
+                console=console,
+            )
+        table = Table(title="moelab repro")
+        for col in ("reproduction", "claim", "measured", "verdict"):
+            table.add_column(col, overflow="fold")
+        for name, r in records.items():
+            table.add_row(
+                name, r["claim"], r["measured"], "holds" if r["holds"] else "[red]does not hold[/red]"
+            )
+        console.print(table)
+        if write_docs:
+            console.print(f"wrote {write_docs_fn(records)}")
+        else:
+            console.print(render_rows(records), markup=False, highlight=False)

@@ -49,7 +49,10 @@ NONCAUSAL = {"expert_choice"}
 class CompareSettings:
     """One comparison: the routers, the shared model shape and the shared training budget."""
 
-    routers: list[str] = field(default_factory=lambda: list(DEFAULT_ROUTERS))
+    routers: list[str] = field(default_factory=lambda: list(DEFAULT_ROUTERS))  # labels of the arms
+    # An arm's label may differ from its router: ``{"no_lb": "topk"}`` trains ``topk`` under the label
+    # ``no_lb``, so one router can run in several arms with different kwargs/losses (``moelab repro``).
+    variants: dict[str, str] = field(default_factory=dict)
     name: str = "compare"
     out: str = "runs"
     model: dict[str, Any] = field(default_factory=dict)  # MoELMConfig fields shared by all routers
@@ -59,19 +62,30 @@ class CompareSettings:
     save_models: bool = True
 
 
-def router_setup(router: str, s: CompareSettings) -> tuple[dict[str, Any], dict[str, float]]:
-    """A router's kwargs (paper settings, then the user's) and its auxiliary losses."""
-    paper = PAPER_SETTINGS.get(router, {})
-    kw = {**paper.get("router_kwargs", {}), **s.router_kwargs.get(router, {})}
+def base_router(label: str, s: CompareSettings) -> str:
+    """The registered router an arm trains (its label, unless ``variants`` maps it)."""
+    return s.variants.get(label, label)
+
+
+def router_setup(label: str, s: CompareSettings) -> tuple[dict[str, Any], dict[str, float]]:
+    """An arm's router kwargs (paper settings, then the user's) and its auxiliary losses."""
+    paper = PAPER_SETTINGS.get(base_router(label, s), {})
+    kw = {**paper.get("router_kwargs", {}), **s.router_kwargs.get(label, {})}
     default_aux = s.model.get("aux_losses", MoELMConfig().aux_losses)
-    aux = s.aux_losses.get(router, paper.get("aux_losses", default_aux))
+    aux = s.aux_losses.get(label, paper.get("aux_losses", default_aux))
     return kw, dict(aux)
 
 
-def router_configs(router: str, s: CompareSettings, vocab_size: int) -> tuple[MoELMConfig, TrainConfig]:
-    kw, aux = router_setup(router, s)
+def router_configs(label: str, s: CompareSettings, vocab_size: int) -> tuple[MoELMConfig, TrainConfig]:
+    kw, aux = router_setup(label, s)
     mcfg = MoELMConfig.from_dict(
-        {**s.model, "router": router, "router_kwargs": kw, "aux_losses": aux, "vocab_size": vocab_size}
+        {
+            **s.model,
+            "router": base_router(label, s),
+            "router_kwargs": kw,
+            "aux_losses": aux,
+            "vocab_size": vocab_size,
+        }
     )
     return mcfg, TrainConfig.from_dict(s.train)
 
@@ -137,7 +151,7 @@ def run_compare(
     import moelab
 
     known = moelab.registry.names("router")
-    unknown = [r for r in settings.routers if r not in known]
+    unknown = [base_router(r, settings) for r in settings.routers if base_router(r, settings) not in known]
     if unknown:
         raise ValueError(f"unknown router(s) {unknown}; registered routers: {known}")
     jobs = default_jobs(settings) if jobs is None else max(1, min(int(jobs), len(settings.routers)))
@@ -291,7 +305,8 @@ COLUMNS = [
 def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     rows = []
     for router, r in summary["routers"].items():
-        name = router + ("*" if router in NONCAUSAL else "")
+        variants = summary["settings"].get("variants", {})
+        name = router + ("*" if variants.get(router, router) in NONCAUSAL else "")
         rows.append(
             [
                 name,

@@ -1,0 +1,271 @@
+"""``moelab repro``: check each paper's claim at small scale, and say whether it held.
+
+A reproduction is a small ``moelab compare`` whose arms differ in exactly the thing a paper
+claims matters (a loss on or off, a balancing rule, a router), plus a rule that turns the
+measured numbers into a verdict. Every arm shares the model shape, the data, the step budget and
+the seed, and runs with the demo's model (``moelab.train.commands.DEMO``) unless overridden.
+
+Verdicts are ``holds`` / ``does not hold``. With one seed and a few hundred steps a small loss
+gap is noise: loss comparisons therefore allow a margin (``LOSS_MARGIN``) and each verdict says
+what it compared. ``--write-docs`` records the rows in ``docs/reproductions.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .compare import CompareSettings, _mean, run_compare
+
+# Val-loss differences below this (nats/token) are treated as a tie: at the demo budget the
+# seed-to-seed spread of one arm is about 0.02-0.05 (measured: docs/reproductions.md).
+LOSS_MARGIN = 0.02
+
+
+@dataclass(frozen=True)
+class Arm:
+    router: str
+    router_kwargs: dict[str, Any] = field(default_factory=dict)
+    aux_losses: dict[str, float] = field(default_factory=dict)
+
+
+Rows = dict[str, dict[str, float]]  # arm label -> measured numbers (mean over seeds)
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    name: str
+    method: str  # the registered method whose docs page this row belongs to
+    paper: str
+    claim: str
+    arms: dict[str, Arm]
+    verdict: Callable[[Rows], tuple[bool, str]]  # -> (holds, what was measured)
+    model: dict[str, Any] = field(default_factory=dict)  # MoELMConfig overrides for every arm
+
+
+def _f(x: float) -> str:
+    return f"{x:.2f}" if abs(x) >= 0.995 or x == 0 else f"{x:.3f}"
+
+
+def _loss_ok(a: float, b: float) -> bool:
+    """``a`` is no worse than ``b`` (within the noise margin)."""
+    return a <= b + LOSS_MARGIN
+
+
+def _verdict_load_balance(r: Rows) -> tuple[bool, str]:
+    a, b = r["no_aux"], r["load_balance"]
+    holds = b["max_over_mean"] < a["max_over_mean"] and _loss_ok(b["val_loss"], a["val_loss"])
+    return holds, (
+        f"max/mean load {_f(a['max_over_mean'])} -> {_f(b['max_over_mean'])}; "
+        f"val loss {a['val_loss']:.3f} -> {b['val_loss']:.3f}"
+    )
+
+
+def _verdict_z(r: Rows) -> tuple[bool, str]:
+    a, b = r["lb"], r["lb_z"]
+    holds = b["z"] < a["z"] and _loss_ok(b["val_loss"], a["val_loss"])
+    return holds, (
+        f"z (mean lse^2) {_f(a['z'])} -> {_f(b['z'])}; max abs logit {_f(a['max_abs_logit'])} -> "
+        f"{_f(b['max_abs_logit'])}; val loss {a['val_loss']:.3f} -> {b['val_loss']:.3f}"
+    )
+
+
+def _verdict_aux_free(r: Rows) -> tuple[bool, str]:
+    none, aux, bias = r["none"], r["aux_loss"], r["bias"]
+    holds = (
+        bias["max_over_mean"] < none["max_over_mean"]
+        and bias["max_over_mean"] <= 1.1 * aux["max_over_mean"]
+        and _loss_ok(bias["val_loss"], aux["val_loss"])
+    )
+    return holds, (
+        f"max/mean load: none {_f(none['max_over_mean'])}, aux loss {_f(aux['max_over_mean'])}, "
+        f"bias {_f(bias['max_over_mean'])}; val loss: none {none['val_loss']:.3f}, aux loss "
+        f"{aux['val_loss']:.3f}, bias {bias['val_loss']:.3f}"
+    )
+
+
+def _verdict_expert_choice(r: Rows) -> tuple[bool, str]:
+    tc, ec = r["top2"], r["expert_choice"]
+    holds = ec["max_over_mean"] <= 1.01 and ec["val_loss"] < tc["val_loss"] - LOSS_MARGIN
+    return holds, (
+        f"max/mean load top-2 {_f(tc['max_over_mean'])} vs EC {_f(ec['max_over_mean'])}; val loss "
+        f"{tc['val_loss']:.3f} vs {ec['val_loss']:.3f} (EC is non-causal: its loss sees later tokens' routing)"
+    )
+
+
+_DROPLESS = {"capacity_factor": None}
+
+REPRODUCTIONS: dict[str, Reproduction] = {
+    r.name: r
+    for r in [
+        Reproduction(
+            name="load_balance",
+            method="load_balance",
+            paper="Switch Transformers (Fedus et al. 2022), sec. 2.2",
+            claim="The load-balancing loss (alpha = 1e-2) evens out expert load without hurting quality.",
+            arms={
+                "no_aux": Arm("topk", _DROPLESS, {}),
+                "load_balance": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
+            },
+            model={"top_k": 1},
+            verdict=_verdict_load_balance,
+        ),
+        Reproduction(
+            name="z",
+            method="z",
+            paper="ST-MoE (Zoph et al. 2022), sec. 3.1",
+            claim="The router z-loss (1e-3) keeps router logits small without hurting quality.",
+            arms={
+                "lb": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
+                "lb_z": Arm("topk", _DROPLESS, {"load_balance": 1e-2, "z": 1e-3}),
+            },
+            verdict=_verdict_z,
+        ),
+        Reproduction(
+            name="aux_loss_free",
+            method="sigmoid_topk",
+            paper="Aux-loss-free balancing (Wang et al. 2024); DeepSeek-V3 (2024)",
+            claim=(
+                "Bias updates (gamma = 1e-3) balance expert load as well as an auxiliary loss, "
+                "with equal or better LM loss."
+            ),
+            arms={
+                "none": Arm("sigmoid_topk", {"bias_update_rate": 0.0}, {}),
+                "aux_loss": Arm("sigmoid_topk", {"bias_update_rate": 0.0}, {"load_balance": 1e-2}),
+                "bias": Arm("sigmoid_topk", {"bias_update_rate": 1e-3}, {}),
+            },
+            verdict=_verdict_aux_free,
+        ),
+        Reproduction(
+            name="expert_choice",
+            method="expert_choice",
+            paper="Expert Choice routing (Zhou et al. 2022), sec. 4",
+            claim="Expert choice balances load perfectly and trains to lower loss than top-2 token choice at equal compute.",
+            arms={
+                "top2": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
+                "expert_choice": Arm("expert_choice", {}, {}),
+            },
+            verdict=_verdict_expert_choice,
+        ),
+    ]
+}
+
+METRICS = ("val_loss", "max_over_mean", "drop_rate", "entropy", "z", "max_abs_logit")
+
+
+def _arm_rows(summary: dict[str, Any]) -> Rows:
+    rows = {}
+    for label, r in summary["routers"].items():
+        rows[label] = {
+            "val_loss": float(r["val_loss"]),
+            "max_over_mean": float(r["max_over_mean"]),
+            "drop_rate": float(r["drop_rate"]),
+            "entropy": float(r["entropy"]),
+            "z": _mean(r["routing"], "z"),
+            "max_abs_logit": _mean(r["routing"], "max_abs_logit"),
+        }
+    return rows
+
+
+def settings_for(
+    rep: Reproduction, *, seed: int, model: dict[str, Any], train: dict[str, Any], out: str
+) -> CompareSettings:
+    """The ``CompareSettings`` of one seed of ``rep``: one labelled arm per variant."""
+    return CompareSettings(
+        routers=list(rep.arms),
+        variants={label: arm.router for label, arm in rep.arms.items()},
+        name=f"{rep.name}/seed{seed}",
+        out=out,
+        model={**model, **rep.model},
+        train={**train, "seed": seed},
+        router_kwargs={label: dict(arm.router_kwargs) for label, arm in rep.arms.items()},
+        aux_losses={label: dict(arm.aux_losses) for label, arm in rep.arms.items()},
+        save_models=False,
+    )
+
+
+def run_repro(
+    name: str,
+    *,
+    seeds: list[int],
+    model: dict[str, Any],
+    train: dict[str, Any],
+    out: str = "runs/repro",
+    jobs: int | None = None,
+    progress: bool = True,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Run every arm of reproduction ``name`` for each seed; average; judge. Returns a record."""
+    if name not in REPRODUCTIONS:
+        raise ValueError(f"unknown reproduction {name!r}; known: {sorted(REPRODUCTIONS)}")
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    rep = REPRODUCTIONS[name]
+    t0 = time.perf_counter()
+    per_seed = []
+    for seed in seeds:
+        s = settings_for(rep, seed=seed, model=model, train=train, out=out)
+        per_seed.append(_arm_rows(run_compare(s, jobs=jobs, progress=progress, console=console)))
+    rows = {
+        label: {m: sum(p[label][m] for p in per_seed) / len(per_seed) for m in METRICS} for label in rep.arms
+    }
+    holds, measured = rep.verdict(rows)
+    record = {
+        "name": rep.name,
+        "method": rep.method,
+        "paper": rep.paper,
+        "claim": rep.claim,
+        "holds": holds,
+        "measured": measured,
+        "seeds": seeds,
+        "steps": train.get("steps"),
+        "arms": {
+            label: {"router": a.router, "router_kwargs": a.router_kwargs, "aux_losses": a.aux_losses}
+            for label, a in rep.arms.items()
+        },
+        "rows": rows,
+        "per_seed": per_seed,
+        "wall_time_s": time.perf_counter() - t0,
+    }
+    path = Path(out) / rep.name / "repro.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=lambda o: None) + "\n")
+    return record
+
+
+BEGIN, END = "<!-- repro:begin -->", "<!-- repro:end -->"
+
+
+def render_rows(records: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| reproduction | method | paper | claim | measured | verdict | seeds x steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted(records):
+        r = records[name]
+        verdict = "holds" if r["holds"] else "**does not hold**"
+        lines.append(
+            f"| `{name}` | [{r['method']}](methods/{r['method']}.md) | {r['paper']} | {r['claim']} | "
+            f"{r['measured']} | {verdict} | {len(r['seeds'])} x {r['steps']} |"
+        )
+    return "\n".join(lines)
+
+
+def write_docs(records: dict[str, dict[str, Any]], doc: str | Path = "docs/reproductions.md") -> Path:
+    """Merge ``records`` into ``docs/reproductions.json`` and rewrite the table in the markdown page."""
+    doc = Path(doc)
+    store = doc.with_suffix(".json")
+    known = json.loads(store.read_text()) if store.exists() else {}
+    known.update(records)
+    store.write_text(json.dumps(known, indent=1, default=lambda o: None) + "\n")
+    text = doc.read_text() if doc.exists() else f"# Reproductions\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{doc} lacks the {BEGIN} ... {END} markers that delimit the generated table")
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    doc.write_text(f"{head}{BEGIN}\n{render_rows(known)}\n{END}{tail}")
+    return doc
