@@ -31,6 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from ...routing.routing import Routing
 from .activation import SUPPORTED_ACTIVATIONS, activation_backward, activation_forward
+from .gemm import linear
 
 if TYPE_CHECKING:
     from ...experts.bank import ExpertBank
@@ -68,7 +69,7 @@ def fused_forward(
     *,
     save_hidden: bool,
     max_rows: int = DEFAULT_MAX_ROWS,
-) -> tuple[Tensor, Tensor | None]:
+) -> tuple[Tensor, list[Tensor] | None]:
     """``y [T, d] = sum_n weight_n * expert_{e_n}(x[token_n])`` over expert-sorted assignments.
 
     Args:
@@ -79,33 +80,32 @@ def fused_forward(
         w_down_EDH: ``[E, d, h]`` output projection.
         counts_E: assignments per expert (Python ints: the loop needs them on the host).
         activation: an ``ExpertBank`` activation name.
-        save_hidden: also return the pre-activation ``h_in [N, 2h or h]`` for the backward.
+        save_hidden: also return the pre-activation ``h_in`` of every segment (together
+            ``[N, 2h or h]``, in :func:`segments` order) for the backward.
 
-    Returns ``(y, h_in or None)``.
+    Returns ``(y, [h_in per segment] or None)``.
     """
     t, d = x_TD.shape
-    n = token_N.shape[0]
     h = w_down_EDH.shape[-1]
     y_TD = x_TD.new_zeros(t, d)
-    h_in_NH = x_TD.new_empty(n, w_in_EHD.shape[1]) if save_hidden else None
+    saved: list[Tensor] | None = [] if save_hidden else None
     # Scale whichever of a [n, h] or y [n, d] is narrower by the combine weight: same product.
     scale_act = h < d
     for e, s, end in segments(counts_E, max_rows):
         tok = token_N[s:end]
         w = weight_N[s:end].unsqueeze(1).to(x_TD.dtype)
-        x_e = x_TD.index_select(0, tok)
-        if h_in_NH is not None:
-            h_e = torch.mm(x_e, w_in_EHD[e].t(), out=h_in_NH[s:end])
-        else:
-            h_e = torch.mm(x_e, w_in_EHD[e].t())
+        h_e = linear(x_TD.index_select(0, tok), w_in_EHD[e])
+        if saved is not None:
+            saved.append(h_e)
         a_e = activation_forward(h_e, activation)
+        del h_e
         if scale_act:
             a_e.mul_(w)
-        y_e = torch.mm(a_e, w_down_EDH[e].t())
+        y_e = linear(a_e, w_down_EDH[e])
         if not scale_act:
             y_e.mul_(w)
         y_TD.index_add_(0, tok, y_e)
-    return y_TD, h_in_NH
+    return y_TD, saved
 
 
 def fused_backward(
@@ -115,7 +115,7 @@ def fused_backward(
     weight_N: Tensor,
     w_in_EHD: Tensor,
     w_down_EDH: Tensor,
-    h_in_NH: Tensor,
+    h_in: list[Tensor],
     counts_E: list[int],
     activation: str,
     needs: tuple[bool, bool, bool, bool],
@@ -124,8 +124,9 @@ def fused_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients ``(dx [T, d], dweight [N], dw_in [E, 2h, d], dw_down [E, d, h])``.
 
-    ``needs`` says which of the four are wanted (the others come back as None and cost nothing).
-    Per segment of expert ``e`` with rows ``x_e``, pre-activation ``h_e``, activation ``a_e``:
+    ``h_in`` is what :func:`fused_forward` saved (one tensor per segment). ``needs`` says which
+    of the four gradients are wanted (the others come back as None and cost nothing). Per segment
+    of expert ``e`` with rows ``x_e``, pre-activation ``h_e`` and activation ``a_e``:
 
         g_e      = dy[tok] @ W_down[e]            (gradient of a_e before the weight)
         dweight  = rowsum(g_e * a_e)
@@ -141,14 +142,13 @@ def fused_backward(
     grad_in = torch.empty_like(w_in_EHD) if need_in else None
     grad_down = torch.empty_like(w_down_EDH) if need_down else None
     seen = set()
-    for e, s, end in segments(counts_E, max_rows):
+    for (e, s, end), h_e in zip(segments(counts_E, max_rows), h_in, strict=True):
         first = e not in seen
         seen.add(e)
         tok = token_N[s:end]
         w = weight_N[s:end].unsqueeze(1).to(dtype)
-        h_e = h_in_NH[s:end]
         dy_e = grad_y_TD.index_select(0, tok)
-        g_e = torch.mm(dy_e, w_down_EDH[e])
+        g_e = linear(dy_e, w_down_EDH[e].t())
         if need_w or need_down:
             a_e = activation_forward(h_e, activation)
             if need_down:
@@ -159,18 +159,22 @@ def fused_backward(
                     grad_down[e].addmm_(dy_e.t(), a_e)
             if need_w:
                 grad_w[s:end] = a_e.mul_(g_e).sum(1).to(grad_w.dtype)
+            del a_e
+        del dy_e
         if not (need_x or need_in):
             continue
         g_e.mul_(w)
         dh_e = activation_backward(h_e, g_e, activation)
+        del g_e
         if need_in:
             x_e = x_TD.index_select(0, tok)
             if first:
                 torch.mm(dh_e.t(), x_e, out=grad_in[e])
             else:
                 grad_in[e].addmm_(dh_e.t(), x_e)
+            del x_e
         if need_x:
-            grad_x.index_add_(0, tok, torch.mm(dh_e, w_in_EHD[e]))
+            grad_x.index_add_(0, tok, linear(dh_e, w_in_EHD[e].t()))
     # Experts that received no rows have zero weight gradients.
     for e, c in enumerate(counts_E):
         if c == 0:
@@ -186,20 +190,20 @@ class FusedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, weight_N, w_in_EHD, w_down_EDH, token_N, counts_E, activation, max_rows):
-        y_TD, h_in_NH = fused_forward(
+        y_TD, h_in = fused_forward(
             x_TD, token_N, weight_N, w_in_EHD, w_down_EDH, counts_E, activation,
             save_hidden=True, max_rows=max_rows,
         )  # fmt: skip
-        ctx.save_for_backward(x_TD, weight_N, w_in_EHD, w_down_EDH, token_N, h_in_NH)
+        ctx.save_for_backward(x_TD, weight_N, w_in_EHD, w_down_EDH, token_N, *h_in)
         ctx.counts_E, ctx.activation, ctx.max_rows = counts_E, activation, max_rows
         return y_TD
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y_TD):
-        x_TD, weight_N, w_in_EHD, w_down_EDH, token_N, h_in_NH = ctx.saved_tensors
+        x_TD, weight_N, w_in_EHD, w_down_EDH, token_N, *h_in = ctx.saved_tensors
         grads = fused_backward(
-            grad_y_TD, x_TD, token_N, weight_N, w_in_EHD, w_down_EDH, h_in_NH, ctx.counts_E,
+            grad_y_TD, x_TD, token_N, weight_N, w_in_EHD, w_down_EDH, h_in, ctx.counts_E,
             ctx.activation, tuple(ctx.needs_input_grad[:4]), max_rows=ctx.max_rows,
         )  # fmt: skip
         return (*grads, None, None, None, None)

@@ -1,0 +1,1 @@
+"""moelab benchmarks: JSON + markdown, never asserted (see bench/README.md)."""

@@ -1,0 +1,576 @@
+"""MoE layer benchmark: every moelab backend against the GEMM roofline and transformers' experts.
+
+    python -m bench.moe_layer --quick --json runs/bench-quick.json   # coarse fp32 only, < 2 min
+    python -m bench.moe_layer                                       # every shape and dtype
+
+Implementations, all with the same weights, the same input and the same routing:
+
+- ``roofline``: one dense ``F.linear -> SwiGLU -> F.linear`` chain over ``N = T*k`` rows, i.e.
+  exactly the active FLOPs of the layer with no routing work at all;
+- ``hf_eager`` / ``hf_grouped_mm``: transformers' own experts module (``MixtralExperts`` for the
+  coarse shape, ``OlmoeExperts`` for the fine one) built from a tiny config with our weights copied
+  in, under ``config._experts_implementation = "eager"`` and ``"grouped_mm"``;
+- ``moelab_<backend>``: every registered moelab backend usable on this device.
+
+Training shapes time one forward (with autograd on, as in a training step) and one forward +
+backward (``fwd_ms``, ``fwdbwd_ms``); decode shapes (``T <= 16``) time an inference forward under
+``no_grad`` and leave ``fwdbwd_ms`` empty. ``peak_mb`` is the peak of live tensor memory while the
+implementation runs (fwd+bwd, or fwd for decode) plus the size of its inputs (x, its weights, the
+routing); see ``bench/common.py`` for how it is read from the allocator.
+
+Each row: ``{"shape", "dtype", "impl", "fwd_ms", "fwdbwd_ms", "peak_mb"}`` (plus extra fields).
+Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import moelab
+from moelab.experts.bank import ExpertBank
+from moelab.ops import backend_names, get_backend, resolve_backend
+from moelab.ops.fast.activation import activation_backward, activation_forward
+from moelab.ops.fast.gemm import linear, uses_onednn
+
+from .common import (
+    RESULTS_DIR,
+    Stopwatch,
+    interleaved,
+    machine_info,
+    machine_tag,
+    md_table,
+    median,
+    peak_bytes,
+    set_threads,
+    write_json,
+)
+
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    T: int
+    d: int
+    h: int
+    E: int
+    k: int
+    family: str  # which transformers experts class: "mixtral" or "olmoe"
+
+    @property
+    def decode(self) -> bool:
+        return self.T <= 16
+
+    @property
+    def flops_fwd(self) -> float:
+        """Active FLOPs of one forward: ``2 N (d * 2h + h * d)`` for SwiGLU."""
+        return 2.0 * self.T * self.k * (self.d * 2 * self.h + self.h * self.d)
+
+
+COARSE = Shape("coarse", 4096, 1024, 2816, 8, 2, "mixtral")
+FINE = Shape("fine", 4096, 1024, 512, 64, 8, "olmoe")
+DECODE_T = (1, 4, 16)
+# --quick keeps to two minutes: it leaves out the readable reference (not a contender) and the
+# oneDNN roofline (a diagnostic); the full run has both.
+QUICK_SKIP = ("moelab_reference", "roofline_onednn")
+
+
+def all_shapes() -> list[Shape]:
+    out = [COARSE, FINE]
+    for base in (COARSE, FINE):
+        for t in DECODE_T:
+            out.append(Shape(f"{base.name}-decode-T{t}", t, base.d, base.h, base.E, base.k, base.family))
+    return out
+
+
+# ----------------------------------------------------------------------------------- problem set-up
+@dataclass
+class Problem:
+    shape: Shape
+    dtype: torch.dtype
+    x: torch.Tensor  # [T, d]
+    idx: torch.Tensor  # [T, k] long
+    w: torch.Tensor  # [T, k] fp32 (router weights)
+    bank: ExpertBank
+    grad_y: torch.Tensor  # [T, d]
+
+
+_BANK_CACHE: dict[tuple, ExpertBank] = {}
+
+
+def _bank(shape: Shape, dtype: torch.dtype, seed: int) -> ExpertBank:
+    """The expert weights, shared by the shapes that differ only in T (one bank kept at a time)."""
+    key = (shape.E, shape.d, shape.h, dtype, seed)
+    if key not in _BANK_CACHE:
+        _BANK_CACHE.clear()
+        g = torch.Generator().manual_seed(seed)
+        bank = ExpertBank(shape.E, shape.d, shape.h, "swiglu")
+        with torch.no_grad():
+            bank.gate_up_proj.normal_(0, shape.d**-0.5, generator=g)
+            bank.down_proj.normal_(0, shape.h**-0.5, generator=g)
+        _BANK_CACHE[key] = bank.to(dtype)
+    return _BANK_CACHE[key]
+
+
+def make_problem(shape: Shape, dtype: torch.dtype, seed: int = 0) -> Problem:
+    bank = _bank(shape, dtype, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(shape.T, shape.d, generator=g).to(dtype)
+    # Mixtral-style routing from random logits: softmax, top-k, renormalised (router in fp32).
+    logits = torch.randn(shape.T, shape.E, generator=g)
+    w, idx = torch.topk(logits.softmax(-1), shape.k, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    grad_y = torch.randn(shape.T, shape.d, generator=g).to(dtype)
+    return Problem(shape, dtype, x, idx, w, bank, grad_y)
+
+
+def _nbytes(*ts: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def minimum_bytes(p: Problem) -> int:
+    """The memory any fwd+bwd must hold at some point (the denominator of the peak ratio).
+
+    inputs (x, routing) + weights + the activation the math must save (the pre-activation
+    ``h_in [N, 2h]``: rebuilding it costs a third of the forward's FLOPs) + what a fwd+bwd
+    produces (y, dx, the weight gradients, the routing-weight gradient). The weight gradients are
+    included because no implementation can finish a backward without them.
+    """
+    s = p.shape
+    n = s.T * s.k
+    el = p.x.element_size()
+    params = sum(t.numel() for t in p.bank.parameters()) * el
+    routing = _nbytes(p.idx, p.w)
+    x = _nbytes(p.x)
+    if s.decode:  # inference: inputs + weights + output
+        return x + params + routing + x
+    h_in = n * 2 * s.h * el
+    return x + params + routing + h_in + x + x + params + _nbytes(p.w)
+
+
+# ----------------------------------------------------------------------------------- implementations
+@dataclass
+class Impl:
+    name: str
+    forward: object  # () -> y [T, d] (or [N, d] for the roofline)
+    leaves: list[torch.Tensor]  # tensors whose .grad is reset between runs
+    input_bytes: int
+
+
+def _hf_experts(p: Problem, impl: str):
+    s = p.shape
+    if s.family == "mixtral":
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts as Cls
+
+        cfg = MixtralConfig(
+            hidden_size=s.d, intermediate_size=s.h, num_local_experts=s.E, num_experts_per_tok=s.k
+        )
+    else:
+        from transformers import OlmoeConfig
+        from transformers.models.olmoe.modeling_olmoe import OlmoeExperts as Cls
+
+        cfg = OlmoeConfig(hidden_size=s.d, intermediate_size=s.h, num_experts=s.E, num_experts_per_tok=s.k)
+    cfg._experts_implementation = impl
+    with torch.device("meta"):
+        mod = Cls(cfg)
+    return mod
+
+
+class _OneDnnChain(torch.autograd.Function):
+    """``silu(x W1g^T) * (x W1u^T) @ W2^T`` with oneDNN GEMMs where moelab uses them."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2):
+        h = linear(x, w1)
+        a = activation_forward(h, "swiglu")
+        ctx.save_for_backward(x, w1, w2, h)
+        return linear(a, w2)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w1, w2, h = ctx.saved_tensors
+        a = activation_forward(h, "swiglu")
+        gw2 = torch.mm(gy.t(), a)
+        dh = activation_backward(h, linear(gy, w2.t()), "swiglu")
+        return linear(dh, w1.t()), torch.mm(dh.t(), x), gw2
+
+
+def make_impls(p: Problem, include: set[str] | None = None) -> list[Impl]:
+    s, dt = p.shape, p.dtype
+    x = p.x.detach().clone().requires_grad_(not s.decode)
+    w = p.w.detach().clone().requires_grad_(not s.decode)
+    idx = p.idx
+    impls: list[Impl] = []
+    routing_bytes = _nbytes(p.idx, p.w)
+    bank_bytes = sum(_nbytes(t) for t in p.bank.parameters())
+
+    # roofline: one dense chain with the layer's active FLOPs (N = T*k rows, one expert's weights).
+    g = torch.Generator().manual_seed(1)
+    n = s.T * s.k
+    x_rows = (torch.randn(n, s.d, generator=g).to(dt)).requires_grad_(not s.decode)
+    w1 = (torch.randn(2 * s.h, s.d, generator=g) * s.d**-0.5).to(dt).requires_grad_(not s.decode)
+    w2 = (torch.randn(s.d, s.h, generator=g) * s.h**-0.5).to(dt).requires_grad_(not s.decode)
+
+    def roofline():
+        gate, up = F.linear(x_rows, w1).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w2)
+
+    impls.append(Impl("roofline", roofline, [x_rows, w1, w2], _nbytes(x_rows, w1, w2)))
+    if uses_onednn(x_rows):
+        # The same chain with its GEMMs routed as moelab.ops.fast.gemm routes them (oneDNN for the
+        # activation GEMMs, torch.mm for the weight gradients): separates GEMM-library gains
+        # from everything else.
+        def roofline_onednn():
+            return _OneDnnChain.apply(x_rows, w1, w2)
+
+        impls.append(Impl("roofline_onednn", roofline_onednn, [x_rows, w1, w2], _nbytes(x_rows, w1, w2)))
+
+    # transformers' experts module, our weights copied in; eager and grouped_mm share the parameters.
+    try:
+        hf = {name: _hf_experts(p, name) for name in ("eager", "grouped_mm")}
+    except ImportError:
+        hf = {}
+    if hf:
+        gate_up = torch.nn.Parameter(p.bank.gate_up_proj.detach().clone(), requires_grad=not s.decode)
+        down = torch.nn.Parameter(p.bank.down_proj.detach().clone(), requires_grad=not s.decode)
+        for name, mod in hf.items():
+            mod.gate_up_proj, mod.down_proj = gate_up, down
+
+            def run(mod=mod):
+                return mod(x, idx, w)
+
+            impls.append(
+                Impl(f"hf_{name}", run, [x, w, gate_up, down], _nbytes(p.x, gate_up, down) + routing_bytes)
+            )
+
+    if s.decode:
+        # The bandwidth floor of decoding: read every touched expert's weights once (a sum of
+        # each), which any implementation must do; no GEMM, no routing.
+        touched = sorted(set(idx.flatten().tolist()))
+        w_in_all, w_down_all = p.bank.w_in.detach(), p.bank.down_proj.detach()
+
+        def weights_read():
+            total = x.new_zeros(())
+            for e in touched:
+                total = total + w_in_all[e].sum() + w_down_all[e].sum()
+            return total
+
+        impls.append(Impl("weights_read", weights_read, [], 0))
+
+    # moelab backends, through the Routing contract (a fresh Routing per call: no cached sort).
+    bank = p.bank
+    bank.requires_grad_(not s.decode)
+    for name in backend_names():
+        b = get_backend(name)
+        if not b.usable(p.x.device, bank):
+            continue
+
+        def run(b=b):
+            r = moelab.Routing.from_topk(idx, w, s.E, validate=False)
+            return b(x, r, bank)
+
+        impls.append(
+            Impl(f"moelab_{name}", run, [x, w, *bank.parameters()], _nbytes(p.x) + bank_bytes + routing_bytes)
+        )
+    if include:
+        impls = [i for i in impls if i.name in include]
+    return impls
+
+
+def _reset(leaves: list[torch.Tensor]) -> None:
+    for t in leaves:
+        t.grad = None
+
+
+def bench_shape(
+    p: Problem, rounds: int, include: set[str] | None = None, exclude: tuple[str, ...] = (), log=print
+) -> list[dict]:
+    """Time and measure every implementation on one problem; rows in the documented format."""
+    s = p.shape
+    impls = [i for i in make_impls(p, include) if i.name not in exclude]
+    gy_full = p.grad_y
+    gy_rows = torch.randn(s.T * s.k, s.d, generator=torch.Generator().manual_seed(2)).to(p.dtype)
+
+    def runner(impl: Impl):
+        gy = gy_rows if impl.name.startswith("roofline") else gy_full
+
+        if s.decode:
+
+            def once():
+                with torch.no_grad(), Stopwatch() as sw:
+                    y = impl.forward()
+                del y
+                return (sw.s,)
+
+            def measured():
+                with torch.no_grad():
+                    return impl.forward()
+
+        else:
+
+            def once():
+                _reset(impl.leaves)
+                with Stopwatch() as fw:
+                    y = impl.forward()
+                with Stopwatch() as bw:
+                    y.backward(gy)
+                del y
+                _reset(impl.leaves)
+                return (fw.s, fw.s + bw.s)
+
+            def measured():
+                _reset(impl.leaves)
+                y = impl.forward()
+                y.backward(gy)
+                return y
+
+        return once, measured
+
+    fns = {}
+    peaks = {}
+    for impl in impls:
+        once, measured = runner(impl)
+        # Warm-up run = the memory measurement.
+        peak, out = peak_bytes(measured)
+        del out
+        _reset(impl.leaves)
+        peaks[impl.name] = peak + impl.input_bytes
+        fns[impl.name] = once
+    times = interleaved(fns, rounds)
+    rows = []
+    minimum = minimum_bytes(p)
+    dname = str(p.dtype).replace("torch.", "")
+    for impl in impls:
+        ts = times[impl.name]
+        fwd = median([t[0] for t in ts]) * 1e3
+        fwdbwd = None if s.decode else median([t[1] for t in ts]) * 1e3
+        rows.append(
+            {
+                "shape": s.name,
+                "dtype": dname,
+                "impl": impl.name,
+                "fwd_ms": round(fwd, 3),
+                "fwdbwd_ms": None if fwdbwd is None else round(fwdbwd, 3),
+                "peak_mb": round(peaks[impl.name] / MB, 1),
+                "min_mb": round(minimum / MB, 1),
+                "rounds": rounds,
+                "T": s.T,
+                "d": s.d,
+                "h": s.h,
+                "E": s.E,
+                "k": s.k,
+            }
+        )
+    auto = resolve_backend("auto", p.x.device, p.bank).name
+    for r in rows:
+        r["auto"] = f"moelab_{auto}"
+    log(format_ratios(rows))
+    return rows
+
+
+# ----------------------------------------------------------------------------------- reporting
+def _best_hf(rows: list[dict], key: str) -> dict | None:
+    hf = [r for r in rows if r["impl"].startswith("hf_") and r[key] is not None]
+    return min(hf, key=lambda r: r[key]) if hf else None
+
+
+def ratio_rows(rows: list[dict]) -> list[list[object]]:
+    """Per implementation: times, roofline efficiency (roofline_ms / ms), speed-up over best HF."""
+    out = []
+    by = {}
+    for r in rows:
+        by.setdefault((r["shape"], r["dtype"]), []).append(r)
+    for (shape, dtype), rs in by.items():
+        roof = next((r for r in rs if r["impl"] == "roofline"), None)
+        for r in rs:
+            cells = [shape, dtype, r["impl"], r["fwd_ms"], r["fwdbwd_ms"], r["peak_mb"]]
+            for key in ("fwd_ms", "fwdbwd_ms"):
+                cells.append(roof[key] / r[key] if roof and r[key] and roof[key] else None)
+            for key in ("fwd_ms", "fwdbwd_ms"):
+                best = _best_hf(rs, key)
+                cells.append(best[key] / r[key] if best and r[key] else None)
+            cells.append(r["peak_mb"] / r["min_mb"] if r.get("min_mb") else None)
+            out.append(cells)
+    return out
+
+
+RATIO_HEADER = [
+    "shape", "dtype", "impl", "fwd ms", "fwd+bwd ms", "peak MB",
+    "fwd eff.", "fwd+bwd eff.", "fwd x best HF", "fwd+bwd x best HF", "peak/min",
+]  # fmt: skip
+
+
+def format_ratios(rows: list[dict]) -> str:
+    return md_table(RATIO_HEADER, ratio_rows(rows))
+
+
+def targets(rows: list[dict], ours: str) -> list[list[object]]:
+    """The issue's CPU targets, each with the measured value and met / gap."""
+
+    def get(shape, dtype, impl, key):
+        for r in rows:
+            if r["shape"] == shape and r["dtype"] == dtype and r["impl"] == impl:
+                return r[key]
+        return None
+
+    out = []
+    dtypes = sorted({r["dtype"] for r in rows}, key=lambda d: (d != "float32", d))
+    for dt in dtypes:
+        for shape, key, goal, label in (
+            ("coarse", "fwd_ms", 0.95, "coarse fwd >= 0.95 of roofline"),
+            ("coarse", "fwdbwd_ms", 0.9, "coarse fwd+bwd >= 0.9 of roofline"),
+            ("fine", "fwdbwd_ms", 0.7, "fine fwd+bwd >= 0.7 of roofline"),
+        ):
+            roof, mine = get(shape, dt, "roofline", key), get(shape, dt, ours, key)
+            if roof and mine:
+                v = roof / mine
+                out.append([label, dt, f"{v:.2f}", "met" if v >= goal else f"gap {goal - v:.2f}"])
+        for r in rows:
+            if r["dtype"] == dt and "decode" in r["shape"] and r["impl"] == ours:
+                eager = get(r["shape"], dt, "hf_eager", "fwd_ms")
+                floor = get(r["shape"], dt, "weights_read", "fwd_ms")
+                if eager:
+                    v = eager / r["fwd_ms"]
+                    status = "met" if v >= 2 else f"gap {2 - v:.2f}x"
+                    if v < 2 and floor:
+                        # What bounds it: reading the touched weights once, with no arithmetic,
+                        # is only eager/floor faster than hf_eager.
+                        status += f"; reading the weights alone: {eager / floor:.2f}x hf_eager"
+                    out.append([f"{r['shape']} >= 2x hf_eager", dt, f"{v:.2f}x", status])
+        for shape in ("coarse", "fine"):
+            peak, mn = get(shape, dt, ours, "peak_mb"), get(shape, dt, ours, "min_mb")
+            if peak and mn:
+                v = peak / mn
+                out.append(
+                    [
+                        f"{shape} peak fwd+bwd <= 1.25x min",
+                        dt,
+                        f"{v:.2f}x",
+                        "met" if v <= 1.25 else f"gap {v - 1.25:.2f}x",
+                    ]
+                )
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["shape"], r["dtype"]) for r in rows if r["fwdbwd_ms"]})
+    impls = sorted({r["impl"] for r in rows if r["impl"] != "roofline"})
+    if not groups:
+        groups = sorted({(r["shape"], r["dtype"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(groups)), 4))
+    width = 0.8 / max(1, len(impls))
+    for i, impl in enumerate(impls):
+        vals = []
+        for shape, dt in groups:
+            rs = {r["impl"]: r for r in rows if r["shape"] == shape and r["dtype"] == dt}
+            key = "fwdbwd_ms" if rs.get("roofline", {}).get("fwdbwd_ms") else "fwd_ms"
+            roof, me = rs.get("roofline"), rs.get(impl)
+            vals.append(roof[key] / me[key] if roof and me and me[key] else 0.0)
+        ax.bar([j + i * width for j in range(len(groups))], vals, width, label=impl)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+    ax.set_xticklabels([f"{s}\n{d}" for s, d in groups], fontsize=8)
+    ax.set_ylabel("roofline time / impl time (fwd+bwd; fwd for decode)")
+    ax.set_title("MoE layer on CPU: fraction of the dense-GEMM roofline")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_report(rows: list[dict], info: dict, ours: str) -> str:
+    parts = [
+        "# MoE layer benchmark",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads; torch {info['torch']}, "
+        f"transformers {info.get('transformers')}; {info['date']}; load average at start "
+        f"{info['loadavg_1_5_15']}, at end {info.get('loadavg_end')}.",
+        "",
+        "`eff.` = roofline time / implementation time (1.0 = as fast as one dense GEMM chain with the same "
+        "active FLOPs). `x best HF` = best transformers implementation's time / implementation time. "
+        "`peak/min` = peak live memory / the minimum any implementation must hold (bench/README.md).",
+        "",
+        "## Targets",
+        "",
+        md_table(["target", "dtype", f"measured ({ours})", "status"], targets(rows, ours)),
+        "",
+        "## All implementations",
+        "",
+        format_ratios(rows),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------- entry point
+def run(quick: bool = False, rounds: int | None = None, shapes: list[str] | None = None,
+        dtypes: list[str] | None = None, log=print) -> list[dict]:  # fmt: skip
+    """Run the benchmark; return the rows."""
+    todo = [COARSE] if quick else all_shapes()
+    if shapes:
+        todo = [s for s in all_shapes() if s.name in shapes]
+    dts = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    if dtypes:
+        dts = [getattr(torch, d) for d in dtypes]
+    rows: list[dict] = []
+    for dt in dts:
+        for s in todo:
+            n = rounds or (5 if not s.decode else 15)
+            log(
+                f"\n## {s.name} {str(dt).replace('torch.', '')}: T={s.T} d={s.d} h={s.h} E={s.E} k={s.k}, {n} rounds"
+            )
+            p = make_problem(s, dt)
+            rows += bench_shape(p, n, include=None, exclude=QUICK_SKIP if quick else (), log=log)
+            del p
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="coarse fp32 only (< 2 minutes)")
+    ap.add_argument("--json", type=Path, default=None, help="where to write the rows (JSON list)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds after the warm-up (>= 5)")
+    ap.add_argument("--shapes", default=None, help="comma-separated subset, e.g. coarse,fine-decode-T1")
+    ap.add_argument("--dtypes", default=None, help="comma-separated subset of float32,bfloat16")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    ap.add_argument("--ours", default="moelab_fast", help="the implementation the targets table judges")
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    info = machine_info()
+    rows = run(
+        quick=args.quick,
+        rounds=args.rounds,
+        shapes=args.shapes.split(",") if args.shapes else None,
+        dtypes=args.dtypes.split(",") if args.dtypes else None,
+    )
+    info["loadavg_end"] = machine_info()["loadavg_1_5_15"]
+    ours = args.ours if any(r["impl"] == args.ours for r in rows) else rows[-1]["auto"]
+    print("\n" + md_table(["target", "dtype", f"measured ({ours})", "status"], targets(rows, ours)))
+    if args.json is not None:
+        write_json(args.json, rows)
+    if not args.quick and args.json is None:
+        stem = f"{machine_tag()}-{_dt.date.today().isoformat()}"
+        write_json(RESULTS_DIR / f"{stem}.json", {"machine": info, "rows": rows})
+        (RESULTS_DIR / f"{stem}.md").write_text(markdown_report(rows, info, ours))
+        plot(rows, RESULTS_DIR / f"{stem}.png")
+        print(f"wrote {RESULTS_DIR / stem}.{{json,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

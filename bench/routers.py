@@ -1,0 +1,167 @@
+"""Router cost: every registered router, per 1k tokens and as a fraction of the MoE layer's time.
+
+    python -m bench.routers [--json PATH] [--tokens 4096]
+
+For the coarse (d=1024, E=8, k=2) and fine (d=1024, E=64, k=8) configurations of
+``bench/moe_layer.py``, each router in ``moelab.list_methods("router")`` is built by name with its
+defaults and timed on the same ``T`` tokens: forward (the ``Routing``) and forward + backward (a
+scalar of the combine weights and the router's own aux terms, back to the router's parameters).
+The denominator is a whole ``moelab.MoE`` layer with the ``topk`` router and ``backend="auto"``,
+timed in the same interleaved rounds. New routers appear here as soon as they are registered; one
+that cannot be built with defaults, or fails, gets a row saying why instead of a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import moelab
+from moelab.routing import RoutingContext
+
+from .common import Stopwatch, interleaved, machine_info, md_table, median, set_threads, write_json
+
+CONFIGS = {"coarse": dict(d=1024, h=2816, E=8, k=2), "fine": dict(d=1024, h=512, E=64, k=8)}
+
+
+def _ctx(t: int, seq: int, g: torch.Generator) -> RoutingContext:
+    return RoutingContext(
+        layer_index=0,
+        token_ids=torch.randint(0, 256, (t,), generator=g),
+        seq_len=seq,
+        step=0,
+    )
+
+
+def _router_step(router, x, ctx_fn, train: bool):
+    def once():
+        for p in router.parameters():
+            p.grad = None
+        ctx = ctx_fn()
+        if not train:
+            with torch.no_grad(), Stopwatch() as sw:
+                router(x, ctx)
+            return (sw.s,)
+        with Stopwatch() as fw:
+            r = router(x, ctx)
+        with Stopwatch() as bw:
+            loss = (r.weight.float() * torch.linspace(0.5, 1.5, r.weight.shape[0])).sum()
+            for v in r.aux.values():
+                loss = loss + v.float().sum()
+            if loss.requires_grad:
+                loss.backward()
+        return (fw.s, fw.s + bw.s)
+
+    return once
+
+
+def bench_config(name: str, tokens: int, rounds: int, log=print) -> list[dict]:
+    cfg = CONFIGS[name]
+    d, e, k = cfg["d"], cfg["E"], cfg["k"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, d, generator=g)
+    ctx_fn = lambda: _ctx(tokens, min(tokens, 512), torch.Generator().manual_seed(1))  # noqa: E731
+    torch.manual_seed(0)
+    layer = moelab.MoE(d, num_experts=e, top_k=k, hidden=cfg["h"], router="topk", backend="auto")
+    xl = x.clone().requires_grad_(True)
+    gy = torch.randn(tokens, d, generator=g)
+
+    def layer_once():
+        xl.grad = None
+        for p in layer.parameters():
+            p.grad = None
+        with Stopwatch() as fw:
+            y = layer(xl, ctx_fn())
+        with Stopwatch() as bw:
+            (y * gy).sum().add(layer.aux_loss).backward()
+        return (fw.s, fw.s + bw.s)
+
+    fns = {"moe_layer": layer_once}
+    rows, failed = [], []
+    for info in moelab.list_methods("router"):
+        kwargs = {"top_k": k} if info.name != "expert_choice" else {}
+        try:
+            torch.manual_seed(0)
+            router = moelab.build_router(info.name, d_model=d, num_experts=e, **kwargs)
+            router.train()
+            fn = _router_step(router, x, ctx_fn, train=True)
+            fn()  # warm-up, and proof that it runs with defaults
+            fns[info.name] = fn
+        except Exception as exc:  # a router that needs arguments we cannot guess
+            failed.append(
+                {"config": name, "router": info.name, "error": f"{type(exc).__name__}: {exc}"[:200]}
+            )
+    layer_once()  # warm-up
+    times = interleaved(fns, rounds)
+    lay_f = median([t[0] for t in times["moe_layer"]])
+    lay_fb = median([t[1] for t in times["moe_layer"]])
+    for rname, ts in times.items():
+        if rname == "moe_layer":
+            continue
+        f, fb = median([t[0] for t in ts]), median([t[1] for t in ts])
+        rows.append(
+            {
+                "config": name,
+                "router": rname,
+                "tokens": tokens,
+                "fwd_ms_per_1k": round(f * 1e3 * 1000 / tokens, 4),
+                "fwdbwd_ms_per_1k": round(fb * 1e3 * 1000 / tokens, 4),
+                "fwd_fraction_of_layer": round(f / lay_f, 4),
+                "fwdbwd_fraction_of_layer": round(fb / lay_fb, 4),
+                "layer_fwd_ms": round(lay_f * 1e3, 2),
+                "layer_fwdbwd_ms": round(lay_fb * 1e3, 2),
+            }
+        )
+    log(format_rows(rows, failed))
+    return rows + failed
+
+
+def format_rows(rows: list[dict], failed: list[dict] | None = None) -> str:
+    body = [
+        [
+            r["config"], r["router"], r["fwd_ms_per_1k"], r["fwdbwd_ms_per_1k"],
+            f"{100 * r['fwd_fraction_of_layer']:.2f}%", f"{100 * r['fwdbwd_fraction_of_layer']:.2f}%",
+        ]
+        for r in rows
+        if "error" not in r
+    ]  # fmt: skip
+    body += [[r["config"], r["router"], "-", "-", r["error"], ""] for r in (failed or [])]
+    header = [
+        "config",
+        "router",
+        "fwd ms / 1k tok",
+        "fwd+bwd ms / 1k tok",
+        "% of layer fwd",
+        "% of layer fwd+bwd",
+    ]
+    return md_table(header, body)
+
+
+def run(tokens: int = 4096, rounds: int = 5, configs: list[str] | None = None, log=print) -> list[dict]:
+    rows = []
+    for name in configs or list(CONFIGS):
+        log(f"\n## routers, {name}: T={tokens}, {CONFIGS[name]}")
+        rows += bench_config(name, tokens, rounds, log=log)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--configs", default=None, help="comma-separated subset of coarse,fine")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    rows = run(args.tokens, args.rounds, args.configs.split(",") if args.configs else None)
+    if args.json is not None:
+        write_json(args.json, {"machine": machine_info(), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
