@@ -43,6 +43,10 @@ def choose_path(x_TD: Tensor, routing: Routing, bank: ExpertBank) -> str:
     return "small_batch" if size <= SMALL_BATCH_MAX_BYTES else "fused"
 
 
+# Under torch.compile the backend runs eagerly (a graph break around it): its loop over experts
+# depends on the routing's counts, its GEMMs call oneDNN and a C kernel directly, and its autograd
+# Function saves what it chooses; the rest of the model still compiles.
+@torch.compiler.disable
 def moe_fast(x_TD: Tensor, routing: Routing, bank: ExpertBank, *, max_rows: int = DEFAULT_MAX_ROWS) -> Tensor:
     """Backend ``fast``: equal to ``moe_reference`` forward and backward; see the module docstring."""
     if choose_path(x_TD, routing, bank) == "fused":
