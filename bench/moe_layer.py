@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,10 +226,10 @@ def make_impls(p: Problem, include: set[str] | None = None) -> list[Impl]:
         return F.linear(F.silu(gate) * up, w2)
 
     impls.append(Impl("roofline", roofline, [x_rows, w1, w2], _nbytes(x_rows, w1, w2)))
-    if uses_onednn(x_rows):
+    if uses_onednn(x_rows) and s.name == COARSE.name:
         # The same chain with its GEMMs routed as moelab.ops.fast.gemm routes them (oneDNN for the
         # activation GEMMs, torch.mm for the weight gradients): separates GEMM-library gains
-        # from everything else.
+        # from everything else. A diagnostic, run on the coarse shape only (time budget).
         def roofline_onednn():
             return _OneDnnChain.apply(x_rows, w1, w2)
 
@@ -528,6 +529,7 @@ def run(quick: bool = False, rounds: int | None = None, shapes: list[str] | None
     if dtypes:
         dts = [getattr(torch, d) for d in dtypes]
     rows: list[dict] = []
+    t0 = time.perf_counter()
     for dt in dts:
         for s in todo:
             n = rounds or (5 if not s.decode else 15)
@@ -537,6 +539,7 @@ def run(quick: bool = False, rounds: int | None = None, shapes: list[str] | None
             p = make_problem(s, dt)
             rows += bench_shape(p, n, include=None, exclude=QUICK_SKIP if quick else (), log=log)
             del p
+            log(f"({time.perf_counter() - t0:.0f} s elapsed)")
     return rows
 
 

@@ -140,7 +140,7 @@ def format_rows(rows: list[dict], failed: list[dict] | None = None) -> str:
     return md_table(header, body)
 
 
-def run(tokens: int = 4096, rounds: int = 5, configs: list[str] | None = None, log=print) -> list[dict]:
+def run(tokens: int = 4096, rounds: int = 3, configs: list[str] | None = None, log=print) -> list[dict]:
     rows = []
     for name in configs or list(CONFIGS):
         log(f"\n## routers, {name}: T={tokens}, {CONFIGS[name]}")
@@ -151,7 +151,7 @@ def run(tokens: int = 4096, rounds: int = 5, configs: list[str] | None = None, l
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--configs", default=None, help="comma-separated subset of coarse,fine")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None)

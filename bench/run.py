@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     layer_rows = [] if "layer" in skip else moe_layer.run(quick=args.quick)
     router_rows = [] if (args.quick or "routers" in skip) else routers.run()
+    print(f"({time.perf_counter() - t0:.0f} s elapsed)")
     train_rows = [] if (args.quick or "train" in skip) else train_step.run()
     info["loadavg_end"] = machine_info()["loadavg_1_5_15"]
     info["wall_s"] = round(time.perf_counter() - t0, 1)

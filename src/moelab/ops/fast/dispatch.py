@@ -43,15 +43,24 @@ def choose_path(x_TD: Tensor, routing: Routing, bank: ExpertBank) -> str:
     return "small_batch" if size <= SMALL_BATCH_MAX_BYTES else "fused"
 
 
-# Under torch.compile the backend runs eagerly (a graph break around it): its loop over experts
-# depends on the routing's counts, its GEMMs call oneDNN and a C kernel directly, and its autograd
-# Function saves what it chooses; the rest of the model still compiles.
-@torch.compiler.disable
 def moe_fast(x_TD: Tensor, routing: Routing, bank: ExpertBank, *, max_rows: int = DEFAULT_MAX_ROWS) -> Tensor:
     """Backend ``fast``: equal to ``moe_reference`` forward and backward; see the module docstring."""
+    if torch.compiler.is_compiling():
+        return _run_eagerly(x_TD, routing, bank, max_rows)
+    return _run(x_TD, routing, bank, max_rows)
+
+
+def _run(x_TD: Tensor, routing: Routing, bank: ExpertBank, max_rows: int) -> Tensor:
     if choose_path(x_TD, routing, bank) == "fused":
         return moe_fused(x_TD, routing, bank, max_rows=max_rows)
     order = routing.by_expert()
     x, w_in, w_down = bank_operands(x_TD, bank)
     with torch.autocast(x_TD.device.type, enabled=False):
         return small_batch_forward(x, order, w_in, w_down, bank.activation)
+
+
+# Under torch.compile the backend runs eagerly (a graph break around it): its loop over experts
+# depends on the routing's counts, its GEMMs call oneDNN and a C kernel directly, and its autograd
+# Function saves what it chooses; the rest of the model still compiles. The disabled wrapper is
+# only entered while compiling: calling it costs ~20 us, a lot for a decode step.
+_run_eagerly = torch.compiler.disable(_run)

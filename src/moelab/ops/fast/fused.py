@@ -1,4 +1,4 @@
-"""The ``fused`` backend: gather, expert MLP and weighted scatter in one pass per expert.
+"""The ``fused`` path of backend ``fast``: gather, expert MLP and weighted scatter, one expert at a time.
 
 The ``sorted`` backend materialises ``x_sorted [N, d]``, ``h_in [N, 2h]``, ``act [N, h]`` and
 ``y_sorted [N, d]`` and lets autograd keep most of them for the backward. Here each expert's rows
@@ -7,7 +7,8 @@ what the backward cannot cheaply rebuild (MegaBlocks, Gale et al. 2023, and Scat
 al. 2024, make the same trade on GPU):
 
 - saved: the input ``x [T, d]`` (no copy: it is the caller's tensor), the sorted token indices,
-  the sorted combine weights and the pre-activation ``h_in [N, 2h]``;
+  the sorted combine weights and the pre-activation ``h_in`` (``[N, 2h]`` in all, one tensor per
+  segment);
 - rebuilt in the backward: the gathered rows ``x[tok]`` (a gather), the activation ``a [n, h]``
   (element-wise, from ``h_in``);
 - never materialised at all: ``x_sorted``, ``y_sorted``, the weighted copy of either.
@@ -239,7 +240,7 @@ def bank_operands(x_TD: Tensor, bank: ExpertBank) -> tuple[Tensor, Tensor, Tenso
 def moe_fused(
     x_TD: Tensor, routing: Routing, bank: ExpertBank, *, max_rows: int = DEFAULT_MAX_ROWS
 ) -> Tensor:
-    """Backend ``fused``: ``y [T, d]``, equal to ``moe_reference`` forward and backward."""
+    """``y [T, d]`` through the fused path (training, large batches); equals ``moe_reference``."""
     order = routing.by_expert()
     counts = order.counts.tolist()
     x, w_in, w_down = bank_operands(x_TD, bank)
