@@ -463,32 +463,57 @@ def targets(rows: list[dict], ours: str) -> list[list[object]]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Left: training shapes, roofline time / fwd+bwd time. Right: decode, speed-up over hf_eager."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["shape"], r["dtype"]) for r in rows if r["fwdbwd_ms"]})
-    impls = sorted({r["impl"] for r in rows if r["impl"] != "roofline"})
-    if not groups:
-        groups = sorted({(r["shape"], r["dtype"]) for r in rows})
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(groups)), 4))
-    width = 0.8 / max(1, len(impls))
-    for i, impl in enumerate(impls):
-        vals = []
-        for shape, dt in groups:
-            rs = {r["impl"]: r for r in rows if r["shape"] == shape and r["dtype"] == dt}
-            key = "fwdbwd_ms" if rs.get("roofline", {}).get("fwdbwd_ms") else "fwd_ms"
-            roof, me = rs.get("roofline"), rs.get(impl)
-            vals.append(roof[key] / me[key] if roof and me and me[key] else 0.0)
-        ax.bar([j + i * width for j in range(len(groups))], vals, width, label=impl)
-    ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
-    ax.set_xticklabels([f"{s}\n{d}" for s, d in groups], fontsize=8)
-    ax.set_ylabel("roofline time / impl time (fwd+bwd; fwd for decode)")
-    ax.set_title("MoE layer on CPU: fraction of the dense-GEMM roofline")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    def by(shape, dt):
+        return {r["impl"]: r for r in rows if r["shape"] == shape and r["dtype"] == dt}
+
+    train = sorted({(r["shape"], r["dtype"]) for r in rows if r["fwdbwd_ms"]})
+    decode = sorted(
+        {(r["shape"], r["dtype"]) for r in rows if not r["fwdbwd_ms"]},
+        key=lambda g: (g[0].split("-")[0], int(g[0].rsplit("T", 1)[-1]), g[1]),
+    )
+    impls = sorted({r["impl"] for r in rows if not r["impl"].startswith("roofline")})
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(impls)}
+    panels = [(g, k) for g, k in ((train, "train"), (decode, "decode")) if g]
+    ratios = [1.0 if k == "train" else 2.0 for _, k in panels]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5 * sum(ratios), 4.2), squeeze=False, gridspec_kw={"width_ratios": ratios}
+    )
+    for ax, (groups, kind) in zip(axes[0], panels, strict=True):
+        names = [i for i in impls if kind == "decode" or i != "weights_read"]
+        width = 0.8 / max(1, len(names))
+        for i, impl in enumerate(names):
+            vals = []
+            for shape, dt in groups:
+                rs = by(shape, dt)
+                me = rs.get(impl)
+                if kind == "train":
+                    ref = rs.get("roofline")
+                    vals.append(ref["fwdbwd_ms"] / me["fwdbwd_ms"] if ref and me and me["fwdbwd_ms"] else 0.0)
+                else:
+                    ref = rs.get("hf_eager")
+                    vals.append(ref["fwd_ms"] / me["fwd_ms"] if ref and me else 0.0)
+            ax.bar([j + i * width for j in range(len(groups))], vals, width, label=impl, color=colors[impl])
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        if kind == "decode":
+            ax.axhline(2.0, color="tab:red", lw=0.8, ls=":")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
+        labels = [
+            f"{sh.replace('-decode-', ' ')}\n{dt.replace('bfloat', 'bf').replace('float', 'fp')}"
+            for sh, dt in groups
+        ]
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylabel("roofline / fwd+bwd time" if kind == "train" else "speed-up over hf_eager (fwd)")
+        ax.set_title("training shapes (T=4096)" if kind == "train" else "decode (T<=16), inference")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=8)
+    fig.suptitle("moelab MoE layer on CPU (bench/moe_layer.py)")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
