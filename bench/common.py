@@ -58,15 +58,20 @@ def peak_bytes(fn: Callable[[], object]) -> tuple[int, object]:
 
 
 def interleaved(
-    fns: dict[str, Callable[[], tuple[float, ...]]], rounds: int
+    fns: dict[str, Callable[[], tuple[float, ...]]],
+    rounds: int,
+    on_round: Callable[[int], None] | None = None,
 ) -> dict[str, list[tuple[float, ...]]]:
     """Call every ``fns[name]()`` once per round, rotating the order; collect their returned timings.
 
     Each function times itself (it may return several phases, e.g. forward and forward+backward).
+    ``on_round(r)`` runs before round ``r`` (e.g. to switch every implementation to new inputs).
     """
     names = list(fns)
     out: dict[str, list[tuple[float, ...]]] = {n: [] for n in names}
     for r in range(rounds):
+        if on_round is not None:
+            on_round(r)
         k = r % len(names)
         for name in names[k:] + names[:k]:
             out[name].append(fns[name]())

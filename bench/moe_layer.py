@@ -98,10 +98,17 @@ class Problem:
     shape: Shape
     dtype: torch.dtype
     x: torch.Tensor  # [T, d]
-    idx: torch.Tensor  # [T, k] long
-    w: torch.Tensor  # [T, k] fp32 (router weights)
+    routes: list[tuple[torch.Tensor, torch.Tensor]]  # per round: ([T, k] long ids, [T, k] fp32 weights)
     bank: ExpertBank
     grad_y: torch.Tensor  # [T, d]
+
+    @property
+    def idx(self) -> torch.Tensor:
+        return self.routes[0][0]
+
+    @property
+    def w(self) -> torch.Tensor:
+        return self.routes[0][1]
 
 
 _BANK_CACHE: dict[tuple, ExpertBank] = {}
@@ -121,16 +128,20 @@ def _bank(shape: Shape, dtype: torch.dtype, seed: int) -> ExpertBank:
     return _BANK_CACHE[key]
 
 
-def make_problem(shape: Shape, dtype: torch.dtype, seed: int = 0) -> Problem:
+def make_problem(shape: Shape, dtype: torch.dtype, seed: int = 0, n_routes: int = 1) -> Problem:
+    """Weights, input and ``n_routes`` routings: one per timed round, as in training, where the
+    routing (and so every expert's row count) changes at each step; routing 0 is the warm-up's."""
     bank = _bank(shape, dtype, seed)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(shape.T, shape.d, generator=g).to(dtype)
-    # Mixtral-style routing from random logits: softmax, top-k, renormalised (router in fp32).
-    logits = torch.randn(shape.T, shape.E, generator=g)
-    w, idx = torch.topk(logits.softmax(-1), shape.k, dim=-1)
-    w = w / w.sum(-1, keepdim=True)
     grad_y = torch.randn(shape.T, shape.d, generator=g).to(dtype)
-    return Problem(shape, dtype, x, idx, w, bank, grad_y)
+    routes = []
+    for _ in range(n_routes):
+        # Mixtral-style routing from random logits: softmax, top-k, renormalised (router in fp32).
+        logits = torch.randn(shape.T, shape.E, generator=g)
+        w, idx = torch.topk(logits.softmax(-1), shape.k, dim=-1)
+        routes.append((idx, w / w.sum(-1, keepdim=True)))
+    return Problem(shape, dtype, x, routes, bank, grad_y)
 
 
 def _nbytes(*ts: torch.Tensor) -> int:
@@ -205,11 +216,13 @@ class _OneDnnChain(torch.autograd.Function):
         return linear(dh, w1.t()), torch.mm(dh.t(), x), gw2
 
 
-def make_impls(p: Problem, include: set[str] | None = None) -> list[Impl]:
+def make_impls(p: Problem, include: set[str] | None = None, cur: dict | None = None) -> list[Impl]:
+    """Every implementation as a closure; ``cur["r"]`` picks the routing (round) they all use."""
     s, dt = p.shape, p.dtype
+    cur = cur if cur is not None else {"r": 0}
     x = p.x.detach().clone().requires_grad_(not s.decode)
-    w = p.w.detach().clone().requires_grad_(not s.decode)
-    idx = p.idx
+    routes = [(i, w.detach().clone().requires_grad_(not s.decode)) for i, w in p.routes]
+    ws = [w for _, w in routes]
     impls: list[Impl] = []
     routing_bytes = _nbytes(p.idx, p.w)
     bank_bytes = sum(_nbytes(t) for t in p.bank.parameters())
@@ -247,21 +260,22 @@ def make_impls(p: Problem, include: set[str] | None = None) -> list[Impl]:
             mod.gate_up_proj, mod.down_proj = gate_up, down
 
             def run(mod=mod):
+                idx, w = routes[cur["r"]]
                 return mod(x, idx, w)
 
             impls.append(
-                Impl(f"hf_{name}", run, [x, w, gate_up, down], _nbytes(p.x, gate_up, down) + routing_bytes)
+                Impl(f"hf_{name}", run, [x, *ws, gate_up, down], _nbytes(p.x, gate_up, down) + routing_bytes)
             )
 
     if s.decode:
         # The bandwidth floor of decoding: read every touched expert's weights once (a sum of
         # each), which any implementation must do; no GEMM, no routing.
-        touched = sorted(set(idx.flatten().tolist()))
+        touched = [sorted(set(i.flatten().tolist())) for i, _ in routes]
         w_in_all, w_down_all = p.bank.w_in.detach(), p.bank.down_proj.detach()
 
         def weights_read():
             total = x.new_zeros(())
-            for e in touched:
+            for e in touched[cur["r"]]:
                 total = total + w_in_all[e].sum() + w_down_all[e].sum()
             return total
 
@@ -276,11 +290,14 @@ def make_impls(p: Problem, include: set[str] | None = None) -> list[Impl]:
             continue
 
         def run(b=b):
+            idx, w = routes[cur["r"]]
             r = moelab.Routing.from_topk(idx, w, s.E, validate=False)
             return b(x, r, bank)
 
         impls.append(
-            Impl(f"moelab_{name}", run, [x, w, *bank.parameters()], _nbytes(p.x) + bank_bytes + routing_bytes)
+            Impl(
+                f"moelab_{name}", run, [x, *ws, *bank.parameters()], _nbytes(p.x) + bank_bytes + routing_bytes
+            )
         )
     if include:
         impls = [i for i in impls if i.name in include]
@@ -297,7 +314,8 @@ def bench_shape(
 ) -> list[dict]:
     """Time and measure every implementation on one problem; rows in the documented format."""
     s = p.shape
-    impls = [i for i in make_impls(p, include) if i.name not in exclude]
+    cur = {"r": 0}
+    impls = [i for i in make_impls(p, include, cur) if i.name not in exclude]
     gy_full = p.grad_y
     gy_rows = torch.randn(s.T * s.k, s.d, generator=torch.Generator().manual_seed(2)).to(p.dtype)
 
@@ -346,7 +364,8 @@ def bench_shape(
         _reset(impl.leaves)
         peaks[impl.name] = peak + impl.input_bytes
         fns[impl.name] = once
-    times = interleaved(fns, rounds)
+    # Round r runs every implementation on routing r + 1 (routing 0 was the warm-up's).
+    times = interleaved(fns, rounds, on_round=lambda r: cur.__setitem__("r", (r + 1) % len(p.routes)))
     rows = []
     minimum = minimum_bytes(p)
     dname = str(p.dtype).replace("torch.", "")
@@ -561,7 +580,7 @@ def run(quick: bool = False, rounds: int | None = None, shapes: list[str] | None
             log(
                 f"\n## {s.name} {str(dt).replace('torch.', '')}: T={s.T} d={s.d} h={s.h} E={s.E} k={s.k}, {n} rounds"
             )
-            p = make_problem(s, dt)
+            p = make_problem(s, dt, n_routes=n + 1)
             rows += bench_shape(p, n, include=None, exclude=QUICK_SKIP if quick else (), log=log)
             del p
             log(f"({time.perf_counter() - t0:.0f} s elapsed)")
