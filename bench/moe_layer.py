@@ -82,6 +82,10 @@ DECODE_T = (1, 4, 16)
 # --quick keeps to two minutes: it leaves out the readable reference (not a contender) and the
 # oneDNN roofline (a diagnostic); the full run has both.
 QUICK_SKIP = ("moelab_reference", "roofline_onednn")
+# The full run keeps `make bench` under ten minutes on 2 cores: the readable reference's
+# fwd+bwd on the fine shape (64 experts) takes ~11 s per round (as long as everything else on that
+# shape together); it is measured on the coarse and decode shapes.
+FULL_SKIP = {"fine": ("moelab_reference",)}
 
 
 def all_shapes() -> list[Shape]:
@@ -538,6 +542,26 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def auto_check(rows: list[dict]) -> list[list[object]]:
+    """Per shape: the backend ``auto`` picks and the fastest moelab backend measured (fwd+bwd for
+    training shapes, fwd for decode), with the ratio. ``auto`` must never be the slower one."""
+    out = []
+    for shape, dt in sorted({(r["shape"], r["dtype"]) for r in rows}, key=lambda g: (g[1] != "float32", g)):
+        rs = [r for r in rows if r["shape"] == shape and r["dtype"] == dt and r["impl"].startswith("moelab_")]
+        if not rs:
+            continue
+        key = "fwdbwd_ms" if rs[0]["fwdbwd_ms"] else "fwd_ms"
+        auto = rs[0].get("auto")
+        best = min(rs, key=lambda r: r[key])
+        mine = next((r for r in rs if r["impl"] == auto), None)
+        if mine is None:
+            continue
+        ratio = mine[key] / best[key]
+        verdict = "auto is fastest" if best["impl"] == auto else f"{best['impl']} is {ratio:.2f}x faster"
+        out.append([shape, dt, auto, best["impl"], f"{ratio:.2f}", verdict])
+    return out
+
+
 def markdown_report(rows: list[dict], info: dict, ours: str) -> str:
     parts = [
         "# MoE layer benchmark",
@@ -553,6 +577,13 @@ def markdown_report(rows: list[dict], info: dict, ours: str) -> str:
         "## Targets",
         "",
         md_table(["target", "dtype", f"measured ({ours})", "status"], targets(rows, ours)),
+        "",
+        '## `backend="auto"` against every moelab backend',
+        "",
+        md_table(
+            ["shape", "dtype", "auto picks", "fastest moelab backend", "auto time / fastest", "verdict"],
+            auto_check(rows),
+        ),  # fmt: skip
         "",
         "## All implementations",
         "",
@@ -581,7 +612,8 @@ def run(quick: bool = False, rounds: int | None = None, shapes: list[str] | None
                 f"\n## {s.name} {str(dt).replace('torch.', '')}: T={s.T} d={s.d} h={s.h} E={s.E} k={s.k}, {n} rounds"
             )
             p = make_problem(s, dt, n_routes=n + 1)
-            rows += bench_shape(p, n, include=None, exclude=QUICK_SKIP if quick else (), log=log)
+            skip = QUICK_SKIP if quick else FULL_SKIP.get(s.name, ())
+            rows += bench_shape(p, n, include=None, exclude=skip, log=log)
             del p
             log(f"({time.perf_counter() - t0:.0f} s elapsed)")
     return rows
