@@ -82,6 +82,24 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def parallel_region_us(n: int = 200) -> float:
+    """Median cost of one small multi-threaded op (``add_`` of 200k floats), in microseconds.
+
+    A direct reading of contention: about 20-40 us on an idle 2-core machine, several ms when other
+    processes hold the cores (every intra-op parallel region then waits for a time slice). Reports
+    taken with this in the milliseconds say more about the machine's load than about the code.
+    """
+    a, b = torch.randn(200_000), torch.randn(200_000)
+    for _ in range(5):
+        a.add_(b)
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        a.add_(b)
+        ts.append(time.perf_counter() - t0)
+    return round(float(statistics.median(ts)) * 1e6, 1)
+
+
 def machine_info() -> dict:
     """Where the numbers come from: CPU model, cores, threads, torch build, load at the time."""
     cpu = platform.processor() or platform.machine()
@@ -104,6 +122,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "loadavg_1_5_15": [round(x, 2) for x in load],
+        "parallel_region_us": parallel_region_us(),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
     }
     try:

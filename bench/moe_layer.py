@@ -568,7 +568,9 @@ def markdown_report(rows: list[dict], info: dict, ours: str) -> str:
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['threads']} threads; torch {info['torch']}, "
         f"transformers {info.get('transformers')}; {info['date']}; load average at start "
-        f"{info['loadavg_1_5_15']}, at end {info.get('loadavg_end')}.",
+        f"{info['loadavg_1_5_15']}, at end {info.get('loadavg_end')}; one small 2-thread op took "
+        f"{info.get('parallel_region_us')} us at the start, {info.get('parallel_region_us_end')} us at the end "
+        "(~20-40 us when the cores are free; see bench/README.md).",
         "",
         "`eff.` = roofline time / implementation time (1.0 = as fast as one dense GEMM chain with the same "
         "active FLOPs). `x best HF` = best transformers implementation's time / implementation time. "
@@ -637,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
         shapes=args.shapes.split(",") if args.shapes else None,
         dtypes=args.dtypes.split(",") if args.dtypes else None,
     )
-    info["loadavg_end"] = machine_info()["loadavg_1_5_15"]
+    end = machine_info()
+    info["loadavg_end"], info["parallel_region_us_end"] = end["loadavg_1_5_15"], end["parallel_region_us"]
     ours = args.ours if any(r["impl"] == args.ours for r in rows) else rows[-1]["auto"]
     print("\n" + md_table(["target", "dtype", f"measured ({ours})", "status"], targets(rows, ours)))
     if args.json is not None:

@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     router_rows = [] if (args.quick or "routers" in skip) else routers.run()
     print(f"({time.perf_counter() - t0:.0f} s elapsed)")
     train_rows = [] if (args.quick or "train" in skip) else train_step.run()
-    info["loadavg_end"] = machine_info()["loadavg_1_5_15"]
+    end = machine_info()
+    info["loadavg_end"], info["parallel_region_us_end"] = end["loadavg_1_5_15"], end["parallel_region_us"]
     info["wall_s"] = round(time.perf_counter() - t0, 1)
     ours = "moelab_fast"
     stem = f"{machine_tag()}-{_dt.date.today().isoformat()}" + ("-quick" if args.quick else "")

@@ -244,6 +244,26 @@ def test_fp32_gemm_paths_match_float64(monkeypatch, onednn, t, grad):
         torch.testing.assert_close(bank.down_proj.grad.double(), bank64.down_proj.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_fp32_split_segments_on_onednn_match_float64():
+    """fp32 GEMMs on oneDNN with experts cut into several segments (weight-gradient accumulation)."""
+    bank = make_bank(3, "swiglu", dtype=torch.float32)
+    bank64 = make_bank(3, "swiglu")
+    bank64.load_state_dict({k: v.double() for k, v in bank.state_dict().items()})
+    w, idx = topk_routing(45, 3, 2, dtype=torch.float32, seed=4)
+    x = torch.randn(45, D)
+    x32, w32 = x.clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    y = moe_fused(x32, Routing.from_topk(idx, w32, 3), bank, max_rows=7)
+    x64, w64 = x.double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    y64 = naive(x64, Routing.from_topk(idx, w64, 3), bank64)
+    gy = torch.randn(45, D)
+    y.backward(gy)
+    y64.backward(gy.double())
+    torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-5)
+    grads = ((x32.grad, x64.grad), (w32.grad, w64.grad), (bank.w_in.grad, bank64.w_in.grad))
+    for a, b in grads + ((bank.down_proj.grad, bank64.down_proj.grad),):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("t", [3, 40])
 def test_bf16_close_to_fp32(t):
     bank = make_bank(4, dtype=torch.bfloat16)
