@@ -130,13 +130,37 @@ def test_analyze_reports_bad_targets(tmp_path):
     assert res.exit_code != 0
 
 
-def test_variable_experts_per_token_get_srp_but_no_cache(tmp_path):
+def test_ragged_routings_get_srp_sch_and_cache_curves(tmp_path):
+    """Expert choice (0..E experts per token) and capacity drops: every curve, read per token set."""
+    from moelab.analysis.cache import ragged_cache_sizes, simulate_cache
+    from moelab.analysis.lrc import sch_curve
+
     torch.manual_seed(0)
-    layer = moelab.MoE(16, num_experts=4, top_k=2, router="expert_choice")
-    with moelab.trace(layer) as tr:
-        layer(torch.randn(4, 16, 16))
+    ec = moelab.MoE(16, num_experts=4, top_k=2, router="expert_choice")
+    capped = moelab.MoE(16, num_experts=4, top_k=2, router="topk", router_kwargs={"capacity_factor": 0.5})
+    model = torch.nn.Sequential(ec, capped)
+    with moelab.trace(model) as tr:
+        model(torch.randn(4, 16, 16))
     res = analyze_trace(tr, [16] * 4, AnalysisOptions(segment_lengths=(4,), n_boot=20))
-    name = tr.layers[0]
-    assert res["srp"][name]["4"]["sequences"] == 4 and res["sch"][name] == {} and name not in res["cache"]
+    assert len(res["layers"]) == 2 and set(res["ragged"]) == set(res["layers"])
+    for name in res["layers"]:
+        r = tr.routing(name)
+        per_tok = r.experts_per_token()
+        assert int(per_tok.min()) != int(per_tok.max())  # really ragged
+        assert res["srp"][name]["4"]["sequences"] == 4
+        # SCH of the report = the mean over sequences of the per-sequence padded-index curves
+        seqs = list(torch.split(r.topk_index(fill=-1), [16] * 4))
+        want = sch_curve(seqs, 4, 4)
+        got = res["sch"][name]["4"]
+        assert got["estimate"] == pytest.approx([float(want[m - 1]) for m in got["cache_size"]])
+        cache = res["cache"][name]
+        assert cache["cache_size"] == [float(m) for m in ragged_cache_sizes(per_tok, 4)]
+        m = int(cache["cache_size"][0])
+        hits = sum(simulate_cache(s, 4, m, "lru").hits for s in seqs)
+        assert cache["lru"][0] == pytest.approx(hits / int(per_tok.sum()))
+    drops = [res["ragged"][n]["capacity_dropped"] for n in res["layers"]]
+    assert drops[0] is None and drops[1] > 0.3  # expert choice records no request counts
     files = write_report(res, tmp_path)
-    assert files["srp"].is_file() and "cache" not in files
+    assert files["srp"].is_file() and files["sch"].is_file() and files["cache"].is_file()
+    md = (tmp_path / "report.md").read_text()
+    assert "Ragged routing" in md and "capacity-dropped" in md

@@ -158,3 +158,84 @@ def test_cache_errors():
         simulate_cache(rows, 4, 2, "lookahead", -1)
     with pytest.raises(ValueError, match="one sequence"):
         simulate_cache(rows.unsqueeze(0), 4, 2, "lru")
+
+
+# ------------------------------------------------------------------------------------ ragged
+def ragged_rows(rng: random.Random, T: int, E: int, kmax: int) -> list[list[int]]:
+    """0..kmax experts per token, as capacity drops and expert choice give."""
+    return [rng.sample(range(E), rng.randint(0, kmax)) for _ in range(T)]
+
+
+def pad(rng: random.Random, rows: list[list[int]], width: int) -> torch.Tensor:
+    """``[T, width]``: each row's experts in order, ``-1`` (no request) at random places among them."""
+    out = []
+    for r in rows:
+        slots = sorted(rng.sample(range(width), len(r)))
+        row = [-1] * width
+        for s, e in zip(slots, r, strict=True):
+            row[s] = e
+        out.append(row)
+    return torch.tensor(out, dtype=torch.long).view(len(rows), width)
+
+
+def test_ragged_lru_matches_reference_and_belady_is_optimal():
+    rng = random.Random(6)
+    for _ in range(40):
+        E = rng.randint(2, 6)
+        kmax = rng.randint(1, min(3, E))
+        rows = ragged_rows(rng, rng.randint(1, 10), E, kmax)
+        idx = pad(rng, rows, kmax + rng.randint(0, 1))
+        lo = max(1, max(len(r) for r in rows))
+        for m in range(lo, E + 1):
+            lru_res = simulate_cache(idx, E, m, "lru")
+            assert lru_res.requests == sum(len(r) for r in rows)
+            assert lru_res.hits == lru_reference(rows, m)
+            assert simulate_cache(idx, E, m, "belady").hits == optimal_hits(tuple(tuple(r) for r in rows), m)
+
+
+def test_ragged_belady_and_lookahead_at_least_lru():
+    rng = random.Random(7)
+    for _ in range(40):
+        E = rng.randint(3, 12)
+        kmax = rng.randint(1, min(4, E))
+        rows = ragged_rows(rng, rng.randint(5, 60), E, kmax)
+        idx = pad(rng, rows, kmax)
+        for m in range(max(1, max(len(r) for r in rows)), E + 1):
+            base = simulate_cache(idx, E, m, "lru").hits
+            assert simulate_cache(idx, E, m, "belady").hits >= base
+            for w in (1, 4):
+                assert simulate_cache(idx, E, m, "lookahead", w).hits >= base
+
+
+def test_ragged_next_use_and_lookahead_window_count_tokens():
+    # expert 0 at tokens 0 and 3; tokens 1-2 request nothing but still are tokens
+    idx = torch.tensor([[0, -1], [-1, -1], [-1, -1], [1, 0], [2, -1], [1, -1]])
+    table = next_use_table(idx, 3)
+    assert table[0].tolist() == [3, 3, 4] and table[1].tolist() == [3, 3, 4]
+    # cache of 2, requests 0 | - | - | 1 0 | 2 | 1: LRU hits only token 3's 0 and then evicts 1 at
+    # token 4 (0 was requested after it), so token 5 misses; Belady evicts 0 (never used again)
+    # and hits; a one-token lookahead already sees token 5's need for 1.
+    assert simulate_cache(idx, 3, 2, "lru").hits == 1
+    assert simulate_cache(idx, 3, 2, "belady").hits == 2
+    assert simulate_cache(idx, 3, 2, "lookahead", 1).hits == 2
+    assert simulate_cache(idx, 3, 2, "lru").requests == 5
+
+
+def test_ragged_cache_sizes_and_curve():
+    from moelab.analysis.cache import nominal_k, ragged_cache_sizes
+
+    per_tok = torch.tensor([2, 2, 1, 3, 2, 0])
+    assert nominal_k(per_tok) == 2
+    assert ragged_cache_sizes(per_tok, 8) == [3, 4, 6, 8]  # max |S_t| first, then multiples of 2
+    assert ragged_cache_sizes(torch.tensor([2, 2]), 8) == default_cache_sizes(2, 8)
+    rng = random.Random(8)
+    rows = [ragged_rows(rng, 30, 8, 3) for _ in range(2)]
+    seqs = [pad(rng, r, 3) for r in rows]
+    curve = hit_rate_curve(seqs, 8)
+    per = torch.tensor([len(x) for r in rows for x in r])
+    assert curve["cache_size"] == [float(m) for m in ragged_cache_sizes(per, 8)]
+    m = int(curve["cache_size"][0])
+    hits = sum(lru_reference(r, m) for r in rows)
+    assert curve["lru"][0] == pytest.approx(hits / int(per.sum()))
+    with pytest.raises(ValueError, match=r"max_t \|S_t\| = 3"):
+        simulate_cache(torch.tensor([[0, 1, 2], [3, -1, -1]]), 4, 2, "lru")

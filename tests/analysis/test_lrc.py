@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -40,8 +41,12 @@ def srp_brute(seqs: list[list[list[int]]], E: int, L: int) -> float:
 
 
 def sch_brute(seq: list[list[int]], E: int, L: int) -> list[float]:
-    """A Mattson stack kept as a Python list, priority (uses in [t, t+L), last use)."""
-    T, k = len(seq), len(seq[0])
+    """A Mattson stack kept as a Python list, priority (uses in [t, t+L), last use).
+
+    Rows may differ in length (a ragged routing; an empty row requests nothing): the rate is
+    hits / sum_t |S_t|, which is hits / (T k) for a plain top-k trace.
+    """
+    T, requests = len(seq), sum(len(r) for r in seq)
     count = [0] * E
     for t in range(min(L, T)):
         for e in seq[t]:
@@ -79,7 +84,7 @@ def sch_brute(seq: list[list[int]], E: int, L: int) -> list[float]:
     out, acc = [], 0
     for h in depth_hits:
         acc += h
-        out.append(acc / (T * k))
+        out.append(acc / requests if requests else float("nan"))
     return out
 
 
@@ -254,3 +259,87 @@ def test_bootstrap_errors():
         bootstrap_ci(len, [1, 2], method="bca")
     with pytest.raises(ValueError, match="samples"):
         bootstrap_ci(len, [])
+
+
+# ------------------------------------------------------------------------------------ ragged
+def ragged_trace(rng: random.Random, T: int, E: int, kmax: int, sticky: float = 0.5) -> list[list[int]]:
+    """Each token its own expert set of 0..kmax experts (capacity drops, expert choice)."""
+    rows: list[list[int]] = []
+    for _ in range(T):
+        if rows and rng.random() < sticky:
+            rows.append(list(rows[-1]))
+        else:
+            rows.append(rng.sample(range(E), rng.randint(0, kmax)))
+    return rows
+
+
+def padded(rng: random.Random, rows: list[list[int]], width: int) -> torch.Tensor:
+    """``[T, width]`` with each row's experts in order and ``-1`` at random places among them."""
+    out = []
+    for r in rows:
+        slots = sorted(rng.sample(range(width), len(r)))
+        row = [-1] * width
+        for s, e in zip(slots, r, strict=True):
+            row[s] = e
+        out.append(row)
+    return torch.tensor(out, dtype=torch.long).view(len(rows), width)
+
+
+def test_srp_on_ragged_traces_matches_brute_force():
+    # srp_brute reads each token's own set, so it is the rule for ragged routings as it stands
+    rng = random.Random(7)
+    for _ in range(25):
+        E = rng.randint(2, 10)
+        kmax = rng.randint(1, min(4, E))
+        L = rng.choice([1, 2, 4, 7])
+        seqs = [ragged_trace(rng, rng.randint(L, 40), E, kmax, rng.random()) for _ in range(rng.randint(1, 3))]
+        if not any(any(r) for r in seqs):
+            continue
+        width = kmax + rng.randint(0, 2)  # extra all-padding columns change nothing
+        got = srp_sequences([padded(rng, s, width) for s in seqs], E, L)
+        assert got == pytest.approx(srp_brute(seqs, E, L), abs=1e-12)
+
+
+def test_sch_on_ragged_traces_matches_brute_force():
+    rng = random.Random(8)
+    for _ in range(30):
+        E = rng.randint(2, 10)
+        kmax = rng.randint(1, min(4, E))
+        L = rng.choice([1, 2, 4, 16, 64])
+        seq = ragged_trace(rng, rng.randint(1, 50), E, kmax, rng.random())
+        if not any(seq):
+            continue
+        got = sch_curve(padded(rng, seq, kmax + rng.randint(0, 1)), E, L)
+        assert got.tolist() == pytest.approx(sch_brute(seq, E, L), abs=1e-12)
+
+
+def test_ragged_batches_equal_one_by_one_and_skip_empty_sequences():
+    rng = random.Random(9)
+    seqs = [ragged_trace(rng, 25, 6, 3) for _ in range(3)] + [[[] for _ in range(25)]]
+    tensors = [padded(rng, s, 3) for s in seqs]
+    curves = lrc.sch_curves(tensors, 6, 4)
+    for i, s in enumerate(seqs[:3]):
+        assert curves[i].tolist() == pytest.approx(sch_brute(s, 6, 4), abs=1e-12)
+    assert bool(curves[3].isnan().all())  # no request: 0/0
+    # the mean and the bootstrap leave the request-less sequence out
+    assert sch_curve(tensors, 6, 4).tolist() == pytest.approx(curves[:3].mean(0).tolist())
+    cis = sch_ci(tensors, 6, 4, n_boot=50, seed=0)
+    assert [c.estimate for c in cis] == pytest.approx(curves[:3].mean(0).tolist())
+    # narrower sequences of a list are padded to the widest
+    narrow = [torch.tensor([[0], [1], [0], [2]]), torch.tensor([[0, 1], [1, -1], [2, 0], [-1, -1]])]
+    assert lrc.sch_curves(narrow, 3, 2)[0].tolist() == pytest.approx(sch_brute([[0], [1], [0], [2]], 3, 2))
+
+
+def test_padding_checks_and_undefined_cases():
+    with pytest.raises(ValueError, match="distinct"):
+        srp(torch.tensor([[1, 1, -1]]), 4, 1)
+    with pytest.raises(ValueError, match="lie in"):
+        srp(torch.tensor([[0, -2]]), 4, 1)  # only -1 is padding
+    all_pad = torch.full((8, 2), -1)
+    with pytest.raises(ValueError, match="SRP is undefined"):
+        srp(all_pad, 4, 2)
+    with pytest.raises(ValueError, match="SCH is undefined"):
+        sch_ci([all_pad], 4, 2, n_boot=10)
+    assert math.isnan(sch(all_pad, 4, 2, 2))
+    assert lrc.is_ragged(torch.tensor([[0, -1]])) and not lrc.is_ragged(torch.tensor([[0, 1]]))
+    assert lrc.experts_per_token(torch.tensor([[0, -1], [-1, -1], [2, 3]])).tolist() == [1, 0, 2]

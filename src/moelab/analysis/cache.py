@@ -26,6 +26,14 @@ resident. Tokens arrive in order; token ``t`` needs the set ``S_t`` of experts i
       so among experts not needed within the window it falls back to LRU. ``W = 0`` is LRU and
       ``W >= T`` is Belady.
 * ``hit_rate = hits / sum_t |S_t|``.
+
+Ragged routings (capacity drops; expert choice gives a token 0..E experts): ``topk_index`` is
+``[T, kmax]`` padded with ``-1`` (``Routing.topk_index(fill=-1)``). Every ``-1``, wherever it sits in
+a row, is "no request"; ``S_t`` is the row's other entries, in column order. A token with no
+expert requests nothing: it makes no hit, no miss and no clock tick, but it still is a token, so
+it counts in ``next_use`` distances and in the lookahead window (which is ``W`` tokens, not ``W``
+requests). ``cache_size`` must be at least ``max_t |S_t|`` (and at least 1). Without padding this
+is exactly the rule set above.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .lrc import check_topk_index
+from .lrc import PAD, check_topk_index
 
 POLICIES: tuple[str, ...] = ("lru", "lfu", "belady", "lookahead")
 DEFAULT_LOOKAHEAD = 8  # tokens; our choice (Read-ME does not fix a window for the cache)
@@ -57,9 +65,15 @@ class CacheResult:
 
 
 def next_use_table(topk_index: Tensor, num_experts: int) -> Tensor:
-    """``[T, E]`` long: ``next[t, e]`` = the first token ``t' > t`` that uses ``e``, else ``T`` (never)."""
+    """``[T, E]`` long: ``next[t, e]`` = the first token ``t' > t`` that uses ``e``, else ``T`` (never).
+
+    ``-1`` entries (padding) use nothing.
+    """
     T = topk_index.shape[0]
-    mask = torch.zeros(T, num_experts, dtype=torch.bool).scatter_(1, topk_index.cpu(), True)
+    idx = topk_index.cpu()
+    # Padding is scattered into an extra column E, dropped afterwards.
+    mask = torch.zeros(T, num_experts + 1, dtype=torch.bool)
+    mask = mask.scatter_(1, idx.masked_fill(idx == PAD, num_experts), True)[:, :num_experts]
     t_col = torch.arange(T).unsqueeze(1).expand(T, num_experts)
     at = torch.where(mask, t_col, torch.full_like(t_col, T))
     # Reverse cumulative minimum over tokens t'..T-1, then shift by one: uses strictly after t.
@@ -86,13 +100,15 @@ def simulate_cache(
     if idx.dim() != 2:
         raise ValueError(f"topk_index must be [T, k] (one sequence), got shape {tuple(idx.shape)}")
     _check_policy(policy, lookahead)
-    T, K = idx.shape
-    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or not K <= cache_size <= num_experts:
+    T = idx.shape[0]
+    rows: list[list[int]] = [[e for e in row if e != PAD] for row in idx.tolist()]
+    kmax = max((len(r) for r in rows), default=0)
+    lo = max(kmax, 1)
+    if isinstance(cache_size, bool) or not isinstance(cache_size, int) or not lo <= cache_size <= num_experts:
         raise ValueError(
-            f"cache_size must be an int in [k={K}, num_experts={num_experts}] (a token's experts must "
-            f"all be resident), got {cache_size!r}"
+            f"cache_size must be an int in [max_t |S_t| = {lo}, num_experts={num_experts}] (a token's "
+            f"experts must all be resident), got {cache_size!r}"
         )
-    rows: list[list[int]] = idx.tolist()
     nxt: list[list[int]] | None = None
     if policy in ("belady", "lookahead"):
         nxt = next_use_table(idx, num_experts).tolist()
@@ -115,7 +131,7 @@ def simulate_cache(
             clock += 1
             last_use[e] = clock
             freq[e] += 1
-    return CacheResult(policy, cache_size, hits, T * K)
+    return CacheResult(policy, cache_size, hits, sum(len(r) for r in rows))
 
 
 def _victim(
@@ -150,9 +166,11 @@ def hit_rate_curve(
 ) -> dict[str, list[float]]:
     """Hit rate against cache size for each policy, pooled over sequences (hits / requests).
 
-    ``sequences``: one ``[T, k]`` tensor, a ``[B, T, k]`` tensor or a list of ``[T_i, k]``; each
-    sequence starts with an empty cache. ``cache_sizes`` defaults to the multiples of ``k`` up to
-    ``E`` (as SCH reports them). Returns ``{"cache_size": [...], policy: [hit rates]}``.
+    ``sequences``: one ``[T, k]`` tensor, a ``[B, T, k]`` tensor or a list of ``[T_i, k_i]``; each
+    sequence starts with an empty cache; ``-1`` entries are padding (no request). ``cache_sizes``
+    defaults to the multiples of ``k`` up to ``E`` (as SCH reports them); for a ragged input (any
+    padding, or sequences of different widths) to ``ragged_cache_sizes`` of the pooled requests.
+    Returns ``{"cache_size": [...], policy: [hit rates]}``.
     """
     if isinstance(sequences, Tensor):
         idx = check_topk_index(sequences, num_experts)
@@ -161,8 +179,13 @@ def hit_rate_curve(
         seqs = [check_topk_index(s, num_experts, name=f"sequences[{i}]") for i, s in enumerate(sequences)]
         if not seqs:
             raise ValueError("sequences must not be empty")
-    k = max(int(s.shape[1]) for s in seqs)
-    sizes = list(cache_sizes) if cache_sizes is not None else default_cache_sizes(k, num_experts)
+    if cache_sizes is not None:
+        sizes = list(cache_sizes)
+    elif len({int(s.shape[1]) for s in seqs}) == 1 and not any(bool((s == PAD).any()) for s in seqs):
+        sizes = default_cache_sizes(int(seqs[0].shape[1]), num_experts)
+    else:
+        per_tok = torch.cat([(s != PAD).sum(1) for s in seqs])
+        sizes = ragged_cache_sizes(per_tok, num_experts)
     for p in policies:
         _check_policy(p, lookahead)
     out: dict[str, list[float]] = {"cache_size": [float(m) for m in sizes]}
@@ -179,6 +202,27 @@ def hit_rate_curve(
 def default_cache_sizes(k: int, num_experts: int) -> list[int]:
     """Multiples of ``k`` up to ``E`` (and ``E`` itself)."""
     sizes = list(range(k, num_experts + 1, k))
+    if not sizes or sizes[-1] != num_experts:
+        sizes.append(num_experts)
+    return sizes
+
+
+def nominal_k(experts_per_token: Tensor) -> int:
+    """``max(1, round(mean_t |S_t|))``: the ``k`` a ragged routing stands for (ours)."""
+    n = int(experts_per_token.numel())
+    mean = float(experts_per_token.sum()) / n if n else 0.0
+    return max(1, int(round(mean)))
+
+
+def ragged_cache_sizes(experts_per_token: Tensor, num_experts: int) -> list[int]:
+    """Cache sizes for a ragged routing (ours): ``kmax = max_t |S_t|`` (the smallest cache that
+    holds every token's experts), then the multiples of ``nominal_k`` above it, then ``E``.
+
+    For a uniform ``|S_t| = k`` this is ``default_cache_sizes(k, E)``.
+    """
+    kmax = max(1, int(experts_per_token.max())) if experts_per_token.numel() else 1
+    step = nominal_k(experts_per_token)
+    sizes = [kmax] + [m for m in range(step, num_experts + 1, step) if m > kmax]
     if sizes[-1] != num_experts:
         sizes.append(num_experts)
     return sizes

@@ -34,6 +34,20 @@ SCH (segment cache best hit rate), for ``L`` and a cache of ``m`` experts:
     SCH(L, m) = (requests at depth < m) / (T k). Over several sequences: the mean of the
     per-sequence rates (equal-length sequences in the paper).
 
+Ragged routings (capacity drops, expert choice: token ``t`` has its own set ``S_t``, possibly
+empty). The input is then ``[T, kmax]`` padded with ``-1`` (``Routing.topk_index(fill=-1)``): every
+``-1`` entry, wherever it sits in the row, is "no request"; the other entries keep their column
+order. Generalisations (ours; on an input without ``-1`` they are the rules above, bit for bit):
+    SRP: unchanged. ``c[w, e]`` counts the tokens of ``w`` whose set holds ``e``, so
+        ``A = sum_{w,e} c[w,e] = sum_{t in w} |S_t|`` per window (the paper's ``k L``), which is how
+        the official code computes ``A`` anyway (``num_matches`` at ``tau = 0``); ``P`` still counts
+        ``|S_tau(w)|`` slots for each of the ``L`` tokens.
+    SCH: token ``t`` makes ``|S_t|`` requests (none for an empty set: no lookup, no stack update,
+        the count window simply has nothing of it). Per sequence,
+        ``SCH(L, m) = (requests at depth < m) / sum_t |S_t|``, the same hits-over-requests ratio as
+        the cache simulators' ``hit_rate``; over sequences, the mean of the per-sequence rates, a
+        sequence without any request (rate 0/0) left out.
+
 Defaults from the official ``config.json``: segment lengths {4, 16, 64, 256}, 1000 bootstrap
 resamples, 95% confidence. The bootstrap resamples *sequences* with replacement and reports the
 basic (pivotal) interval ``[2 theta - q_hi, 2 theta - q_lo]`` with ``q`` the sorted replicates at
@@ -55,13 +69,18 @@ CI_ALPHA = 0.05  # official config.json "ci_confidence" = 0.95
 
 # SCH priority = count * _COUNT_SCALE + last_use: the count dominates, recency breaks ties.
 _COUNT_SCALE = 1 << 32
+PAD = -1  # "no request" in a padded [T, kmax] index (Routing.topk_index(fill=-1))
 
 
 # --------------------------------------------------------------------------------------------------
 # input checks
 # --------------------------------------------------------------------------------------------------
 def check_topk_index(topk_index: object, num_experts: object, name: str = "topk_index") -> Tensor:
-    """Validate a ``[T, k]`` (or ``[B, T, k]``) integer tensor of distinct experts per row."""
+    """Validate a ``[T, k]`` (or ``[B, T, k]``) integer tensor of distinct experts per row.
+
+    ``-1`` is padding ("no request"; ``Routing.topk_index(fill=-1)`` of a ragged routing) and may
+    repeat within a row; every other entry lies in ``[0, num_experts)`` and is distinct in its row.
+    """
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
     if not isinstance(topk_index, Tensor):
@@ -76,13 +95,28 @@ def check_topk_index(topk_index: object, num_experts: object, name: str = "topk_
     if idx.shape[-1] < 1:
         raise ValueError(f"{name} must have k >= 1 columns, got shape {tuple(idx.shape)}")
     if idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"{name} must lie in [0, num_experts={num_experts}), got [{lo}, {hi}]")
+        real = idx[idx != PAD]
+        if real.numel():
+            lo, hi = int(real.min()), int(real.max())
+            if lo < 0 or hi >= num_experts:
+                raise ValueError(
+                    f"{name} must lie in [0, num_experts={num_experts}) (or be {PAD} for padding), "
+                    f"got [{lo}, {hi}]"
+                )
         srt = idx.sort(dim=-1).values
-        if bool((srt[..., 1:] == srt[..., :-1]).any()):
+        if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] != PAD)).any()):
             raise ValueError(f"{name} rows must hold distinct experts (a token's top-k has no repeats)")
     return idx
+
+
+def is_ragged(topk_index: Tensor) -> bool:
+    """Whether a (validated) index tensor holds padding, i.e. tokens with fewer than ``k`` experts."""
+    return bool((topk_index == PAD).any())
+
+
+def experts_per_token(topk_index: Tensor) -> Tensor:
+    """``[..., T]`` long: ``|S_t|``, the non-padding entries of each row."""
+    return (topk_index != PAD).sum(-1)
 
 
 def _check_segment_length(segment_length: object) -> int:
@@ -92,7 +126,10 @@ def _check_segment_length(segment_length: object) -> int:
 
 
 def _as_sequences(topk_index: Tensor | Sequence[Tensor], num_experts: int) -> list[Tensor]:
-    """``[T, k]``, ``[B, T, k]`` or a list of ``[T_i, k]`` -> list of validated ``[T_i, k]``."""
+    """``[T, k]``, ``[B, T, k]`` or a list of ``[T_i, k_i]`` -> list of validated ``[T_i, k]``.
+
+    Sequences of a list narrower than the widest are padded with ``-1`` (no request) to its width.
+    """
     if isinstance(topk_index, Tensor):
         idx = check_topk_index(topk_index, num_experts)
         return [idx] if idx.dim() == 2 else list(idx.unbind(0))
@@ -103,16 +140,19 @@ def _as_sequences(topk_index: Tensor | Sequence[Tensor], num_experts: int) -> li
     seqs = [check_topk_index(s, num_experts, name=f"sequences[{i}]") for i, s in enumerate(topk_index)]
     if any(s.dim() != 2 for s in seqs):
         raise ValueError("each sequence must be a [T_i, k] tensor")
-    if len({s.shape[1] for s in seqs}) != 1:
-        raise ValueError(f"all sequences must share k, got {sorted({s.shape[1] for s in seqs})}")
-    return seqs
+    k = max(int(s.shape[1]) for s in seqs)
+    return [
+        s if s.shape[1] == k else torch.nn.functional.pad(s, (0, k - int(s.shape[1])), value=PAD)
+        for s in seqs
+    ]
 
 
 def topk_mask(topk_index: Tensor, num_experts: int) -> Tensor:
-    """``[..., T, E]`` bool: ``m[t, e]`` = token ``t`` chose expert ``e``."""
+    """``[..., T, E]`` bool: ``m[t, e]`` = token ``t`` chose expert ``e`` (padding ``-1`` ignored)."""
     idx = check_topk_index(topk_index, num_experts)
-    mask = torch.zeros(*idx.shape[:-1], num_experts, dtype=torch.bool, device=idx.device)
-    return mask.scatter_(-1, idx, True)
+    mask = torch.zeros(*idx.shape[:-1], num_experts + 1, dtype=torch.bool, device=idx.device)
+    # Padding goes to an extra column E, dropped afterwards.
+    return mask.scatter_(-1, idx.masked_fill(idx == PAD, num_experts), True)[..., :num_experts]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -184,19 +224,26 @@ def srp(topk_index: Tensor, num_experts: int, segment_length: int) -> float:
 
 def srp_sequences(sequences: Tensor | Sequence[Tensor], num_experts: int, segment_length: int) -> float:
     """SRP pooled over sequences (list of ``[T_i, k]`` or ``[B, T, k]``)."""
-    st = _stats_per_sequence(_as_sequences(sequences, num_experts), num_experts, segment_length)
-    if int(st.acts.sum()) == 0:
-        raise ValueError(
-            f"segment_length={segment_length} is longer than every sequence "
-            f"(longest: {_max_len(sequences)} tokens); no window to score"
-        )
+    seqs = _as_sequences(sequences, num_experts)
+    st = _stats_per_sequence(seqs, num_experts, segment_length)
+    _check_srp_stats(st, seqs)
     return float(srp_from_stats(st.matches.sum(0), st.preds.sum(0), st.acts.sum(0)))
 
 
-def _max_len(sequences: Tensor | Sequence[Tensor]) -> int:
-    if isinstance(sequences, Tensor):
-        return int(sequences.shape[-2])
-    return max(int(s.shape[0]) for s in sequences)
+def _check_srp_stats(st: SRPStats, seqs: list[Tensor]) -> None:
+    """Raise when nothing can be scored: no window at all, or windows without any activation."""
+    if int(st.acts.sum()) != 0:
+        return
+    longest = max(int(s.shape[0]) for s in seqs)
+    if longest < st.segment_length:
+        raise ValueError(
+            f"segment_length={st.segment_length} is longer than every sequence "
+            f"(longest: {longest} tokens); no window to score"
+        )
+    raise ValueError(
+        f"no token in any window of segment_length={st.segment_length} was routed to an expert "
+        "(every row is padding): SRP is undefined"
+    )
 
 
 def _stats_per_sequence(seqs: list[Tensor], num_experts: int, segment_length: int) -> SRPStats:
@@ -222,8 +269,9 @@ def _stats_per_sequence(seqs: list[Tensor], num_experts: int, segment_length: in
 def sch_curve_batch(topk_BTK: Tensor, num_experts: int, segment_length: int) -> Tensor:
     """``[B, E]`` SCH hit rates of ``B`` equal-length sequences for cache sizes ``1..E``.
 
-    ``topk_BTK`` is a validated ``[B, T, k]`` long tensor. All sequences step in lockstep; each
-    request is one vectorised stack update (a prefix minimum over the stack's priorities).
+    ``topk_BTK`` is a validated ``[B, T, k]`` long tensor, ``-1`` = no request (see the module doc).
+    All sequences step in lockstep; each request is one vectorised stack update (a prefix minimum
+    over the stack's priorities). A sequence without any request gets a row of NaN (0/0).
     """
     L = _check_segment_length(segment_length)
     idx = topk_BTK.long().cpu()
@@ -231,6 +279,9 @@ def sch_curve_batch(topk_BTK: Tensor, num_experts: int, segment_length: int) -> 
     E = num_experts
     if T == 0:
         return torch.zeros(B, E, dtype=torch.float64)
+    valid_BTK = idx != PAD
+    ragged = not bool(valid_BTK.all())
+    safe_BTK = idx.clamp(min=0)  # padding points at expert 0 with weight 0 / masked updates
     rows = torch.arange(B)
     pos_E = torch.arange(E)
     stack = torch.full((B, E), -1, dtype=torch.long)  # expert ids by depth, -1 = empty
@@ -238,24 +289,27 @@ def sch_curve_batch(topk_BTK: Tensor, num_experts: int, segment_length: int) -> 
     count = torch.zeros(B, E, dtype=torch.long)  # uses of each expert in tokens [t, t + L)
     last = torch.zeros(B, E, dtype=torch.long)  # last-use time (request counter), 0 = never
     depth_hist = torch.zeros(B, E + 1, dtype=torch.long)
-    ones_BK = torch.ones(B, K, dtype=torch.long)
     for t in range(min(L, T)):
-        count.scatter_add_(1, idx[:, t], ones_BK)
+        count.scatter_add_(1, safe_BTK[:, t], valid_BTK[:, t].long())
     clock = 0
     inf = torch.iinfo(torch.long).max
     for t in range(T):
         x_BK = idx[:, t]
+        v_BK = valid_BTK[:, t]
         # Depths at the start of the token; unseen experts count at the number of distinct experts
         # requested before them (stack length + earlier unseen experts of this token).
-        hit_BKE = stack.unsqueeze(1) == x_BK.unsqueeze(2)
+        hit_BKE = (stack.unsqueeze(1) == x_BK.unsqueeze(2)) & v_BK.unsqueeze(2)
         found_BK = hit_BKE.any(-1)
         depth_BK = torch.where(found_BK, hit_BKE.long().argmax(-1), 0)
-        unseen_rank = (~found_BK).long().cumsum(1) - 1
+        unseen_rank = (v_BK & ~found_BK).long().cumsum(1) - 1
         depth_BK = torch.where(found_BK, depth_BK, length.unsqueeze(1) + unseen_rank)
-        depth_hist.scatter_add_(1, depth_BK.clamp(max=E), ones_BK)
+        depth_hist.scatter_add_(1, depth_BK.clamp(min=0, max=E), v_BK.long())
         for j in range(K):
             x_B = x_BK[:, j]
-            in_stack = stack == x_B.unsqueeze(1)
+            v_B = v_BK[:, j]
+            if ragged and not bool(v_B.any()):
+                continue
+            in_stack = (stack == x_B.unsqueeze(1)) & v_B.unsqueeze(1)
             present = in_stack.any(1)
             d_B = torch.where(present, in_stack.long().argmax(1), length)
             valid = pos_E.unsqueeze(0) < length.unsqueeze(1)
@@ -271,19 +325,34 @@ def sch_curve_batch(topk_BTK: Tensor, num_experts: int, segment_length: int) -> 
             new = torch.where(above, torch.where(keep, stack, carry_ent), stack)
             new = torch.where(pos_E.unsqueeze(0) == d, carry_ent, new)
             new[:, 0] = x_B
-            stack = new
-            length = length + (~present).long()
             clock += 1
-            count[rows, x_B] -= 1
-            last[rows, x_B] = clock
+            if ragged:
+                # Sequences whose token has no j-th request keep their state (the clock only
+                # orders requests within a sequence, so skipping values is harmless).
+                stack = torch.where(v_B.unsqueeze(1), new, stack)
+                length = length + (v_B & ~present).long()
+                x_safe = x_B.clamp(min=0)
+                count[rows, x_safe] -= v_B.long()
+                last[rows, x_safe] = torch.where(v_B, clock, last[rows, x_safe])
+            else:
+                stack = new
+                length = length + (~present).long()
+                count[rows, x_B] -= 1
+                last[rows, x_B] = clock
         if t + L < T:
-            count.scatter_add_(1, idx[:, t + L], ones_BK)
+            count.scatter_add_(1, safe_BTK[:, t + L], valid_BTK[:, t + L].long())
     hits = depth_hist[:, :E].cumsum(1).double()
-    return hits / float(T * K)
+    if not ragged:
+        return hits / float(T * K)
+    requests = valid_BTK.sum((1, 2)).double()  # sum_t |S_t| per sequence
+    return hits / requests.unsqueeze(1)
 
 
 def sch_curves(sequences: Tensor | Sequence[Tensor], num_experts: int, segment_length: int) -> Tensor:
-    """``[B, E]`` per-sequence SCH hit rates for cache sizes ``1..E`` (ragged lists allowed)."""
+    """``[B, E]`` per-sequence SCH hit rates for cache sizes ``1..E`` (ragged lists allowed).
+
+    A sequence with no request at all (every entry ``-1``) has a row of NaN.
+    """
     seqs = _as_sequences(sequences, num_experts)
     _check_segment_length(segment_length)
     out = torch.zeros(len(seqs), num_experts, dtype=torch.float64)
@@ -295,15 +364,25 @@ def sch_curves(sequences: Tensor | Sequence[Tensor], num_experts: int, segment_l
     return out
 
 
+def _scored(curves: Tensor) -> Tensor:
+    """The rows of sequences that made at least one request (the others are NaN, 0/0)."""
+    ok = ~curves.isnan().any(1)
+    return curves if bool(ok.all()) else curves[ok]
+
+
 def sch_curve(topk_index: Tensor, num_experts: int, segment_length: int) -> Tensor:
-    """``[E]`` SCH for every cache size ``1..E`` (mean over sequences if several are given)."""
-    return sch_curves(topk_index, num_experts, segment_length).mean(0)
+    """``[E]`` SCH for every cache size ``1..E`` (mean over sequences if several are given).
+
+    Sequences without any request are left out of the mean; NaN if no sequence has one.
+    """
+    return _scored(sch_curves(topk_index, num_experts, segment_length)).mean(0)
 
 
 def sch(topk_index: Tensor, num_experts: int, segment_length: int, cache_size: int) -> float:
     """SCH of one layer's choices ``topk_index [T, k]`` for segment ``L`` and a cache of ``m`` experts.
 
-    The paper reports ``m`` in multiples of ``k``; any ``1 <= m <= E`` is accepted.
+    The paper reports ``m`` in multiples of ``k``; any ``1 <= m <= E`` is accepted. ``-1`` entries
+    are padding (no request; see the module doc); NaN if no token requests any expert.
     """
     if isinstance(cache_size, bool) or not isinstance(cache_size, int) or not 1 <= cache_size <= num_experts:
         raise ValueError(f"cache_size must be an int in [1, num_experts={num_experts}], got {cache_size!r}")
@@ -415,8 +494,7 @@ def srp_ci(
     _check_boot(n_boot, alpha, method)
     seqs = _as_sequences(sequences, num_experts)
     st = _stats_per_sequence(seqs, num_experts, segment_length)
-    if int(st.acts.sum()) == 0:
-        raise ValueError(f"segment_length={segment_length} is longer than every sequence; no window to score")
+    _check_srp_stats(st, seqs)
     est = srp_from_stats(st.matches.sum(0), st.preds.sum(0), st.acts.sum(0))
     w = resample_weights(len(seqs), n_boot, seed)
     reps = srp_from_stats(w @ st.matches, w @ st.preds, w @ st.acts)
@@ -433,10 +511,17 @@ def sch_ci(
     seed: int = 0,
     method: str = "basic",
 ) -> list[CI]:
-    """SCH for every cache size ``1..E`` with bootstrap CIs over sequences (one ``CI`` per size)."""
+    """SCH for every cache size ``1..E`` with bootstrap CIs over sequences (one ``CI`` per size).
+
+    Sequences without any request are left out before resampling (their rate is 0/0).
+    """
     _check_boot(n_boot, alpha, method)
-    curves = sch_curves(sequences, num_experts, segment_length)
+    curves = _scored(sch_curves(sequences, num_experts, segment_length))
     n = curves.shape[0]
+    if n == 0:
+        raise ValueError(
+            "no sequence has a token routed to an expert (every row is padding): SCH is undefined"
+        )
     est = curves.mean(0)
     w = resample_weights(n, n_boot, seed).double()
     reps = (w @ curves) / n

@@ -21,10 +21,18 @@ from torch import Tensor
 
 from ..routing.routing import Routing
 from ..tracing import Trace
-from .cache import DEFAULT_LOOKAHEAD, POLICIES, default_cache_sizes, hit_rate_curve
+from .cache import (
+    DEFAULT_LOOKAHEAD,
+    POLICIES,
+    default_cache_sizes,
+    hit_rate_curve,
+    nominal_k,
+    ragged_cache_sizes,
+)
 from .lrc import (
     CI_ALPHA,
     NUM_BOOTSTRAP,
+    PAD,
     SEGMENT_LENGTHS,
     interval_from_replicates,
     resample_weights,
@@ -50,20 +58,59 @@ class AnalysisOptions:
 
 
 def split_layer(routing: Routing, lengths: Sequence[int]) -> tuple[list[Tensor], list[Tensor] | None]:
-    """Cut one layer's routing into sequences: masks ``[T_i, E]`` and, for routings with the same
-    number of experts on every token, ``topk_index [T_i, k]`` (else None)."""
+    """Cut one layer's routing into sequences: masks ``[T_i, E]`` and ``topk_index [T_i, k]``.
+
+    A routing with the same number ``k`` of experts on every token gives plain ``[T_i, k]``; any
+    other (capacity drops, expert choice) gives ``Routing.topk_index(fill=-1)``'s rows, ``[T_i, kmax]``
+    padded with ``-1``, which SCH and the cache simulators read as "no request". The index list is
+    None only when the layer has no assignment at all (nothing to request).
+    """
     if sum(lengths) != routing.num_tokens:
         raise ValueError(f"sequence lengths sum to {sum(lengths)}, the routing has T={routing.num_tokens}")
     mask = routing.mask().cpu()
     masks = list(torch.split(mask, list(lengths)))
-    per_tok = routing.experts_per_token().cpu()
-    if routing.num_tokens == 0 or int(per_tok.min()) != int(per_tok.max()) or int(per_tok.min()) == 0:
+    if routing.num_tokens == 0 or routing.num_assignments == 0:
         return masks, None
-    k = int(per_tok[0])
-    # Rows of the mask in ascending expert id: SRP/SCH depend on the set; column order only
-    # matters for SCH's within-token clock, where the router's own order is used when known.
-    topk = routing.topk_index().cpu() if routing.top_k is not None else mask.nonzero()[:, 1].view(-1, k)
+    per_tok = routing.experts_per_token().cpu()
+    if int(per_tok.min()) != int(per_tok.max()):
+        topk = routing.topk_index(fill=PAD).cpu()  # entry order: the router's own order within a token
+    else:
+        k = int(per_tok[0])
+        # Rows of the mask in ascending expert id: SRP/SCH depend on the set; column order only
+        # matters for SCH's within-token clock, where the router's own order is used when known.
+        topk = routing.topk_index().cpu() if routing.top_k is not None else mask.nonzero()[:, 1].view(-1, k)
     return masks, list(torch.split(topk, list(lengths)))
+
+
+def ragged_summary(routing: Routing) -> dict[str, float | int | None] | None:
+    """How a layer's routing departs from ``k`` experts per token; None when it does not.
+
+    ``capacity_dropped``: share of the router's requested assignments that capacity dropped
+    (``Routing.drop_rate()``; None when the routing records no request counts, e.g. expert
+    choice); ``tokens_without_expert``: share of tokens with ``|S_t| = 0``.
+    """
+    per_tok = routing.experts_per_token().cpu()
+    if routing.num_tokens == 0 or int(per_tok.min()) == int(per_tok.max()):
+        return None
+    return {
+        "experts_per_token_min": int(per_tok.min()),
+        "experts_per_token_mean": float(per_tok.double().mean()),
+        "experts_per_token_max": int(per_tok.max()),
+        "nominal_k": nominal_k(per_tok),
+        "tokens_without_expert": float((per_tok == 0).double().mean()),
+        "capacity_dropped": routing.drop_rate() if routing.requested is not None else None,
+    }
+
+
+def ragged_note(name: str, info: dict[str, Any]) -> str:
+    """One line for the report: ``layer: ragged ...; capacity-dropped: x%; tokens with 0 experts: y%``."""
+    drop = info["capacity_dropped"]
+    drop_s = "n/a (no request counts recorded)" if drop is None else f"{100 * drop:.1f}% of assignments"
+    return (
+        f"{name}: ragged routing, {info['experts_per_token_min']}..{info['experts_per_token_max']} experts "
+        f"per token (mean {info['experts_per_token_mean']:.2f}); capacity-dropped: {drop_s}; "
+        f"tokens with 0 experts: {100 * info['tokens_without_expert']:.1f}%"
+    )
 
 
 def _srp_from_masks(masks: list[Tensor], L: int, opts: AnalysisOptions) -> dict[str, float] | None:
@@ -113,6 +160,8 @@ def analyze_trace(
         "sch": {},
         "cache": {},
         "coactivation": {},
+        "ragged": {},
+        "skipped": {},
     }
     tick("metrics")
     for name in trace.layers:
@@ -120,7 +169,10 @@ def analyze_trace(
         lens = list(lengths) if lengths is not None else [r.num_tokens]
         masks, topk = split_layer(r, lens)
         E = r.num_experts
-        k = None if topk is None else int(topk[0].shape[1])
+        info = ragged_summary(r)
+        if info is not None:
+            out["ragged"][name] = info
+        k = None if topk is None or info is not None else int(topk[0].shape[1])
         out["num_experts"].append(E)
         out["top_k"].append(k)
         out["sequences"].append(len(lens))
@@ -131,24 +183,34 @@ def analyze_trace(
             if res is not None:
                 out["srp"][name][str(L)] = res
         out["sch"][name] = {}
-        if topk is not None:
-            for L in opts.segment_lengths:
-                cis = sch_ci(topk, E, L, n_boot=opts.n_boot, alpha=opts.alpha, seed=opts.seed)
-                sizes = default_cache_sizes(k, E)  # type: ignore[arg-type]
-                out["sch"][name][str(L)] = {
-                    "cache_size": sizes,
-                    "estimate": [cis[m - 1].estimate for m in sizes],
-                    "low": [cis[m - 1].low for m in sizes],
-                    "high": [cis[m - 1].high for m in sizes],
-                }
-            budget, seqs = opts.max_cache_tokens, []
-            for s in topk:
-                if budget <= 0:
-                    break
-                seqs.append(s[:budget])
-                budget -= int(s.shape[0])
-            out["cache"][name] = hit_rate_curve(seqs, E, policies=opts.policies, lookahead=opts.lookahead)
-            out["cache"][name]["tokens"] = sum(int(s.shape[0]) for s in seqs)
+        if topk is None:
+            out["skipped"][name] = "no token of this layer was routed to any expert: no SCH or cache curve"
+            tick(name)
+            continue
+        # SCH accepts any size 1..E: multiples of k (the paper's), of the nominal k when ragged.
+        sch_sizes = default_cache_sizes(k if k is not None else int(info["nominal_k"]), E)  # type: ignore[index]
+        for L in opts.segment_lengths:
+            cis = sch_ci(topk, E, L, n_boot=opts.n_boot, alpha=opts.alpha, seed=opts.seed)
+            out["sch"][name][str(L)] = {
+                "cache_size": sch_sizes,
+                "estimate": [cis[m - 1].estimate for m in sch_sizes],
+                "low": [cis[m - 1].low for m in sch_sizes],
+                "high": [cis[m - 1].high for m in sch_sizes],
+            }
+        budget, seqs = opts.max_cache_tokens, []
+        for s in topk:
+            if budget <= 0:
+                break
+            seqs.append(s[:budget])
+            budget -= int(s.shape[0])
+        # Cache sizes: multiples of k; when ragged, from max_t |S_t| of the whole layer upward (the
+        # simulators need every token's experts resident), then multiples of the nominal k.
+        per_tok = r.experts_per_token().cpu()
+        cache_sizes = default_cache_sizes(k, E) if k is not None else ragged_cache_sizes(per_tok, E)
+        out["cache"][name] = hit_rate_curve(
+            seqs, E, cache_sizes=cache_sizes, policies=opts.policies, lookahead=opts.lookahead
+        )
+        out["cache"][name]["tokens"] = sum(int(s.shape[0]) for s in seqs)
         tick(name)
     return out
 
@@ -237,27 +299,38 @@ def plot_sch(res: dict[str, Any], path: Path) -> Path:
 
 
 def plot_cache(res: dict[str, Any], path: Path) -> Path:
+    """Hit rate by cache size: the mean over layers when they share cache sizes, else one panel
+    per policy with a line per layer (ragged layers start at their own ``max_t |S_t|``)."""
     plt = _plt()
     layers = [n for n in res["layers"] if n in res["cache"]]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    if layers:
-        policies = [p for p in res["cache"][layers[0]] if p not in ("cache_size", "tokens")]
-        sizes = res["cache"][layers[0]]["cache_size"]
-        same = all(res["cache"][n]["cache_size"] == sizes for n in layers)
-        styles = {"lru": ("o", "-"), "lfu": ("s", "-"), "belady": ("^", "-"), "lookahead": ("x", "--")}
+    policies = [p for p in res["cache"][layers[0]] if p not in ("cache_size", "tokens")] if layers else []
+    sizes = res["cache"][layers[0]]["cache_size"] if layers else []
+    same = all(res["cache"][n]["cache_size"] == sizes for n in layers)
+    styles = {"lru": ("o", "-"), "lfu": ("s", "-"), "belady": ("^", "-"), "lookahead": ("x", "--")}
+    if same or not policies:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
         for p in policies:
             marker, line = styles.get(p, ("o", "-"))
-            if same:
-                mean = torch.tensor([res["cache"][n][p] for n in layers]).mean(0).tolist()
-                ax.plot(sizes, mean, marker=marker, linestyle=line, label=p)
-            else:
-                for n in layers:
-                    ax.plot(res["cache"][n]["cache_size"], res["cache"][n][p], label=f"{p} {n}")
-    ax.set_xlabel("cache size (experts)")
-    ax.set_ylabel("hit rate (mean over layers)")
-    ax.set_ylim(0, 1.02)
-    ax.set_title("expert-offloading cache hit rate")
-    ax.legend(fontsize=8)
+            mean = torch.tensor([res["cache"][n][p] for n in layers]).mean(0).tolist()
+            ax.plot(sizes, mean, marker=marker, linestyle=line, label=p)
+        ax.set_xlabel("cache size (experts)")
+        ax.set_ylabel("hit rate (mean over layers)")
+        ax.set_ylim(0, 1.02)
+        ax.set_title("expert-offloading cache hit rate")
+        ax.legend(fontsize=8)
+    else:
+        n = len(policies)
+        fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
+        for ax, p in zip(axes[0], policies, strict=True):
+            marker, line = styles.get(p, ("o", "-"))
+            for name, lab in zip(layers, _short(layers), strict=True):
+                d = res["cache"][name]
+                ax.plot(d["cache_size"], d[p], marker=marker, linestyle=line, label=f"layer {lab}")
+            ax.set_title(f"{p} hit rate")
+            ax.set_xlabel("cache size (experts)")
+            ax.set_ylim(0, 1.02)
+        axes[0][0].set_ylabel("hit rate")
+        axes[0][0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -346,6 +419,21 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _var_k(res: dict[str, Any], layer: str) -> str:
+    d = (res.get("ragged") or {}).get(layer)
+    return "var" if d is None else f"var ({d['experts_per_token_mean']:.2f})"
+
+
+def _by_size(sizes: Sequence[float], values: Sequence[float], columns: Sequence[int]) -> list[str]:
+    """Values formatted into the given cache-size columns ("" where this row has no such size)."""
+    at = {int(m): v for m, v in zip(sizes, values, strict=True)}
+    return [_fmt_rate(at[m]) if m in at else "" for m in columns]
+
+
+def _fmt_rate(v: float) -> str:
+    return "n/a" if math.isnan(v) else f"{v:.3f}"
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> tuple[str, str]:
     md = "| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n"
     md += "".join("| " + " | ".join(_fmt(c) for c in r) + " |\n" for r in rows)
@@ -402,7 +490,7 @@ def write_report(
         [
             m["layer"],
             res["num_experts"][i],
-            res["top_k"][i] or "var",
+            res["top_k"][i] or _var_k(res, m["layer"]),
             m["tokens"],
             m["max_over_mean"],
             m["cv"],
@@ -438,25 +526,56 @@ def write_report(
         i_md, i_ht = img("srp", "SRP")
         add("Local routing consistency: SRP", md + i_md, ht + i_ht)
     if any(res["sch"].values()):
+        sizes = sorted({int(m) for v in res["sch"].values() for d in v.values() for m in d["cache_size"]})
         rows = []
         for name in res["layers"]:
             for L, d in res["sch"].get(name, {}).items():
-                rows.append([name, L] + [f"{e:.3f}" for e in d["estimate"]])
-        width = max(len(r) for r in rows) - 2
-        sizes = next(iter(next(v for v in res["sch"].values() if v).values()))["cache_size"]
-        md, ht = _table(["layer", "L"] + [f"m={m}" for m in sizes[:width]], rows)
+                rows.append([name, L] + _by_size(d["cache_size"], d["estimate"], sizes))
+        md, ht = _table(["layer", "L"] + [f"m={m}" for m in sizes], rows)
         i_md, i_ht = img("sch", "SCH")
         add("Local routing consistency: SCH (hit rate by cache size)", md + i_md, ht + i_ht)
     if res["cache"]:
+        sizes = sorted({int(m) for d in res["cache"].values() for m in d["cache_size"]})
         rows = []
         for name, d in res["cache"].items():
             for p in [p for p in d if p not in ("cache_size", "tokens")]:
-                rows.append([name, p] + [f"{v:.3f}" for v in d[p]])
-        sizes = next(iter(res["cache"].values()))["cache_size"]
-        md, ht = _table(["layer", "policy"] + [f"m={int(m)}" for m in sizes], rows)
+                rows.append([name, p] + _by_size(d["cache_size"], d[p], sizes))
+        md, ht = _table(["layer", "policy"] + [f"m={m}" for m in sizes], rows)
         i_md, i_ht = img("cache", "cache hit rate")
         la = res["options"]["lookahead"]
         add(f"Expert-offloading caches (lookahead window {la} tokens)", md + i_md, ht + i_ht)
+    ragged = res.get("ragged") or {}
+    if ragged or res.get("skipped"):
+        rows = [
+            [
+                name,
+                f"{d['experts_per_token_min']}..{d['experts_per_token_max']}",
+                d["experts_per_token_mean"],
+                "n/a" if d["capacity_dropped"] is None else f"{100 * d['capacity_dropped']:.1f}%",
+                f"{100 * d['tokens_without_expert']:.1f}%",
+            ]
+            for name, d in ragged.items()
+        ]
+        md, ht = _table(
+            ["layer", "experts/token", "mean", "capacity-dropped (of assignments)", "tokens with 0 experts"],
+            rows,
+        )
+        text = (
+            "These layers give tokens different numbers of experts (capacity drops, expert choice). "
+            "SRP, SCH and the caches read each token's own expert set S_t (a token with no expert "
+            "requests nothing): SCH and cache hit rates are hits / sum_t |S_t|; cache sizes start at "
+            "max_t |S_t|, SCH sizes are multiples of the nominal k = round(mean |S_t|). "
+            "See docs/analysis.md."
+        )
+        skipped = "".join(f"\n- {n}: {why}" for n, why in (res.get("skipped") or {}).items())
+        add(
+            "Ragged routing (tokens with different numbers of experts)",
+            f"{text}\n\n{md}{skipped}\n",
+            f"<p>{html.escape(text)}</p>{ht}"
+            + "".join(
+                f"<p>{html.escape(n)}: {html.escape(w)}</p>" for n, w in (res.get("skipped") or {}).items()
+            ),
+        )
     if divergence:
         md, ht = _table(
             ["layer", "divergence", "95% CI low", "95% CI high", "pairs"],
@@ -477,6 +596,7 @@ def write_report(
         f"layers: {len(res['layers'])}, sequences: {res['sequences'][0]}",
     ]
     intro += notes or []
+    intro += [ragged_note(name, d) for name, d in (res.get("ragged") or {}).items()]
     intro_md = "\n".join(f"- {x}" for x in intro if x)
     md_text = f"# {title}\n\n{intro_md}\n\nDefinitions: docs/analysis.md.\n\n"
     md_text += "".join(f"## {h}\n\n{body}\n" for h, body, _ in sections)
