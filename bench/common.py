@@ -25,10 +25,39 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+
+# ----------------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark problem: ``T`` tokens, width ``d``, SwiGLU expert width ``h``, ``E`` experts,
+    ``k`` per token; ``family`` names the transformers experts class ("mixtral" or "olmoe")."""
+
+    name: str
+    T: int
+    d: int
+    h: int
+    E: int
+    k: int
+    family: str
+
+    @property
+    def decode(self) -> bool:
+        return self.T <= 16
+
+    @property
+    def flops_fwd(self) -> float:
+        """Active FLOPs of one SwiGLU forward: ``2 N (d * 2h + h * d)``, ``N = T k``."""
+        return 2.0 * self.T * self.k * (self.d * 2 * self.h + self.h * self.d)
+
+
+COARSE = Shape("coarse", 4096, 1024, 2816, 8, 2, "mixtral")  # Mixtral-like (issue #3)
+FINE = Shape("fine", 4096, 1024, 512, 64, 8, "olmoe")  # OLMoE / DeepSeek-like (issue #3)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -41,7 +41,10 @@ from moelab.ops.fast.activation import activation_backward, activation_forward
 from moelab.ops.fast.gemm import linear, uses_onednn
 
 from .common import (
+    COARSE,
+    FINE,
     RESULTS_DIR,
+    Shape,
     Stopwatch,
     interleaved,
     machine_info,
@@ -56,28 +59,6 @@ from .common import (
 MB = 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    T: int
-    d: int
-    h: int
-    E: int
-    k: int
-    family: str  # which transformers experts class: "mixtral" or "olmoe"
-
-    @property
-    def decode(self) -> bool:
-        return self.T <= 16
-
-    @property
-    def flops_fwd(self) -> float:
-        """Active FLOPs of one forward: ``2 N (d * 2h + h * d)`` for SwiGLU."""
-        return 2.0 * self.T * self.k * (self.d * 2 * self.h + self.h * self.d)
-
-
-COARSE = Shape("coarse", 4096, 1024, 2816, 8, 2, "mixtral")
-FINE = Shape("fine", 4096, 1024, 512, 64, 8, "olmoe")
 DECODE_T = (1, 4, 16)
 # --quick keeps to two minutes: it leaves out the readable reference (not a contender) and the
 # oneDNN roofline (a diagnostic); the full run has both.

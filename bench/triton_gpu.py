@@ -36,31 +36,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    T: int
-    d: int
-    h: int
-    E: int
-    k: int
-    family: str  # transformers experts class: "mixtral" or "olmoe"
-
-    @property
-    def flops_fwd(self) -> float:
-        """Active FLOPs of one SwiGLU forward: ``2 N (d * 2h + h * d)``, ``N = T k``."""
-        return 2.0 * self.T * self.k * 3 * self.d * self.h
-
+from .common import COARSE, FINE, RESULTS_DIR, Shape
 
 SHAPES = {
-    "coarse": Shape("coarse", 4096, 1024, 2816, 8, 2, "mixtral"),  # Mixtral-like (issue #3)
-    "fine": Shape("fine", 4096, 1024, 512, 64, 8, "olmoe"),  # OLMoE / DeepSeek-like (issue #3)
+    "coarse": COARSE,
+    "fine": FINE,
 }
 SMOKE_SHAPES = {
     "coarse": Shape("coarse-smoke", 24, 32, 48, 4, 2, "mixtral"),

@@ -8,6 +8,7 @@ from functools import lru_cache
 
 import pytest
 import torch
+from ragged_traces import padded, ragged_rows
 
 from moelab.analysis.cache import (
     belady,
@@ -161,30 +162,13 @@ def test_cache_errors():
 
 
 # ------------------------------------------------------------------------------------ ragged
-def ragged_rows(rng: random.Random, T: int, E: int, kmax: int) -> list[list[int]]:
-    """0..kmax experts per token, as capacity drops and expert choice give."""
-    return [rng.sample(range(E), rng.randint(0, kmax)) for _ in range(T)]
-
-
-def pad(rng: random.Random, rows: list[list[int]], width: int) -> torch.Tensor:
-    """``[T, width]``: each row's experts in order, ``-1`` (no request) at random places among them."""
-    out = []
-    for r in rows:
-        slots = sorted(rng.sample(range(width), len(r)))
-        row = [-1] * width
-        for s, e in zip(slots, r, strict=True):
-            row[s] = e
-        out.append(row)
-    return torch.tensor(out, dtype=torch.long).view(len(rows), width)
-
-
 def test_ragged_lru_matches_reference_and_belady_is_optimal():
     rng = random.Random(6)
     for _ in range(40):
         E = rng.randint(2, 6)
         kmax = rng.randint(1, min(3, E))
         rows = ragged_rows(rng, rng.randint(1, 10), E, kmax)
-        idx = pad(rng, rows, kmax + rng.randint(0, 1))
+        idx = padded(rng, rows, kmax + rng.randint(0, 1))
         lo = max(1, max(len(r) for r in rows))
         for m in range(lo, E + 1):
             lru_res = simulate_cache(idx, E, m, "lru")
@@ -199,7 +183,7 @@ def test_ragged_belady_and_lookahead_at_least_lru():
         E = rng.randint(3, 12)
         kmax = rng.randint(1, min(4, E))
         rows = ragged_rows(rng, rng.randint(5, 60), E, kmax)
-        idx = pad(rng, rows, kmax)
+        idx = padded(rng, rows, kmax)
         for m in range(max(1, max(len(r) for r in rows)), E + 1):
             base = simulate_cache(idx, E, m, "lru").hits
             assert simulate_cache(idx, E, m, "belady").hits >= base
@@ -230,7 +214,7 @@ def test_ragged_cache_sizes_and_curve():
     assert ragged_cache_sizes(torch.tensor([2, 2]), 8) == default_cache_sizes(2, 8)
     rng = random.Random(8)
     rows = [ragged_rows(rng, 30, 8, 3) for _ in range(2)]
-    seqs = [pad(rng, r, 3) for r in rows]
+    seqs = [padded(rng, r, 3) for r in rows]
     curve = hit_rate_curve(seqs, 8)
     per = torch.tensor([len(x) for r in rows for x in r])
     assert curve["cache_size"] == [float(m) for m in ragged_cache_sizes(per, 8)]

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from ragged_traces import padded, ragged_rows
 
 from moelab.analysis import lrc
 from moelab.analysis.lrc import (
@@ -262,29 +263,6 @@ def test_bootstrap_errors():
 
 
 # ------------------------------------------------------------------------------------ ragged
-def ragged_trace(rng: random.Random, T: int, E: int, kmax: int, sticky: float = 0.5) -> list[list[int]]:
-    """Each token its own expert set of 0..kmax experts (capacity drops, expert choice)."""
-    rows: list[list[int]] = []
-    for _ in range(T):
-        if rows and rng.random() < sticky:
-            rows.append(list(rows[-1]))
-        else:
-            rows.append(rng.sample(range(E), rng.randint(0, kmax)))
-    return rows
-
-
-def padded(rng: random.Random, rows: list[list[int]], width: int) -> torch.Tensor:
-    """``[T, width]`` with each row's experts in order and ``-1`` at random places among them."""
-    out = []
-    for r in rows:
-        slots = sorted(rng.sample(range(width), len(r)))
-        row = [-1] * width
-        for s, e in zip(slots, r, strict=True):
-            row[s] = e
-        out.append(row)
-    return torch.tensor(out, dtype=torch.long).view(len(rows), width)
-
-
 def test_srp_on_ragged_traces_matches_brute_force():
     # srp_brute reads each token's own set, so it is the rule for ragged routings as it stands
     rng = random.Random(7)
@@ -292,7 +270,7 @@ def test_srp_on_ragged_traces_matches_brute_force():
         E = rng.randint(2, 10)
         kmax = rng.randint(1, min(4, E))
         L = rng.choice([1, 2, 4, 7])
-        seqs = [ragged_trace(rng, rng.randint(L, 40), E, kmax, rng.random()) for _ in range(rng.randint(1, 3))]
+        seqs = [ragged_rows(rng, rng.randint(L, 40), E, kmax, rng.random()) for _ in range(rng.randint(1, 3))]
         if not any(any(r) for r in seqs):
             continue
         width = kmax + rng.randint(0, 2)  # extra all-padding columns change nothing
@@ -306,7 +284,7 @@ def test_sch_on_ragged_traces_matches_brute_force():
         E = rng.randint(2, 10)
         kmax = rng.randint(1, min(4, E))
         L = rng.choice([1, 2, 4, 16, 64])
-        seq = ragged_trace(rng, rng.randint(1, 50), E, kmax, rng.random())
+        seq = ragged_rows(rng, rng.randint(1, 50), E, kmax, rng.random())
         if not any(seq):
             continue
         got = sch_curve(padded(rng, seq, kmax + rng.randint(0, 1)), E, L)
@@ -315,7 +293,7 @@ def test_sch_on_ragged_traces_matches_brute_force():
 
 def test_ragged_batches_equal_one_by_one_and_skip_empty_sequences():
     rng = random.Random(9)
-    seqs = [ragged_trace(rng, 25, 6, 3) for _ in range(3)] + [[[] for _ in range(25)]]
+    seqs = [ragged_rows(rng, 25, 6, 3) for _ in range(3)] + [[[] for _ in range(25)]]
     tensors = [padded(rng, s, 3) for s in seqs]
     curves = lrc.sch_curves(tensors, 6, 4)
     for i, s in enumerate(seqs[:3]):
