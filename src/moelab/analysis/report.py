@@ -246,10 +246,7 @@ def plot_load_heatmap(res: dict[str, Any], path: Path) -> Path:
     ax.set_yticks(range(load.shape[0]), _short(res["layers"]))
     ax.set_title("expert load (share of assignments)")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_srp(res: dict[str, Any], path: Path) -> Path:
@@ -270,6 +267,24 @@ def plot_srp(res: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("SRP")
     ax.set_title("segment routing best performance (95% CI)")
     ax.legend(fontsize=7, ncol=2)
+    return _save(plt, fig, path)
+
+
+def _hit_rate_panels(plt: Any, panels: Sequence[Any], title: Callable[[Any], str], draw: Callable[[Any, Any], None]):
+    """One hit-rate-by-cache-size panel per item of ``panels`` (``draw(ax, item)`` adds its lines)."""
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
+    for ax, item in zip(axes[0], panels, strict=False):
+        draw(ax, item)
+        ax.set_title(title(item))
+        ax.set_xlabel("cache size (experts)")
+        ax.set_ylim(0, 1.02)
+    axes[0][0].set_ylabel("hit rate")
+    axes[0][0].legend(fontsize=6)
+    return fig
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -279,23 +294,15 @@ def plot_srp(res: dict[str, Any], path: Path) -> Path:
 def plot_sch(res: dict[str, Any], path: Path) -> Path:
     plt = _plt()
     Ls = sorted({int(L) for d in res["sch"].values() for L in d})
-    fig, axes = plt.subplots(1, max(1, len(Ls)), figsize=(3.2 * max(1, len(Ls)), 3.2), squeeze=False)
-    for ax, L in zip(axes[0], Ls, strict=False):
+
+    def draw(ax: Any, L: int) -> None:
         for name, lab in zip(res["layers"], _short(res["layers"]), strict=True):
             d = res["sch"].get(name, {}).get(str(L))
-            if d is None:
-                continue
-            ax.plot(d["cache_size"], d["estimate"], marker=".", label=f"layer {lab}")
-            ax.fill_between(d["cache_size"], d["low"], d["high"], alpha=0.15)
-        ax.set_title(f"SCH, L = {L}")
-        ax.set_xlabel("cache size (experts)")
-        ax.set_ylim(0, 1.02)
-    axes[0][0].set_ylabel("hit rate")
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+            if d is not None:
+                ax.plot(d["cache_size"], d["estimate"], marker=".", label=f"layer {lab}")
+                ax.fill_between(d["cache_size"], d["low"], d["high"], alpha=0.15)
+
+    return _save(plt, _hit_rate_panels(plt, Ls, lambda L: f"SCH, L = {L}", draw), path)
 
 
 def plot_cache(res: dict[str, Any], path: Path) -> Path:
@@ -318,23 +325,15 @@ def plot_cache(res: dict[str, Any], path: Path) -> Path:
         ax.set_ylim(0, 1.02)
         ax.set_title("expert-offloading cache hit rate")
         ax.legend(fontsize=8)
-    else:
-        n = len(policies)
-        fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
-        for ax, p in zip(axes[0], policies, strict=True):
-            marker, line = styles.get(p, ("o", "-"))
-            for name, lab in zip(layers, _short(layers), strict=True):
-                d = res["cache"][name]
-                ax.plot(d["cache_size"], d[p], marker=marker, linestyle=line, label=f"layer {lab}")
-            ax.set_title(f"{p} hit rate")
-            ax.set_xlabel("cache size (experts)")
-            ax.set_ylim(0, 1.02)
-        axes[0][0].set_ylabel("hit rate")
-        axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        return _save(plt, fig, path)
+
+    def draw(ax: Any, p: str) -> None:
+        marker, line = styles.get(p, ("o", "-"))
+        for name, lab in zip(layers, _short(layers), strict=True):
+            d = res["cache"][name]
+            ax.plot(d["cache_size"], d[p], marker=marker, linestyle=line, label=f"layer {lab}")
+
+    return _save(plt, _hit_rate_panels(plt, policies, lambda p: f"{p} hit rate", draw), path)
 
 
 def plot_mi(res: dict[str, Any], path: Path) -> Path:
@@ -350,10 +349,7 @@ def plot_mi(res: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("normalised MI")
     ax.set_title("routing mutual information, layer l -> l+1")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_coactivation(res: dict[str, Any], path: Path, max_layers: int = 8) -> Path:
@@ -371,10 +367,7 @@ def plot_coactivation(res: dict[str, Any], path: Path, max_layers: int = 8) -> P
         ax.set_title(f"layer {lab}: P(j | i)", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_divergence(
@@ -389,10 +382,7 @@ def plot_divergence(
     ax.set_xlabel("layer")
     ax.set_ylabel("JS / H(mixture)")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_arank(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -404,10 +394,7 @@ def plot_arank(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("ARank")
     seq = rows[0].get("seq_len") if rows else None
     ax.set_title(f"attention rank per layer (max {seq - 1 if seq else '?'})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # --------------------------------------------------------------------------------------------------
