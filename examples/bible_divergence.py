@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
 import torch
 
 from moelab.analysis.commands import analyze
-from moelab.analysis.crosslingual import crosslingual_divergence, parallel_verses
+from moelab.analysis.crosslingual import (
+    crosslingual_divergence,
+    parallel_verses,
+    split_parallel,
+    write_bilingual_corpus,
+)
 from moelab.analysis.runner import ByteTokens, sentence_routings
 from moelab.models import MoELM, MoELMConfig
 from moelab.train.trainer import TrainConfig, Trainer
@@ -52,20 +56,10 @@ def main() -> None:
 
     t0 = time.perf_counter()
     verses = parallel_verses()
-    held = verses[::50]
-    train = [v for i, v in enumerate(verses) if i % 50]
+    train, held = split_parallel(verses, 50)
     print(f"{len(verses)} aligned verse pairs; {len(train)} for training, {len(held)} held out")
 
-    data_dir = out / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    books: dict[tuple[str, str], list[str]] = {}
-    for ref, en, es in train:
-        book = ref.rsplit(" ", 1)[0]
-        books.setdefault(("en", book), []).append(en)
-        books.setdefault(("es", book), []).append(es)
-    for (lang, book), lines in books.items():
-        name = re.sub(r"[^A-Za-z0-9]+", "_", book)
-        (data_dir / f"{lang}_{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    data_dir = write_bilingual_corpus(train, out / "data")
     test = held[: args.pairs]
     en_file, es_file = out / "test_en.txt", out / "test_es.txt"
     en_file.write_text("\n".join(e for _, e, _ in test) + "\n", encoding="utf-8")

@@ -85,3 +85,90 @@ def test_run_repro_tiny_budget(tmp_path):
     assert (tmp_path / "z" / "repro.json").exists()
     with pytest.raises(ValueError, match="unknown reproduction"):
         run_repro("nope", seeds=[0], model=model, train=train, out=str(tmp_path))
+
+
+def loc(srp, sch_2k, lru=0.5, lookahead=0.6, val_loss=2.0):
+    return {**row(val_loss, 1.2), "srp": srp, "sch_2k": sch_2k, "lru": lru, "lfu": lru, "belady": lookahead,
+            "lookahead": lookahead}  # fmt: skip
+
+
+def test_lrc_verdicts():
+    v = REPRODUCTIONS["lrc_architecture"].verdict
+    ok = {"every_layer": loc(0.6, 0.8), "shared_expert": loc(0.5, 0.7), "every_2nd": loc(0.55, 0.75)}
+    assert v(ok)[0]
+    assert not v({**ok, "every_2nd": loc(0.65, 0.75)})[0]  # a sparser model more consistent in SRP
+    v = REPRODUCTIONS["lrc_local_balance"].verdict
+    ok = {"global": loc(0.6, 0.8), "seq_1e-2": loc(0.55, 0.75), "seq_1e-1": loc(0.5, 0.7)}
+    assert v(ok)[0]
+    assert not v({**ok, "seq_1e-1": loc(0.5, 0.76)})[0]  # SCH not monotone
+
+
+def test_lookahead_verdict_needs_a_margin():
+    from moelab.train.repro import HIT_MARGIN
+
+    v = REPRODUCTIONS["lookahead_cache"].verdict
+    assert v({"topk": loc(0.5, 0.7, lru=0.5, lookahead=0.6)})[0]
+    assert not v({"topk": loc(0.5, 0.7, lru=0.5, lookahead=0.5 + HIT_MARGIN / 2)})[0]
+
+
+def test_locality_reproduction_runs_arms_with_their_own_architecture(tmp_path):
+    model = {"d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "top_k": 2, "max_seq_len": 32}
+    train = {"steps": 2, "batch_size": 2, "seq_len": 32, "warmup_steps": 1, "eval_every": 2, "eval_batches": 1}
+    rec = run_repro(
+        "lrc_architecture", seeds=[0], model=model, train=train, out=str(tmp_path), jobs=1, progress=False
+    )
+    assert set(rec["rows"]) == {"every_layer", "shared_expert", "every_2nd"}
+    for label in rec["rows"]:
+        assert 0 < rec["rows"][label]["srp"] <= 1 and 0 < rec["rows"][label]["lookahead"] <= 1
+    assert rec["arms"]["every_2nd"]["model"] == {"moe_every": 2}
+    summary = json.loads((tmp_path / "lrc_architecture" / "seed0" / "results.json").read_text())
+    layers = {label: len(r["locality"]) for label, r in summary["routers"].items()}
+    assert layers == {"every_layer": 2, "shared_expert": 2, "every_2nd": 1}
+
+
+def test_multilingual_verdict_reads_a_u_over_layers():
+    from moelab.train.repro import _u_shape_parts
+
+    assert _u_shape_parts(8) == ([0, 1], [2, 3, 4, 5], [6, 7])
+    assert _u_shape_parts(4) == ([0], [1, 2], [3])
+    v = REPRODUCTIONS["multilingual_u_shape"].verdict
+    u = {"layers": 4.0, "layer0": 0.03, "layer1": 0.01, "layer2": 0.012, "layer3": 0.04, "val_loss": 2.0}
+    assert v({"bilingual": u})[0]
+    rising = {**u, "layer0": 0.005}  # the first quarter is below the middle: no U
+    assert not v({"bilingual": rising})[0]
+
+
+def test_multilingual_runner_on_synthetic_parallel_verses(tmp_path, monkeypatch):
+    """The runner end to end, with verses made up here instead of diatheke's Bibles."""
+    import moelab.analysis.crosslingual as cl
+
+    words_en = ["light", "water", "earth", "day", "night", "heaven", "seed", "tree"]
+    words_es = ["luz", "agua", "tierra", "dia", "noche", "cielo", "semilla", "arbol"]
+    verses = []
+    for b, book in enumerate(["Genesis", "Exodus", "Psalms", "John"]):
+        for v in range(60):
+            i = (b * 7 + v) % 8
+            verses.append((f"{book} 1:{v + 1}", f"the {words_en[i]} and the {words_en[i - 1]}",
+                           f"la {words_es[i]} y la {words_es[i - 1]}"))  # fmt: skip
+    monkeypatch.setattr(cl, "parallel_verses", lambda *a, **k: verses)
+    model = {"d_model": 32, "n_heads": 2, "num_experts": 4, "top_k": 2}
+    train = {"steps": 2, "batch_size": 2, "seq_len": 32, "warmup_steps": 1, "eval_every": 2, "eval_batches": 1}
+    rec = run_repro("multilingual_u_shape", seeds=[0], model=model, train=train, out=str(tmp_path), progress=False)
+    row = rec["rows"]["bilingual"]
+    assert row["layers"] == 8 and all(0 <= row[f"layer{i}"] <= 1 for i in range(8))
+    assert isinstance(rec["holds"], bool) and "divergence by MoE layer" in rec["measured"]
+    files = sorted(p.name for p in (tmp_path / "multilingual_u_shape" / "seed0" / "data").iterdir())
+    assert files[:2] == ["en_Exodus.txt", "en_Genesis.txt"] and len(files) == 8
+
+
+def test_corpus_helpers_split_and_write(tmp_path):
+    from moelab.analysis.crosslingual import split_parallel, write_bilingual_corpus
+
+    verses = [(f"1 John 1:{i}", f"en {i}", f"es {i}") for i in range(10)]
+    train, held = split_parallel(verses, 5)
+    assert [v[0] for v in held] == ["1 John 1:0", "1 John 1:5"] and len(train) == 8
+    d = write_bilingual_corpus(train, tmp_path / "c")
+    assert (d / "en_1_John.txt").read_text().splitlines() == [f"en {i}" for i in range(10) if i % 5]
+    assert (d / "es_1_John.txt").exists()
+    with pytest.raises(ValueError, match="every"):
+        split_parallel(verses, 1)

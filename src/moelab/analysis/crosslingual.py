@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -245,4 +246,32 @@ def parallel_verses(
         if max(len(ta), len(tb)) > max_ratio * min(len(ta), len(tb)):
             continue
         out.append((ref, ta, tb))
+    return out
+
+
+def split_parallel(
+    verses: list[tuple[str, str, str]], every: int = 50
+) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """``(train, held_out)``: every ``every``-th pair held out (deterministic), the rest for training."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 2:
+        raise ValueError(f"every must be an int >= 2, got {every!r}")
+    return [v for i, v in enumerate(verses) if i % every], verses[::every]
+
+
+def write_bilingual_corpus(
+    verses: list[tuple[str, str, str]], directory: str | Path, langs: tuple[str, str] = ("en", "es")
+) -> Path:
+    """Write parallel verses as one text file per book and language (``en_Genesis.txt``, ...), a
+    verse per line, so that a by-file train/val split (``moelab.train.data``) holds out whole
+    books of both languages. Returns ``directory``."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    books: dict[tuple[str, str], list[str]] = {}
+    for ref, text_a, text_b in verses:
+        book = ref.rsplit(" ", 1)[0]
+        books.setdefault((langs[0], book), []).append(text_a)
+        books.setdefault((langs[1], book), []).append(text_b)
+    for (lang, book), lines in books.items():
+        name = re.sub(r"[^A-Za-z0-9]+", "_", book)
+        (out / f"{lang}_{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out

@@ -29,6 +29,7 @@ from .cache import (
     nominal_k,
     ragged_cache_sizes,
 )
+from .locality import first_tokens
 from .lrc import (
     CI_ALPHA,
     NUM_BOOTSTRAP,
@@ -197,12 +198,7 @@ def analyze_trace(
                 "low": [cis[m - 1].low for m in sch_sizes],
                 "high": [cis[m - 1].high for m in sch_sizes],
             }
-        budget, seqs = opts.max_cache_tokens, []
-        for s in topk:
-            if budget <= 0:
-                break
-            seqs.append(s[:budget])
-            budget -= int(s.shape[0])
+        seqs = first_tokens(topk, opts.max_cache_tokens)
         # Cache sizes: multiples of k; when ragged, from max_t |S_t| of the whole layer upward (the
         # simulators need every token's experts resident), then multiples of the nominal k.
         per_tok = r.experts_per_token().cpu()

@@ -59,6 +59,9 @@ class CompareSettings:
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
     router_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per router, over the paper's
     aux_losses: dict[str, dict[str, float]] = field(default_factory=dict)  # per router, replaces the paper's
+    # Per arm, MoELMConfig fields over ``model`` (``moelab repro`` arms that differ in architecture,
+    # e.g. shared experts); arms with different shapes no longer share their initial weights.
+    model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     save_models: bool = True
 
 
@@ -81,6 +84,7 @@ def router_configs(label: str, s: CompareSettings, vocab_size: int) -> tuple[MoE
     mcfg = MoELMConfig.from_dict(
         {
             **s.model,
+            **s.model_overrides.get(label, {}),
             "router": base_router(label, s),
             "router_kwargs": kw,
             "aux_losses": aux,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..analysis.locality import KEYS as LOCALITY_KEYS
 from .compare import CompareSettings, _mean, run_compare
 
 # Val-loss differences below this (nats/token) are treated as a tie: at the demo budget the
@@ -31,6 +32,7 @@ class Arm:
     router: str
     router_kwargs: dict[str, Any] = field(default_factory=dict)
     aux_losses: dict[str, float] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)  # MoELMConfig overrides for this arm only
 
 
 Rows = dict[str, dict[str, float]]  # arm label -> measured numbers (mean over seeds)
@@ -45,6 +47,10 @@ class Reproduction:
     arms: dict[str, Arm]
     verdict: Callable[[Rows], tuple[bool, str]]  # -> (holds, what was measured)
     model: dict[str, Any] = field(default_factory=dict)  # MoELMConfig overrides for every arm
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides, e.g. locality
+    # A reproduction that is not a ``moelab compare`` (other data, other measurements):
+    # ``runner(seed=, model=, train=, out=) -> Rows``; ``arms`` then only documents what it trains.
+    runner: Callable[..., Rows] | None = None
 
 
 def _f(x: float) -> str:
@@ -97,7 +103,111 @@ def _verdict_expert_choice(r: Rows) -> tuple[bool, str]:
     )
 
 
+def _verdict_lrc_architecture(r: Rows) -> tuple[bool, str]:
+    every, shared, half = r["every_layer"], r["shared_expert"], r["every_2nd"]
+    holds = all(every[m] > max(shared[m], half[m]) for m in ("srp", "sch_2k"))
+    return holds, (
+        "SRP(16): every layer "
+        f"{every['srp']:.3f}, with a shared expert {shared['srp']:.3f}, every 2nd layer {half['srp']:.3f}; "
+        f"SCH(16, 2k): {every['sch_2k']:.3f} / {shared['sch_2k']:.3f} / {half['sch_2k']:.3f}"
+    )
+
+
+def _verdict_lrc_local_balance(r: Rows) -> tuple[bool, str]:
+    g, weak, strong = r["global"], r["seq_1e-2"], r["seq_1e-1"]
+    holds = all(g[m] > weak[m] > strong[m] for m in ("srp", "sch_2k"))
+    return holds, (
+        f"SRP(16): global only {g['srp']:.3f}, + seq 1e-2 {weak['srp']:.3f}, + seq 1e-1 {strong['srp']:.3f}; "
+        f"SCH(16, 2k): {g['sch_2k']:.3f} / {weak['sch_2k']:.3f} / {strong['sch_2k']:.3f}; "
+        f"val loss {g['val_loss']:.3f} / {weak['val_loss']:.3f} / {strong['val_loss']:.3f}"
+    )
+
+
+def _verdict_lookahead(r: Rows) -> tuple[bool, str]:
+    a = r["topk"]
+    holds = a["lookahead"] > a["lru"] + HIT_MARGIN
+    return holds, (
+        f"hit rate with a cache of 2k = 4 of 8 experts: LRU {a['lru']:.3f}, LFU {a['lfu']:.3f}, "
+        f"lookahead (8 tokens) {a['lookahead']:.3f}, Belady {a['belady']:.3f}"
+    )
+
+
+def _u_shape_parts(n: int) -> tuple[list[int], list[int], list[int]]:
+    """Layer indices of the first quarter, the middle half and the last quarter (at least one each)."""
+    q = max(1, n // 4)
+    return list(range(q)), list(range(q, n - q)), list(range(n - q, n))
+
+
+def _verdict_multilingual(r: Rows) -> tuple[bool, str]:
+    a = r["bilingual"]
+    d = [a[f"layer{i}"] for i in range(int(a["layers"]))]
+    first, middle, last = _u_shape_parts(len(d))
+    mean = lambda idx: sum(d[i] for i in idx) / len(idx)  # noqa: E731
+    holds = bool(middle) and mean(middle) < min(mean(first), mean(last))
+    return holds, (
+        "divergence by MoE layer "
+        + " ".join(f"{x:.4f}" for x in d)
+        + f"; first quarter {mean(first):.4f}, middle {mean(middle) if middle else float('nan'):.4f}, "
+        f"last quarter {mean(last):.4f}"
+    )
+
+
+def _run_multilingual(*, seed: int, model: dict[str, Any], train: dict[str, Any], out: Path) -> Rows:
+    """Train a byte-level MoELM on verse-aligned English + Spanish Bibles, then measure the
+    entropy-normalised JS divergence of each MoE layer between held-out parallel verses."""
+    from ..analysis.crosslingual import (
+        crosslingual_divergence,
+        parallel_verses,
+        split_parallel,
+        write_bilingual_corpus,
+    )
+    from ..analysis.runner import ByteTokens, sentence_routings
+    from ..models.config import MoELMConfig
+    from .trainer import TrainConfig, Trainer
+
+    verses = parallel_verses()  # DiathekeError (with the apt packages to install) when absent
+    train_v, held = split_parallel(verses, 50)
+    data_dir = write_bilingual_corpus(train_v, out / "data")
+    arm = MULTILINGUAL_ARM
+    mcfg = MoELMConfig.from_dict(
+        {
+            **model,
+            **arm.model,
+            "router": arm.router,
+            "router_kwargs": arm.router_kwargs,
+            "aux_losses": arm.aux_losses,
+        }
+    )
+    tcfg = TrainConfig.from_dict({**train, "seed": seed, "data": str(data_dir), "tokenizer": "bytes"})
+    trainer = Trainer(mcfg, tcfg, None, progress=False)
+    res = trainer.train()
+    test = held[:MULTILINGUAL_PAIRS]
+    tok = ByteTokens()
+    max_len = mcfg.max_seq_len
+    ra = sentence_routings(trainer.model, tok, [en for _, en, _ in test], max_len)
+    rb = sentence_routings(trainer.model, tok, [es for _, _, es in test], max_len)
+    rows = crosslingual_divergence(ra, rb, n_boot=200, seed=seed)
+    return {
+        "bilingual": {
+            "val_loss": res.val_loss,
+            "layers": float(len(rows)),
+            **{f"layer{i}": float(r["divergence"]) for i, r in enumerate(rows)},
+        }
+    }
+
+
+# The multilingual reproduction's model: deeper than the demo's (a U over 4 layers is hard to
+# tell from noise), windows long enough for a verse; the router and losses of
+# examples/bible_divergence.py (MoELM's defaults). Our choice.
+MULTILINGUAL_ARM = Arm("topk", {}, {"load_balance": 1e-2, "z": 1e-3}, {"n_layers": 8, "max_seq_len": 256})
+MULTILINGUAL_PAIRS = 256  # held-out verse pairs (the example's default)
+
+
+# Hit-rate differences below this count as ties (ours): a few hundred val windows per layer.
+HIT_MARGIN = 0.01
 _DROPLESS = {"capacity_factor": None}
+_LOCALITY = {"locality": True}
+_LRC_PAPER = "Local routing consistency (Liang et al. 2025, ljcleo/moe-lrc)"
 
 REPRODUCTIONS: dict[str, Reproduction] = {
     r.name: r
@@ -151,6 +261,62 @@ REPRODUCTIONS: dict[str, Reproduction] = {
             },
             verdict=_verdict_expert_choice,
         ),
+        Reproduction(
+            name="lrc_architecture",
+            method="srp",
+            paper=_LRC_PAPER,
+            claim=(
+                "Models with an MoE on every layer and no shared experts have the highest local routing "
+                "consistency (SRP, SCH)."
+            ),
+            arms={
+                "every_layer": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
+                "shared_expert": Arm("topk", _DROPLESS, {"load_balance": 1e-2}, {"shared_experts": 1}),
+                "every_2nd": Arm("topk", _DROPLESS, {"load_balance": 1e-2}, {"moe_every": 2}),
+            },
+            train=_LOCALITY,
+            verdict=_verdict_lrc_architecture,
+        ),
+        Reproduction(
+            name="lrc_local_balance",
+            method="sch",
+            paper=_LRC_PAPER,
+            claim=(
+                "Local (per-sequence) load balancing trades off against local routing consistency: SRP and "
+                "SCH fall as the sequence-level balance loss grows."
+            ),
+            arms={
+                "global": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
+                "seq_1e-2": Arm("topk", _DROPLESS, {"load_balance": 1e-2, "load_balance_seq": 1e-2}),
+                "seq_1e-1": Arm("topk", _DROPLESS, {"load_balance": 1e-2, "load_balance_seq": 1e-1}),
+            },
+            train=_LOCALITY,
+            verdict=_verdict_lrc_local_balance,
+        ),
+        Reproduction(
+            name="lookahead_cache",
+            method="lookahead",
+            paper="Read-ME (Cai et al. 2024): pre-gating enables lookahead expert caching",
+            claim=(
+                "Knowing upcoming tokens' experts (pre-gating) lets an expert cache evict better than LRU "
+                "on the same routing."
+            ),
+            arms={"topk": Arm("topk", {"capacity_factor": 1.25}, {"load_balance": 1e-2, "z": 1e-3})},
+            train=_LOCALITY,
+            verdict=_verdict_lookahead,
+        ),
+        Reproduction(
+            name="multilingual_u_shape",
+            method="js_divergence",
+            paper="Multilingual routing in MoE (Bandarkar et al. 2025)",
+            claim=(
+                "Cross-lingual routing divergence between parallel sentences is U-shaped over layers: "
+                "lowest in the middle layers."
+            ),
+            arms={"bilingual": MULTILINGUAL_ARM},
+            verdict=_verdict_multilingual,
+            runner=_run_multilingual,
+        ),
     ]
 }
 
@@ -158,6 +324,8 @@ METRICS = ("val_loss", "max_over_mean", "drop_rate", "entropy", "z", "max_abs_lo
 
 
 def _arm_rows(summary: dict[str, Any]) -> Rows:
+    """Each arm's numbers; with ``TrainConfig.locality``, also the means over MoE layers of
+    ``moelab.analysis.locality.KEYS`` (SRP, SCH, cache hit rates)."""
     rows = {}
     for label, r in summary["routers"].items():
         rows[label] = {
@@ -168,6 +336,8 @@ def _arm_rows(summary: dict[str, Any]) -> Rows:
             "z": _mean(r["routing"], "z"),
             "max_abs_logit": _mean(r["routing"], "max_abs_logit"),
         }
+        if r.get("locality"):
+            rows[label].update({key: _mean(r["locality"], key) for key in LOCALITY_KEYS})
     return rows
 
 
@@ -181,7 +351,8 @@ def settings_for(
         name=f"{rep.name}/seed{seed}",
         out=out,
         model={**model, **rep.model},
-        train={**train, "seed": seed},
+        model_overrides={label: dict(arm.model) for label, arm in rep.arms.items() if arm.model},
+        train={**train, **rep.train, "seed": seed},
         router_kwargs={label: dict(arm.router_kwargs) for label, arm in rep.arms.items()},
         aux_losses={label: dict(arm.aux_losses) for label, arm in rep.arms.items()},
         save_models=False,
@@ -208,10 +379,15 @@ def run_repro(
     t0 = time.perf_counter()
     per_seed = []
     for seed in seeds:
+        if rep.runner is not None:
+            arm_out = Path(out) / rep.name / f"seed{seed}"
+            per_seed.append(rep.runner(seed=seed, model={**model, **rep.model}, train=train, out=arm_out))
+            continue
         s = settings_for(rep, seed=seed, model=model, train=train, out=out)
         per_seed.append(_arm_rows(run_compare(s, jobs=jobs, progress=progress, console=console)))
     rows = {
-        label: {m: sum(p[label][m] for p in per_seed) / len(per_seed) for m in METRICS} for label in rep.arms
+        label: {m: sum(p[label][m] for p in per_seed) / len(per_seed) for m in per_seed[0][label]}
+        for label in rep.arms
     }
     holds, measured = rep.verdict(rows)
     record = {
@@ -224,7 +400,12 @@ def run_repro(
         "seeds": seeds,
         "steps": train.get("steps"),
         "arms": {
-            label: {"router": a.router, "router_kwargs": a.router_kwargs, "aux_losses": a.aux_losses}
+            label: {
+                "router": a.router,
+                "router_kwargs": a.router_kwargs,
+                "aux_losses": a.aux_losses,
+                "model": {**rep.model, **a.model},
+            }
             for label, a in rep.arms.items()
         },
         "rows": rows,

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..analysis.locality import layer_locality
 from ..models.config import MoELMConfig
 from ..models.lm import MoELM
 from ..routing.context import RoutingContext
@@ -72,6 +73,10 @@ class TrainConfig:
         tokenizer: ``"bytes"`` or ``"bpe"``; ``bpe_vocab_size`` for the latter.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         log_every: progress refresh interval in steps.
+        locality: after the final evaluation, also measure each MoE layer's local routing
+            consistency and expert-cache hit rates on the val windows
+            (``moelab.analysis.locality``: SRP and SCH at L = 16, caches of 2k experts);
+            ``TrainResult.locality`` holds them. Off by default (a second or two per layer).
     """
 
     steps: int = 1000
@@ -96,6 +101,7 @@ class TrainConfig:
     bpe_vocab_size: int = 4096
     device: str = "cpu"
     log_every: int = 5
+    locality: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "eval_batches", "log_every", "keep_checkpoints"):
@@ -284,6 +290,7 @@ class TrainResult:
     routing: list[dict[str, Any]] = field(default_factory=list)
     load: list[list[float]] = field(default_factory=list)  # [layers, E]: share of assignments / (1/E)
     no_expert_rate: float = 0.0  # share of val tokens that no expert processed
+    locality: list[dict[str, Any]] = field(default_factory=list)  # per layer, with TrainConfig.locality
     train_drop_rate: float = 0.0
     params: int = 0
     active_params: int = 0
@@ -429,9 +436,11 @@ class Trainer:
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64)
         tr_ctx = trace(self.model) if with_trace and self.model.moe_layers() else nullcontext()
+        lengths: list[int] = []  # the val windows, in trace order
         with tr_ctx as tr:
             for x in self.val:
                 x = x.to(self.device)
+                lengths += [x.shape[1]] * x.shape[0]
                 with self._autocast():
                     out = self.model(x, labels=x)
                 n = x.shape[0] * (x.shape[1] - 1)
@@ -451,6 +460,11 @@ class Trainer:
                 ntok += r.num_tokens
             res["load"] = load
             res["no_expert_rate"] = no_expert / max(ntok, 1)
+            if self.cfg.locality:
+                res["locality"] = [
+                    {"layer": name, **layer_locality(tr.routing(name), lengths, k=self.model.config.top_k)}
+                    for name in tr.layers
+                ]
         self.model.train()
         return res
 
@@ -636,6 +650,7 @@ class Trainer:
             routing=last_eval.get("routing", []),
             load=last_eval.get("load", []),
             no_expert_rate=last_eval.get("no_expert_rate", 0.0),
+            locality=last_eval.get("locality", []),
             train_drop_rate=self.monitor.drop_rate(),
             params=self.model.num_parameters(),
             active_params=self.model.num_parameters(active=True),
