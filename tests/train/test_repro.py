@@ -172,3 +172,24 @@ def test_corpus_helpers_split_and_write(tmp_path):
     assert (d / "es_1_John.txt").exists()
     with pytest.raises(ValueError, match="every"):
         split_parallel(verses, 1)
+
+
+def test_a_claim_holds_only_on_every_seed():
+    from moelab.train.repro import rejudge, verdict_text
+
+    good, tie = row(1.9, 1.0), row(2.0, 1.4)
+    rec = {
+        "name": "expert_choice",
+        "holds": True,
+        "rows": {"top2": row(2.0, 1.4), "expert_choice": row(1.95, 1.0)},  # the mean holds...
+        "per_seed": [
+            {"top2": tie, "expert_choice": row(2.0, 1.0)},  # ...seed 0 is a tie
+            {"top2": tie, "expert_choice": good},
+        ],
+    }
+    out = rejudge(rec)
+    assert out["seed_holds"] == [False, True] and out["holds"] is False
+    assert verdict_text(out) == "**mixed**: holds on 1 of 2 seeds"
+    assert verdict_text({"holds": True, "seed_holds": [True, True]}) == "holds"
+    assert verdict_text({"holds": False, "seed_holds": [False, False]}) == "**does not hold**"
+    assert rejudge({"name": "unknown", "holds": True}) == {"name": "unknown", "holds": True}

@@ -279,7 +279,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from .repro import REPRODUCTIONS, render_rows, run_repro
+        from .repro import REPRODUCTIONS, render_rows, run_repro, verdict_text
         from .repro import write_docs as write_docs_fn
 
         console = Console() if Console().is_terminal else Console(width=140)
@@ -335,7 +335,7 @@ def register(app: typer.Typer) -> None:
             table.add_column(col, overflow="fold")
         for name, r in records.items():
             table.add_row(
-                name, r["claim"], r["measured"], "holds" if r["holds"] else "[red]does not hold[/red]"
+                name, r["claim"], r["measured"], verdict_text(r).replace("**", "")
             )
         console.print(table)
         if write_docs:

@@ -5,9 +5,9 @@ claims matters (a loss on or off, a balancing rule, a router), plus a rule that 
 measured numbers into a verdict. Every arm shares the model shape, the data, the step budget and
 the seed, and runs with the demo's model (``moelab.train.commands.DEMO``) unless overridden.
 
-Verdicts are ``holds`` / ``does not hold``. With one seed and a few hundred steps a small loss
-gap is noise: loss comparisons therefore allow a margin (``LOSS_MARGIN``) and each verdict says
-what it compared. ``--write-docs`` records the rows in ``docs/reproductions.md``.
+Verdicts are ``holds`` (the rule holds on the seed mean *and* on every seed), ``mixed`` (it holds
+on some seeds only) or ``does not hold``. With a few hundred steps a small loss gap is noise: loss
+comparisons therefore allow a margin (``LOSS_MARGIN``) and each verdict says what it compared. ``--write-docs`` records the rows in ``docs/reproductions.md``.
 """
 
 from __future__ import annotations
@@ -390,12 +390,14 @@ def run_repro(
         for label in rep.arms
     }
     holds, measured = rep.verdict(rows)
+    seed_holds = [rep.verdict(p)[0] for p in per_seed]
     record = {
         "name": rep.name,
         "method": rep.method,
         "paper": rep.paper,
         "claim": rep.claim,
-        "holds": holds,
+        "holds": holds and all(seed_holds),  # on the seed mean and on every seed
+        "seed_holds": seed_holds,
         "measured": measured,
         "seeds": seeds,
         "steps": train.get("steps"),
@@ -421,6 +423,26 @@ def run_repro(
 BEGIN, END = "<!-- repro:begin -->", "<!-- repro:end -->"
 
 
+def rejudge(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with ``holds`` / ``seed_holds`` recomputed from its per-seed rows under the
+    current rule (records written before the per-seed rule existed are brought up to date)."""
+    rep = REPRODUCTIONS.get(record.get("name", ""))
+    if rep is None or not record.get("per_seed") or not record.get("rows"):
+        return record
+    seed_holds = [rep.verdict(p)[0] for p in record["per_seed"]]
+    return {**record, "holds": rep.verdict(record["rows"])[0] and all(seed_holds), "seed_holds": seed_holds}
+
+
+def verdict_text(record: dict[str, Any]) -> str:
+    """``holds`` (on the seed mean and on every seed), ``mixed`` (on some seeds) or ``does not hold``."""
+    seeds = record.get("seed_holds") or []
+    if record["holds"]:
+        return "holds"
+    if any(seeds):
+        return f"**mixed**: holds on {sum(seeds)} of {len(seeds)} seeds"
+    return "**does not hold**"
+
+
 def render_rows(records: dict[str, dict[str, Any]]) -> str:
     lines = [
         "| reproduction | method | paper | claim | measured | verdict | seeds x steps |",
@@ -428,7 +450,7 @@ def render_rows(records: dict[str, dict[str, Any]]) -> str:
     ]
     for name in sorted(records):
         r = records[name]
-        verdict = "holds" if r["holds"] else "**does not hold**"
+        verdict = verdict_text(r)
         lines.append(
             f"| `{name}` | [{r['method']}](methods/{r['method']}.md) | {r['paper']} | {r['claim']} | "
             f"{r['measured']} | {verdict} | {len(r['seeds'])} x {r['steps']} |"
@@ -442,6 +464,7 @@ def write_docs(records: dict[str, dict[str, Any]], doc: str | Path = "docs/repro
     store = doc.with_suffix(".json")
     known = json.loads(store.read_text()) if store.exists() else {}
     known.update(records)
+    known = {name: rejudge({"name": name, **r}) for name, r in known.items()}
     store.write_text(json.dumps(known, indent=1, default=lambda o: None) + "\n")
     text = doc.read_text() if doc.exists() else f"# Reproductions\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
