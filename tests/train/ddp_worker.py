@@ -51,6 +51,7 @@ def main() -> None:
     res = trainer.train()  # raises if the replicas diverge
     state = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}
     save_file(state, f"{out}/rank{trainer.rank}.safetensors", metadata={"val_loss": repr(res.val_loss)})
+    trainer.close()  # before destroying the group: see Trainer.close
     if dist.is_initialized():
         dist.destroy_process_group()
 

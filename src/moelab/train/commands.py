@@ -244,6 +244,7 @@ def register(app: typer.Typer) -> None:
             )
             trainer = Trainer(mcfg, tcfg, out, progress=progress, description=mcfg.router, console=console)
             res = trainer.train(resume=resume)
+            trainer.close()  # under DDP, before the group is destroyed (see Trainer.close)
         except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
             console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(2) from None
