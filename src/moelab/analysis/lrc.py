@@ -280,7 +280,6 @@ def sch_curve_batch(topk_BTK: Tensor, num_experts: int, segment_length: int) -> 
     if T == 0:
         return torch.zeros(B, E, dtype=torch.float64)
     valid_BTK = idx != PAD
-    ragged = not bool(valid_BTK.all())
     safe_BTK = idx.clamp(min=0)  # padding points at expert 0 with weight 0 / masked updates
     rows = torch.arange(B)
     pos_E = torch.arange(E)
@@ -307,8 +306,6 @@ def sch_curve_batch(topk_BTK: Tensor, num_experts: int, segment_length: int) -> 
         for j in range(K):
             x_B = x_BK[:, j]
             v_B = v_BK[:, j]
-            if ragged and not bool(v_B.any()):
-                continue
             in_stack = (stack == x_B.unsqueeze(1)) & v_B.unsqueeze(1)
             present = in_stack.any(1)
             d_B = torch.where(present, in_stack.long().argmax(1), length)
@@ -326,25 +323,17 @@ def sch_curve_batch(topk_BTK: Tensor, num_experts: int, segment_length: int) -> 
             new = torch.where(pos_E.unsqueeze(0) == d, carry_ent, new)
             new[:, 0] = x_B
             clock += 1
-            if ragged:
-                # Sequences whose token has no j-th request keep their state (the clock only
-                # orders requests within a sequence, so skipping values is harmless).
-                stack = torch.where(v_B.unsqueeze(1), new, stack)
-                length = length + (v_B & ~present).long()
-                x_safe = x_B.clamp(min=0)
-                count[rows, x_safe] -= v_B.long()
-                last[rows, x_safe] = torch.where(v_B, clock, last[rows, x_safe])
-            else:
-                stack = new
-                length = length + (~present).long()
-                count[rows, x_B] -= 1
-                last[rows, x_B] = clock
+            # Sequences whose token has no j-th request (padding) keep their state; the clock only
+            # orders requests within a sequence, so values it skips there are harmless.
+            stack = torch.where(v_B.unsqueeze(1), new, stack)
+            length = length + (v_B & ~present).long()
+            x_safe = x_B.clamp(min=0)
+            count[rows, x_safe] -= v_B.long()
+            last[rows, x_safe] = torch.where(v_B, clock, last[rows, x_safe])
         if t + L < T:
             count.scatter_add_(1, safe_BTK[:, t + L], valid_BTK[:, t + L].long())
     hits = depth_hist[:, :E].cumsum(1).double()
-    if not ragged:
-        return hits / float(T * K)
-    requests = valid_BTK.sum((1, 2)).double()  # sum_t |S_t| per sequence
+    requests = valid_BTK.sum((1, 2)).double()  # sum_t |S_t| per sequence (T k without padding)
     return hits / requests.unsqueeze(1)
 
 
