@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import moelab
-from moelab.analysis.cache import simulate_cache
-from moelab.analysis.locality import KEYS, first_tokens, layer_locality
+from moelab.analysis.cache import first_tokens, simulate_cache
+from moelab.analysis.locality import KEYS, layer_locality
 from moelab.analysis.lrc import sch_curve, srp_sequences
 from moelab.routing import Routing
 

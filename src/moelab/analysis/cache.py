@@ -248,3 +248,14 @@ def lookahead(
 ) -> float:
     """Hit rate of a cache that sees the next ``window`` tokens' routing (pre-gating)."""
     return simulate_cache(topk_index, num_experts, cache_size, "lookahead", window).hit_rate
+
+
+def first_tokens(sequences: Sequence[Tensor], budget: int) -> list[Tensor]:
+    """The leading sequences (the last one cut) holding the first ``budget`` tokens in total."""
+    out: list[Tensor] = []
+    for s in sequences:
+        if budget <= 0:
+            break
+        out.append(s[:budget])
+        budget -= int(s.shape[0])
+    return out

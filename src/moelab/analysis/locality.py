@@ -21,27 +21,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from torch import Tensor
-
 from ..routing.routing import Routing
-from .cache import DEFAULT_LOOKAHEAD, POLICIES, hit_rate_curve, nominal_k
+from .cache import DEFAULT_LOOKAHEAD, POLICIES, first_tokens, hit_rate_curve, nominal_k
 from .lrc import sch_curve, srp_sequences
+from .report import split_layer
 
 SEGMENT_LENGTH = 16  # our choice; see the module docstring
 CACHE_MULTIPLE = 2  # cache = 2k experts (LRC paper: "about twice the active experts")
 MAX_CACHE_TOKENS = 4096  # tokens per layer fed to the pure-Python cache simulators; ours
 KEYS = ("srp", "sch_k", "sch_2k", *POLICIES)
-
-
-def first_tokens(sequences: Sequence[Tensor], budget: int) -> list[Tensor]:
-    """The leading sequences (the last one cut) holding the first ``budget`` tokens in total."""
-    out: list[Tensor] = []
-    for s in sequences:
-        if budget <= 0:
-            break
-        out.append(s[:budget])
-        budget -= int(s.shape[0])
-    return out
 
 
 def layer_locality(
@@ -59,8 +47,6 @@ def layer_locality(
     (default: the routing's own, ``round(mean |S_t|)``; pass the router's ``top_k`` so that
     capacity drops do not shrink the cache). NaN where a number is undefined (no sequence as
     long as ``segment_length`` for SRP; a layer where no token reached an expert gives all NaN)."""
-    from .report import split_layer  # late: report imports first_tokens from here
-
     nan = {key: math.nan for key in KEYS}
     _, topk = split_layer(routing, lengths)
     if topk is None:

@@ -25,11 +25,11 @@ from .cache import (
     DEFAULT_LOOKAHEAD,
     POLICIES,
     default_cache_sizes,
+    first_tokens,
     hit_rate_curve,
     nominal_k,
     ragged_cache_sizes,
 )
-from .locality import first_tokens
 from .lrc import (
     CI_ALPHA,
     NUM_BOOTSTRAP,
@@ -101,17 +101,6 @@ def ragged_summary(routing: Routing) -> dict[str, float | int | None] | None:
         "tokens_without_expert": float((per_tok == 0).double().mean()),
         "capacity_dropped": routing.drop_rate() if routing.requested is not None else None,
     }
-
-
-def ragged_note(name: str, info: dict[str, Any]) -> str:
-    """One line for the report: ``layer: ragged ...; capacity-dropped: x%; tokens with 0 experts: y%``."""
-    drop = info["capacity_dropped"]
-    drop_s = "n/a (no request counts recorded)" if drop is None else f"{100 * drop:.1f}% of assignments"
-    return (
-        f"{name}: ragged routing, {info['experts_per_token_min']}..{info['experts_per_token_max']} experts "
-        f"per token (mean {info['experts_per_token_mean']:.2f}); capacity-dropped: {drop_s}; "
-        f"tokens with 0 experts: {100 * info['tokens_without_expert']:.1f}%"
-    )
 
 
 def _srp_from_masks(masks: list[Tensor], L: int, opts: AnalysisOptions) -> dict[str, float] | None:
@@ -201,8 +190,9 @@ def analyze_trace(
         seqs = first_tokens(topk, opts.max_cache_tokens)
         # Cache sizes: multiples of k; when ragged, from max_t |S_t| of the whole layer upward (the
         # simulators need every token's experts resident), then multiples of the nominal k.
-        per_tok = r.experts_per_token().cpu()
-        cache_sizes = default_cache_sizes(k, E) if k is not None else ragged_cache_sizes(per_tok, E)
+        cache_sizes = (
+            default_cache_sizes(k, E) if k is not None else ragged_cache_sizes(r.experts_per_token().cpu(), E)
+        )
         out["cache"][name] = hit_rate_curve(
             seqs, E, cache_sizes=cache_sizes, policies=opts.policies, lookahead=opts.lookahead
         )
@@ -579,7 +569,6 @@ def write_report(
         f"layers: {len(res['layers'])}, sequences: {res['sequences'][0]}",
     ]
     intro += notes or []
-    intro += [ragged_note(name, d) for name, d in (res.get("ragged") or {}).items()]
     intro_md = "\n".join(f"- {x}" for x in intro if x)
     md_text = f"# {title}\n\n{intro_md}\n\nDefinitions: docs/analysis.md.\n\n"
     md_text += "".join(f"## {h}\n\n{body}\n" for h, body, _ in sections)

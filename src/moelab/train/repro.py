@@ -141,14 +141,14 @@ def _u_shape_parts(n: int) -> tuple[list[int], list[int], list[int]]:
 def _verdict_multilingual(r: Rows) -> tuple[bool, str]:
     a = r["bilingual"]
     d = [a[f"layer{i}"] for i in range(int(a["layers"]))]
-    first, middle, last = _u_shape_parts(len(d))
-    mean = lambda idx: sum(d[i] for i in idx) / len(idx)  # noqa: E731
-    holds = bool(middle) and mean(middle) < min(mean(first), mean(last))
+    first, middle, last = (
+        sum(d[i] for i in idx) / len(idx) if idx else float("nan") for idx in _u_shape_parts(len(d))
+    )
+    holds = middle < min(first, last)  # False when there is no middle (NaN)
     return holds, (
         "divergence by MoE layer "
         + " ".join(f"{x:.4f}" for x in d)
-        + f"; first quarter {mean(first):.4f}, middle {mean(middle) if middle else float('nan'):.4f}, "
-        f"last quarter {mean(last):.4f}"
+        + f"; first quarter {first:.4f}, middle {middle:.4f}, last quarter {last:.4f}"
     )
 
 
