@@ -36,9 +36,9 @@ import torch.nn.functional as F
 
 import moelab
 from moelab.experts.bank import ExpertBank
-from moelab.ops import backend_names, get_backend, resolve_backend
-from moelab.ops.fast.activation import activation_backward, activation_forward
-from moelab.ops.fast.gemm import linear, uses_onednn
+from moelab.ops import executor_names, get_executor, resolve_executor
+from moelab.core.activations import activation_backward, activation_forward
+from moelab.kernels.cpu.gemm import linear, uses_onednn
 
 from .common import (
     COARSE,
@@ -225,7 +225,7 @@ def make_impls(p: Problem, include: set[str] | None = None, cur: dict | None = N
 
     impls.append(Impl("roofline", roofline, [x_rows, w1, w2], _nbytes(x_rows, w1, w2)))
     if uses_onednn(x_rows) and s.name == COARSE.name:
-        # The same chain with its GEMMs routed as moelab.ops.fast.gemm routes them (oneDNN for the
+        # The same chain with its GEMMs routed as moelab.kernels.cpu.gemm routes them (oneDNN for the
         # activation GEMMs, torch.mm for the weight gradients): separates GEMM-library gains
         # from everything else. A diagnostic, run on the coarse shape only (time budget).
         def roofline_onednn():

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import moelab
-from moelab.routing import RoutingContext
+from moelab.core import RoutingContext
 
 from .common import Stopwatch, interleaved, machine_info, md_table, median, set_threads, write_json
 

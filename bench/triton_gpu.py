@@ -104,7 +104,7 @@ class Problem:
         import torch
 
         import moelab
-        from moelab.routing import Routing
+        from moelab.core import Routing
 
         g = torch.Generator(device="cpu").manual_seed(seed)
         self.shape, self.device, self.dtype = shape, device, dtype
@@ -132,7 +132,7 @@ class Problem:
 
 
 def moelab_impl(p: Problem, backend: str):
-    from moelab.ops import get_backend
+    from moelab.ops import get_executor
 
     fn = get_backend(backend).fn
 

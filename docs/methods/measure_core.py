@@ -19,7 +19,7 @@ import torch
 
 import moelab
 from moelab.losses import load_balance, z_loss
-from moelab.routing import ExpertChoiceRouter, SigmoidTopKRouter, TopKRouter
+from moelab.routers import ExpertChoiceRouter, SigmoidTopKRouter, TopKRouter
 
 torch.set_num_threads(2)
 OUT = Path(__file__).with_name("measured_core.json")
@@ -61,7 +61,7 @@ def measure_bias(steps=(0, 50, 100, 200, 400, 800), rates=(1e-3, 1e-2)) -> dict:
 def measure_topk() -> dict:
     """GShard's sampled second expert: observed keep rate vs min(1, 2*g2); Switch k=1: router
     gradient from the task loss with and without renormalising the single gate."""
-    from moelab.routing import sample_second_expert
+    from moelab.routers import sample_second_expert
 
     n = 50000
     grid = [0.05, 0.15, 0.3, 0.45]
@@ -217,7 +217,7 @@ def measure_backends(n_cases: int = 200) -> dict:
             gy = torch.randn(t, d, generator=g).to(dtype)
             grads = {}
             for name in ("reference", "sorted"):
-                y = moelab.ops.get_backend(name)(x, routing, bank)
+                y = moelab.ops.get_executor(name)(x, routing, bank)
                 inputs = [x, w, *bank.parameters()]
                 gs = (
                     torch.autograd.grad((y * gy).sum(), inputs, allow_unused=True)

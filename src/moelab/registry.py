@@ -1,16 +1,48 @@
-"""One string-keyed registry for every method moelab implements.
+"""One string-keyed registry for every method moelab implements. Imports nothing but the stdlib.
 
-Routers, losses and execution backends register here with the paper they come from, so that
-``moelab list`` and ``moelab.list_methods()`` describe the whole library from one place.
+Routers, losses, executors, dispatchers, banks, layers and analyses register here with the paper
+they come from, so that ``moelab list`` and ``moelab.list_methods()`` describe the whole library
+from one place. The module is torch-free on purpose: the gateway (model-level routing, no torch)
+registers its routers here too, and ``moelab list`` can print without importing torch.
+
+Kinds are open: ``register_kind("policy", "cache and offload policies")`` adds one.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("router", "loss", "backend", "layer", "analysis")
+# kind -> one-line description, in the order ``moelab list`` shows them.
+_KINDS: dict[str, str] = {
+    "router": "maps hidden states to a Routing (token -> experts)",
+    "loss": "auxiliary loss over a Routing",
+    "bank": "a set of experts run on expert-sorted rows",
+    "dispatcher": "moves rows to where their experts are (and back)",
+    "executor": "computes the experts on a Routing: dispatch -> bank -> combine",
+    "layer": "a routed layer built on the contract",
+    "analysis": "a measurement of routing",
+}
+
+# Where moelab's own methods of each kind register themselves. A lookup that misses imports the
+# kind's module first, so ``import moelab`` stays cheap and a method is one file plus its
+# registration line.
+BUILTIN_MODULES: dict[str, str] = {
+    "router": "moelab.routers",
+    "loss": "moelab.losses",
+    "bank": "moelab.experts",
+    "dispatcher": "moelab.ops",
+    "executor": "moelab.ops",
+    "layer": "moelab.layers",
+    "analysis": "moelab.analysis",
+}
+
+# Third-party packages moelab integrates with, and the moelab module that integrates each. A
+# model whose class comes from the package gets the integration imported on first need (its
+# import registers what it adds, e.g. a tracer); the core never imports the package itself.
+INTEGRATIONS: dict[str, str] = {"transformers": "moelab.integrations.hf"}
 
 
 @dataclass(frozen=True)
@@ -27,14 +59,44 @@ class MethodInfo:
 _METHODS: dict[tuple[str, str], MethodInfo] = {}
 
 
+def kinds() -> tuple[str, ...]:
+    """The registered kinds, in display order."""
+    return tuple(_KINDS)
+
+
+def kind_description(kind: str) -> str:
+    return _KINDS[check_kind(kind)]
+
+
+def register_kind(kind: str, description: str) -> None:
+    """Add a kind of method (``moelab list`` shows it after the built-in ones)."""
+    if not isinstance(kind, str) or not kind.isidentifier():
+        raise ValueError(f"kind must be an identifier string, got {kind!r}")
+    if not isinstance(description, str) or not description.strip():
+        raise ValueError(f"description must be a non-empty str, got {description!r}")
+    _KINDS.setdefault(kind, description)
+
+
+def check_kind(kind: object) -> str:
+    """``kind`` itself if registered; a plural (``routers``) is read as its singular."""
+    if isinstance(kind, str):
+        if kind in _KINDS:
+            return kind
+        if kind.endswith("s") and kind[:-1] in _KINDS:
+            return kind[:-1]
+    raise ValueError(f"kind must be one of {', '.join(_KINDS)}; got {kind!r}")
+
+
 def register(kind: str, name: str, *, paper: str, summary: str) -> Callable[[Any], Any]:
     """Decorator registering ``obj`` under ``(kind, name)``.
 
     Names are unique per kind; registering the same name twice is an error unless it is the same
     object (module re-import).
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {', '.join(_KINDS)}; got {kind!r}")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
 
     def deco(obj: Any) -> Any:
         key = (kind, name)
@@ -48,20 +110,50 @@ def register(kind: str, name: str, *, paper: str, summary: str) -> Callable[[Any
 
 
 def get(kind: str, name: str) -> MethodInfo:
-    try:
-        return _METHODS[(kind, name)]
-    except KeyError:
-        known = sorted(n for k, n in _METHODS if k == kind)
-        raise ValueError(f"unknown {kind} {name!r}; registered {kind} names: {known}") from None
+    info = _METHODS.get((kind, name))
+    if info is None:
+        _load_kind(kind)
+        info = _METHODS.get((kind, name))
+    if info is None:
+        known = ", ".join(names(kind)) or "none"
+        raise ValueError(f"unknown {kind} {name!r}; registered {kind} names: {known}")
+    return info
 
 
 def names(kind: str) -> list[str]:
+    _load_kind(kind)
     return sorted(n for k, n in _METHODS if k == kind)
 
 
+def _load_kind(kind: str) -> None:
+    module = BUILTIN_MODULES.get(kind)
+    if module is not None:
+        importlib.import_module(module)
+
+
 def list_methods(kind: str | None = None) -> list[MethodInfo]:
-    """Every registered method (optionally of one kind), sorted by kind then name."""
-    if kind is not None and kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS} or None, got {kind!r}")
+    """Every method registered so far (optionally of one kind), sorted by kind then name.
+
+    Only what has been imported is registered; ``moelab.list_methods()`` imports moelab's own
+    method modules first.
+    """
+    if kind is not None:
+        kind = check_kind(kind)
+    order = list(_KINDS)
     rows = [m for m in _METHODS.values() if kind is None or m.kind == kind]
-    return sorted(rows, key=lambda m: (KINDS.index(m.kind), m.name))
+    return sorted(rows, key=lambda m: (order.index(m.kind), m.name))
+
+
+def load_builtin() -> None:
+    """Import every module that registers moelab's own methods (this imports torch)."""
+    for kind in BUILTIN_MODULES:
+        _load_kind(kind)
+
+
+def integration_for(obj: object) -> str | None:
+    """The moelab integration module for ``obj``'s class (by the package it comes from), or None."""
+    for cls in type(obj).__mro__:
+        top = cls.__module__.partition(".")[0]
+        if top in INTEGRATIONS:
+            return INTEGRATIONS[top]
+    return None

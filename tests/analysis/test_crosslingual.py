@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moelab.analysis import crosslingual as X
-from moelab.routing.routing import Routing
+from moelab.core.routing import Routing
 
 
 def kl(p: list[float], q: list[float]) -> float:

@@ -11,7 +11,7 @@ import moelab
 from moelab.analysis.cache import first_tokens, simulate_cache
 from moelab.analysis.locality import KEYS, layer_locality
 from moelab.analysis.lrc import sch_curve, srp_sequences
-from moelab.routing import Routing
+from moelab.core import Routing
 
 
 def constant_routing(T: int, experts=(0, 1), E: int = 8) -> Routing:

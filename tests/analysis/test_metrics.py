@@ -21,7 +21,7 @@ from moelab.analysis.metrics import (
     top1_experts,
     trace_metrics,
 )
-from moelab.routing.routing import Routing
+from moelab.core.routing import Routing
 
 
 def topk_routing(

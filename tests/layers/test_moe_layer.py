@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import moelab
-from moelab.losses import load_balance, load_balance_seq, z_loss
-from moelab.routing import Router, Routing
+from moelab.losses import load_balance, load_balance_seq, z
+from moelab.core import Router, Routing
 
 ROUTERS = ["topk", "sigmoid_topk", "expert_choice"]
 
@@ -104,8 +104,8 @@ def test_aux_loss_is_the_weighted_sum_of_terms():
     r = tr.routing(tr.layers[0])
     expected = {
         "load_balance": load_balance(r),
-        "z": z_loss(r),
-        "load_balance_seq": load_balance_seq(r, seq_len=5),
+        "z": z(r),
+        "load_balance_seq": load_balance_seq(r, ctx=moelab.RoutingContext(batch_shape=(len(x), 5))),
     }
     assert set(moe.aux_terms) == set(coefs)
     for name, value in expected.items():
@@ -160,7 +160,7 @@ def test_model_aux_loss_sums_layers():
     model = Two()
     model(torch.randn(4, 8))
     torch.testing.assert_close(moelab.aux_loss(model), model.a.aux_loss + model.b[1].aux_loss)
-    with pytest.raises(ValueError, match="no MoE"):
+    with pytest.raises(ValueError, match="no routed layer"):
         moelab.aux_loss(nn.Linear(2, 2))
 
 

@@ -8,8 +8,13 @@ import pytest
 import torch
 
 import moelab
-from moelab.losses import get_loss, load_balance, load_balance_seq, z_loss
-from moelab.routing import Routing, TopKRouter
+from moelab.core import Routing, RoutingContext
+from moelab.losses import get_loss, load_balance, load_balance_seq, load_balance_seq_unbiased, z
+from moelab.routers import TopKRouter
+
+
+def seqs(b, s):
+    return RoutingContext(batch_shape=(b, s))
 
 
 def switch_eq4(probs, expert_of_assignment, num_experts):
@@ -50,7 +55,7 @@ def test_losses_equal_one_at_uniform():
     idx = torch.tensor([[(2 * s) % e, (2 * s + 1) % e] for s in range(t)])  # every expert 4 times
     routing = Routing.from_topk(idx, torch.full((t, k), 0.5), e, probs=probs, logits=torch.zeros(t, e))
     assert load_balance(routing).item() == pytest.approx(1.0)
-    assert load_balance_seq(routing, seq_len=4).item() == pytest.approx(1.0)
+    assert load_balance_seq(routing, ctx=seqs(2, 4)).item() == pytest.approx(1.0)
     # All tokens on one expert with p one-hot on it: the loss is E.
     idx1 = torch.zeros(t, 1, dtype=torch.long)
     probs1 = torch.zeros(t, e)
@@ -74,7 +79,7 @@ def test_load_balance_seq_matches_per_sequence_loop():
             if int(tok) // s == q
         ]
         total += switch_eq4(normed, assign, e)
-    assert load_balance_seq(routing, seq_len=s).item() == pytest.approx(total / b, rel=1e-5)
+    assert load_balance_seq(routing, ctx=seqs(b, s)).item() == pytest.approx(total / b, rel=1e-5)
     # One sequence (no seq_len) is the global loss on normalised scores.
     glob = switch_eq4(
         [[float(scores[i, j]) / float(scores[i].sum()) for j in range(e)] for i in range(b * s)],
@@ -83,14 +88,14 @@ def test_load_balance_seq_matches_per_sequence_loop():
     )
     assert load_balance_seq(routing).item() == pytest.approx(glob, rel=1e-5)
     with pytest.raises(ValueError, match="seq_len"):
-        load_balance_seq(routing, seq_len=4)
+        load_balance_seq(routing, ctx=seqs(4, 4))
 
 
 def test_z_loss_matches_st_moe_eq5():
     logits = torch.randn(7, 5) * 3
     routing = Routing.from_topk(torch.zeros(7, 1, dtype=torch.long), torch.ones(7, 1), 5, logits=logits)
     expected = sum(math.log(sum(math.exp(float(v)) for v in row)) ** 2 for row in logits) / 7
-    assert z_loss(routing).item() == pytest.approx(expected, rel=1e-5)
+    assert z(routing).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_missing_fields_and_empty_batch():
@@ -100,17 +105,43 @@ def test_missing_fields_and_empty_batch():
     with pytest.raises(ValueError, match="probs"):
         load_balance_seq(bare)
     with pytest.raises(ValueError, match="logits"):
-        z_loss(bare)
+        z(bare)
     logits = torch.zeros(0, 4, requires_grad=True)
     empty = Routing.from_topk(
         torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), 4, logits=logits, probs=logits.softmax(-1)
     )
-    for fn in (load_balance, load_balance_seq, z_loss):
+    for fn in (load_balance, load_balance_seq, load_balance_seq_unbiased, z):
         v = fn(empty)
         assert v.item() == 0.0 and v.requires_grad
 
 
-@pytest.mark.parametrize("name", ["load_balance", "load_balance_seq", "z"])
+def test_load_balance_seq_unbiased_counts_topk_of_the_unbiased_scores():
+    """Defect D (issue 8): DeepSeek-V3 eq. 18 counts Topk(s_t, K) of the unbiased scores s, while
+    ``load_balance_seq`` (Megatron's practice) counts the experts selected by s + b. With a bias
+    that changes the selection, the two differ; each matches its own loop."""
+    b, s, e, k = 2, 6, 4, 2
+    r = moelab.build_router("sigmoid_topk", d_model=8, num_experts=e, top_k=k)
+    with torch.no_grad():
+        r.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))  # expert 3 always selected
+    routing = r(torch.randn(b * s, 8))
+    scores = routing.probs.detach()
+    assert (routing.expert_index == 3).sum() == b * s
+    def loop(counted):
+        total = 0.0
+        for q in range(b):
+            rows = range(q * s, (q + 1) * s)
+            normed = [[float(scores[i, j]) / float(scores[i].sum()) for j in range(e)] for i in rows]
+            total += switch_eq4(normed, [ex for tok, ex in counted if tok // s == q], e)
+        return total / b
+    selected = list(zip(routing.token_index.tolist(), routing.expert_index.tolist(), strict=True))
+    unbiased = [(i, int(j)) for i in range(b * s) for j in torch.topk(scores[i], k).indices]
+    ctx = seqs(b, s)
+    assert load_balance_seq(routing, ctx=ctx).item() == pytest.approx(loop(selected), rel=1e-5)
+    assert load_balance_seq_unbiased(routing, ctx=ctx, layer=None).item() == pytest.approx(loop(unbiased), rel=1e-5)
+    assert loop(selected) != pytest.approx(loop(unbiased), rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["load_balance", "load_balance_seq", "load_balance_seq_unbiased", "z"])
 @pytest.mark.parametrize("router", ["topk", "sigmoid_topk", "expert_choice"])
 def test_gradients_flow_to_router_weights(name, router):
     moe = moelab.MoE(8, num_experts=4, top_k=2, router=router, aux_losses={name: 1.0})
@@ -121,7 +152,7 @@ def test_gradients_flow_to_router_weights(name, router):
 
 
 def test_losses_are_registered_with_papers():
-    for name in ("load_balance", "load_balance_seq", "z"):
+    for name in ("load_balance", "load_balance_seq", "load_balance_seq_unbiased", "z"):
         assert callable(get_loss(name))
     papers = {m.name: m.paper for m in moelab.list_methods("loss")}
     assert "Switch" in papers["load_balance"] and "eq. 4" in papers["load_balance"]

@@ -1,10 +1,12 @@
-"""Property tests: every fast backend equals ``reference``, forward and backward, on random cases.
+"""Property tests: every registered (dispatcher, executor, bank) combination equals ``reference``,
+forward and backward, on random cases.
 
-Acceptance (issue #2): ``sorted`` equals ``reference`` on at least 200 random cases, forward and
-backward, and the cases include empty experts, T=0, T=1 and k=E. The tests parametrize over every
-backend registered in ``moelab.ops`` that can run on the CPU, so backends added later are covered
-without editing this file. Each run counts its cases and checks that every required feature was
-hit (so the coverage claim is asserted, not assumed).
+Acceptance (issues #2 and #8): each combination that can run on the CPU equals the ``reference``
+executor on at least 200 random cases, forward and backward, and the cases include empty experts,
+T=0, T=1, k=E and d_out != d_in. The combinations come from the registry (every dispatcher, every
+bank kind built by its ``example``, every executor that supports the bank on CPU), so parts added
+later are covered without editing this file. Each run counts its cases and checks that every
+required feature was hit (so the coverage claim is asserted, not assumed).
 """
 
 from __future__ import annotations
@@ -17,8 +19,16 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import moelab
-from moelab.ops import backend_names, can_use_grouped_mm, get_backend
-from moelab.routing import ExpertChoiceRouter, Routing, SigmoidTopKRouter, TopKRouter
+from moelab import registry
+from moelab.core import Routing
+from moelab.kernels.grouped_mm import can_use_grouped_mm
+from moelab.ops import dispatcher_names, executor_names, get_dispatcher, get_executor
+from moelab.routers import ExpertChoiceRouter, SigmoidTopKRouter, TopKRouter
+
+try:  # integrations register their banks too (gpt-oss's clamped SwiGLU bank)
+    import moelab.integrations.hf  # noqa: F401
+except ImportError:  # pragma: no cover - transformers missing
+    pass
 
 CPU = torch.device("cpu")
 ACTIVATIONS = ("swiglu", "gelu")
@@ -33,12 +43,36 @@ KINDS = (
 )
 
 
-def _usable_activations(name: str) -> tuple[str, ...]:
-    b = get_backend(name)
-    return tuple(a for a in ACTIVATIONS if b.usable(CPU, moelab.ExpertBank(2, 4, 4, a)))
+def make_bank(bank_name: str, e: int, d: int, d_out: int, hidden: int, activation: str):
+    """The MLP bank with the case's hidden width and activation; any other kind by its ``example``."""
+    if bank_name == "mlp":
+        return moelab.ExpertBank(e, d, hidden, activation, d_out=d_out)
+    return registry.get("bank", bank_name).obj.example(e, d, d_out)
 
 
-FAST = [n for n in backend_names() if n != "reference" and _usable_activations(n)]
+def square_only(bank_name: str) -> bool:
+    try:
+        make_bank(bank_name, 2, 4, 6, 4, "swiglu")
+    except ValueError:
+        return True
+    return False
+
+
+def _usable_activations(executor: str, bank_name: str) -> tuple[str, ...]:
+    ex = get_executor(executor)
+    d_out = 4 if square_only(bank_name) else 6
+    return tuple(a for a in ACTIVATIONS if ex.usable(CPU, make_bank(bank_name, 2, 4, d_out, 4, a)))
+
+
+# (dispatcher, executor, bank): every registered combination the CPU can run, bar the reference itself.
+COMBOS = [
+    (dsp, ex, bank)
+    for dsp in dispatcher_names()
+    for bank in registry.names("bank")
+    for ex in executor_names()
+    if ex != "reference" and _usable_activations(ex, bank)
+]
+COMBO_IDS = ["-".join(c) for c in COMBOS]
 
 
 @st.composite
@@ -49,6 +83,7 @@ def cases(draw, activations=ACTIVATIONS):
         seed=draw(st.integers(0, 2**31 - 1)),
         T=t,
         d=draw(st.sampled_from([4, 8, 16, 3, 5, 6])),  # 3, 5, 6: strides not 16-byte aligned
+        d_out=draw(st.sampled_from([None, None, 4, 6, 12])),  # None: d_out = d (an FFN)
         E=e,
         k=draw(st.one_of(st.just(e), st.integers(1, e))),
         hidden=draw(st.sampled_from([4, 8, 3, 6])),
@@ -59,12 +94,13 @@ def cases(draw, activations=ACTIVATIONS):
     )
 
 
-def _build(case, dtype):
+def _build(case, dtype, bank_name="mlp"):
     """Bank, input and routing of one case, and the tensors whose gradients are compared."""
     g = torch.Generator().manual_seed(case["seed"])
     torch.manual_seed(case["seed"])  # routers' init, jitter and sampling
     t, d, e, k = case["T"], case["d"], case["E"], case["k"]
-    bank = moelab.ExpertBank(e, d, case["hidden"], case["activation"]).to(dtype)
+    d_out = d if case.get("d_out") is None or square_only(bank_name) else case["d_out"]
+    bank = make_bank(bank_name, e, d, d_out, case["hidden"], case["activation"]).to(dtype)
     x = torch.randn(t, d, generator=g).to(dtype).requires_grad_(True)
     kind = case["kind"]
     extra: list[torch.Tensor] = []
@@ -127,22 +163,25 @@ def _features(case, bank, routing, dtype):
     f["k=E"] = case["T"] > 0 and routing.top_k is not None and routing.top_k == case["E"]
     f["empty expert"] = case["T"] > 0 and bool((routing.tokens_per_expert() == 0).any())
     f["dropped/ragged"] = routing.top_k is None and case["T"] > 0
-    probe_in = torch.empty(1, case["d"], dtype=dtype)
-    probe_h = torch.empty(1, case["hidden"], dtype=dtype)
-    native = can_use_grouped_mm(probe_in, bank.w_in.transpose(1, 2)) and can_use_grouped_mm(
-        probe_h, bank.down_proj.transpose(1, 2)
-    )
-    f["native grouped_mm shapes"] = native
-    f["loop fallback shapes"] = not native
+    f["d_out != d_in"] = bank.d_out != bank.d_in
+    if isinstance(bank, moelab.ExpertBank) and type(bank) is moelab.ExpertBank:
+        probe_in = torch.empty(1, case["d"], dtype=dtype)
+        probe_h = torch.empty(1, case["hidden"], dtype=dtype)
+        native = can_use_grouped_mm(probe_in, bank.w_in.transpose(1, 2)) and can_use_grouped_mm(
+            probe_h, bank.down_proj.transpose(1, 2)
+        )
+        f["native grouped_mm shapes"] = native
+        f["loop fallback shapes"] = not native
     return f
 
 
-def check_case(name, case, dtype, tol):
-    bank, x, routing, extra = _build(case, dtype)
+def check_case(combo, case, dtype, tol):
+    dispatcher, executor, bank_name = combo
+    bank, x, routing, extra = _build(case, dtype, bank_name)
     inputs = [x, *extra, *bank.parameters()]
     y_ref = moelab.ops.moe_reference(x, routing, bank)
-    y = get_backend(name)(x, routing, bank)
-    assert y.shape == (case["T"], case["d"]) and y.dtype == dtype
+    y = get_dispatcher(dispatcher)(x, routing, bank, get_executor(executor))
+    assert y.shape == (case["T"], bank.d_out) and y.dtype == dtype
     torch.testing.assert_close(y, y_ref, **tol)
     gy = (
         None
@@ -159,21 +198,19 @@ def check_case(name, case, dtype, tol):
     return _features(case, bank, routing, dtype)
 
 
-REQUIRED = (
-    "T=0",
-    "T=1",
-    "k=E",
-    "empty expert",
-    "dropped/ragged",
-    "native grouped_mm shapes",
-    "loop fallback shapes",
-)
+REQUIRED = ("T=0", "T=1", "k=E", "empty expert", "dropped/ragged")
+# The MLP bank's own: both grouped-GEMM paths, and a non-square bank.
+REQUIRED_MLP = ("native grouped_mm shapes", "loop fallback shapes", "d_out != d_in")
 # Explicit cases so the required features are present on every run, whatever is drawn.
 EXPLICIT = [
     dict(
         seed=1, T=0, d=8, E=4, k=2, hidden=8, activation="swiglu", kind="topk", train=True, upstream="random"
     ),
     dict(seed=2, T=1, d=8, E=3, k=3, hidden=4, activation="gelu", kind="topk", train=True, upstream="sum"),
+    dict(
+        seed=8, T=9, d=8, d_out=12, E=4, k=2, hidden=8, activation="swiglu", kind="ragged", train=True,
+        upstream="random",
+    ),
     dict(
         seed=3,
         T=5,
@@ -231,14 +268,14 @@ FP32_TOL = dict(rtol=1e-4, atol=1e-5)
 BF16_TOL = dict(rtol=3e-2, atol=3e-2)
 
 
-def _run(name, max_examples, dtype, tol):
+def _run(combo, max_examples, dtype, tol):
     seen: Counter[str] = Counter()
-    acts = _usable_activations(name)
+    acts = _usable_activations(combo[1], combo[2])
 
     def body(case):
         if case["activation"] not in acts:
             case = {**case, "activation": acts[0]}
-        for feat, hit in check_case(name, case, dtype, tol).items():
+        for feat, hit in check_case(combo, case, dtype, tol).items():
             seen[feat] += int(hit)
         seen["cases"] += 1
 
@@ -249,21 +286,23 @@ def _run(name, max_examples, dtype, tol):
     return seen
 
 
-@pytest.mark.skipif(not FAST, reason="no fast backend usable on CPU")
-@pytest.mark.parametrize("name", FAST)
-def test_backend_equals_reference_fp32(name):
-    seen = _run(name, 230, torch.float32, FP32_TOL)
-    assert seen["cases"] >= 200 + len(EXPLICIT), seen
-    missing = [f for f in REQUIRED if seen[f] == 0]
+def test_every_registered_combination_is_covered():
+    assert ("local", "sorted", "mlp") in COMBOS and ("local", "fast", "mlp") in COMBOS
+    # Banks no CPU executor but the reference could run would silently escape the property tests.
+    for bank in registry.names("bank"):
+        assert any(c[2] == bank for c in COMBOS), f"bank {bank!r} has no executor under test"
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=COMBO_IDS)
+def test_combination_equals_reference_fp32(combo):
+    seen = _run(combo, 230 if combo[2] == "mlp" else 100, torch.float32, FP32_TOL)
+    assert seen["cases"] >= (200 if combo[2] == "mlp" else 100) + len(EXPLICIT), seen
+    required = REQUIRED + (REQUIRED_MLP if combo[2] == "mlp" else ())
+    missing = [f for f in required if seen[f] == 0]
     assert not missing, f"cases never covered {missing}: {dict(seen)}"
 
 
-@pytest.mark.skipif(not FAST, reason="no fast backend usable on CPU")
-@pytest.mark.parametrize("name", FAST)
-def test_backend_equals_reference_bf16(name):
-    seen = _run(name, 40, torch.bfloat16, BF16_TOL)
+@pytest.mark.parametrize("combo", [c for c in COMBOS if c[2] == "mlp"], ids=lambda c: "-".join(c))
+def test_combination_equals_reference_bf16(combo):
+    seen = _run(combo, 40, torch.bfloat16, BF16_TOL)
     assert seen["cases"] >= 40
-
-
-def test_sorted_is_covered():
-    assert "sorted" in FAST

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moelab.ops import combine, dispatch
-from moelab.routing import Routing
+from moelab.core import Routing
 
 
 def _ragged(t, e, n, seed):

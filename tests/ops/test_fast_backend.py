@@ -13,20 +13,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import moelab
-from moelab.experts.bank import ACTIVATIONS, ExpertBank
-from moelab.ops import get_backend, moe_reference, resolve_backend
-from moelab.ops.fast import (
-    SMALL_BATCH_MAX_BYTES,
-    activation_backward,
-    activation_forward,
-    choose_path,
-    fused_forward,
-    moe_fast,
-    moe_fused,
-    segments,
-    small_batch_forward,
-)
-from moelab.routing import Routing
+from moelab.core import Routing
+from moelab.core.activations import ACTIVATIONS, activation_backward, activation_forward
+from moelab.experts.bank import ExpertBank
+from moelab.kernels.cpu import fused_forward, segments, small_batch_forward
+from moelab.ops import get_executor, moe_reference, resolve_executor
+from moelab.ops.fast import SMALL_BATCH_MAX_BYTES, choose_path, moe_fast, moe_fused
 
 D, H = 8, 12
 
@@ -219,7 +211,7 @@ def test_choose_path_training_is_fused():
 @pytest.mark.parametrize(("t", "grad"), [(1, False), (16, False), (37, True), (5, True)])
 def test_fp32_gemm_paths_match_float64(monkeypatch, onednn, t, grad):
     """fp32 runs its GEMMs on oneDNN (gemm.linear) or torch.mm; both equal a float64 computation."""
-    from moelab.ops.fast import gemm
+    from moelab.kernels.cpu import gemm
 
     monkeypatch.setattr(gemm, "USE_ONEDNN_FP32", onednn)
     bank = make_bank(6, "swiglu", dtype=torch.float32)
@@ -314,7 +306,7 @@ def test_dtype_mismatch_is_a_clear_error():
 # ------------------------------------------------------------------------------ pieces
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 def test_activation_backward_matches_autograd(activation):
-    gated = ACTIVATIONS[activation][1]
+    gated = ACTIVATIONS[activation].gated
     h_in = torch.randn(5, 2 * H if gated else H, dtype=torch.float64, requires_grad=True)
     a = activation_forward(h_in, activation)
     plain = ExpertBank(1, D, H, activation).activate(h_in)
@@ -349,9 +341,9 @@ def test_segments_partition_rows(counts, max_rows):
 # ------------------------------------------------------------------------------ registry and layer
 def test_registered_and_chosen_by_auto_on_cpu():
     bank = ExpertBank(4, D, H)
-    assert "fast" in moelab.ops.backend_names()
-    assert resolve_backend("auto", torch.device("cpu"), bank).name == "fast"
-    assert get_backend("fast").usable(torch.device("cpu"), bank)
+    assert "fast" in moelab.ops.executor_names()
+    assert resolve_executor("auto", torch.device("cpu"), bank).name == "fast"
+    assert get_executor("fast").usable(torch.device("cpu"), bank)
 
 
 def test_subclassed_bank_is_not_supported():
@@ -360,8 +352,8 @@ def test_subclassed_bank_is_not_supported():
             return super().expert_forward(e, x) + 1.0
 
     bank = Biased(4, D, H)
-    assert not get_backend("fast").usable(torch.device("cpu"), bank)
-    assert resolve_backend("auto", torch.device("cpu"), bank).name != "fast"
+    assert not get_executor("fast").usable(torch.device("cpu"), bank)
+    assert resolve_executor("auto", torch.device("cpu"), bank).name != "fast"
 
 
 def test_moe_layer_with_fast_backend_equals_reference():

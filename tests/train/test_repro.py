@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from moelab.train.repro import BEGIN, END, LOSS_MARGIN, REPRODUCTIONS, run_repro, write_docs
+from moelab.repro.claims import BEGIN, END, LOSS_MARGIN, REPRODUCTIONS, run_repro, write_docs
 
 
 def row(val_loss, max_over_mean, z=1.0, max_abs_logit=1.0):
@@ -104,7 +104,7 @@ def test_lrc_verdicts():
 
 
 def test_lookahead_verdict_needs_a_margin():
-    from moelab.train.repro import HIT_MARGIN
+    from moelab.repro.claims import HIT_MARGIN
 
     v = REPRODUCTIONS["lookahead_cache"].verdict
     assert v({"topk": loc(0.5, 0.7, lru=0.5, lookahead=0.6)})[0]
@@ -127,7 +127,7 @@ def test_locality_reproduction_runs_arms_with_their_own_architecture(tmp_path):
 
 
 def test_multilingual_verdict_reads_a_u_over_layers():
-    from moelab.train.repro import _u_shape_parts
+    from moelab.repro.claims import _u_shape_parts
 
     assert _u_shape_parts(8) == ([0, 1], [2, 3, 4, 5], [6, 7])
     assert _u_shape_parts(4) == ([0], [1, 2], [3])
@@ -175,7 +175,7 @@ def test_corpus_helpers_split_and_write(tmp_path):
 
 
 def test_a_claim_holds_only_on_every_seed():
-    from moelab.train.repro import rejudge, verdict_text
+    from moelab.repro.claims import rejudge, verdict_text
 
     good, tie = row(1.9, 1.0), row(2.0, 1.4)
     rec = {

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from moelab.train import data as D
+from moelab import data as D
+from moelab.data.corpus import DOC_SEPARATOR, in_val
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def test_stdlib_split_is_deterministic_and_disjoint(stdlib):
     assert train and val and not train & val
     assert 0.02 < len(val) / (len(train) + len(val)) < 0.1
     # the rule is a pure function of the relative path
-    assert all(D.in_val(n, 0.05) for n in val) and not any(D.in_val(n, 0.05) for n in train)
+    assert all(in_val(n, 0.05) for n in val) and not any(in_val(n, 0.05) for n in train)
     assert all(n.endswith(".py") for n in train | val)
     assert not any(
         set(n.split("/")[:-1]) & {"site-packages", "test", "tests", "idle_test"} for n in train | val
@@ -37,7 +38,7 @@ def test_byte_tokenizer_round_trip(stdlib):
     assert tok.decode(tok.encode("héllo\n")) == "héllo\n"
     stream = tok.encode_docs(stdlib.val[:2])
     assert stream.dtype == np.uint16 and stream.max() < 256
-    assert len(stream) == len(stdlib.val[0][1]) + len(D.DOC_SEPARATOR) + len(stdlib.val[1][1])
+    assert len(stream) == len(stdlib.val[0][1]) + len(DOC_SEPARATOR) + len(stdlib.val[1][1])
 
 
 def test_user_files_and_folders(tmp_path):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from moelab.models import MoELM, MoELMConfig
-from moelab.train.data import load_data
+from moelab.data import load_data
 from moelab.train.trainer import TrainConfig, Trainer, latest_checkpoint, lr_at
 
 

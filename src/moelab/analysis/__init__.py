@@ -10,9 +10,8 @@
 Definitions: ``docs/analysis.md``; one page per registered method in ``docs/methods/``.
 """
 
-from ..registry import register
-from .arank import arank_per_layer, attention_maps, attention_rank, capture_sdpa_attention
-from .cache import (
+from moelab.analysis.arank import arank_per_layer, attention_maps, attention_rank, capture_sdpa_attention
+from moelab.analysis.cache import (
     POLICIES,
     CacheResult,
     belady,
@@ -24,7 +23,7 @@ from .cache import (
     next_use_table,
     simulate_cache,
 )
-from .crosslingual import (
+from moelab.analysis.crosslingual import (
     crosslingual_divergence,
     js_divergence,
     normalized_js,
@@ -32,7 +31,7 @@ from .crosslingual import (
     read_bible,
     sequence_distribution,
 )
-from .lrc import (
+from moelab.analysis.lrc import (
     CI,
     SEGMENT_LENGTHS,
     bootstrap_ci,
@@ -46,7 +45,7 @@ from .lrc import (
     srp_stats,
     topk_mask,
 )
-from .metrics import (
+from moelab.analysis.metrics import (
     coactivation,
     expert_load,
     load_matrix,
@@ -56,6 +55,7 @@ from .metrics import (
     top1_experts,
     trace_metrics,
 )
+from moelab.registry import register
 
 _LRC = "Liang et al. 2025, Local Routing Consistency of MoE (ljcleo/moe-lrc)"
 register(

@@ -44,7 +44,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .lrc import PAD, check_topk_index
+from moelab.analysis.limits import require_dense
+from moelab.analysis.sequences import PAD, check_topk_index, nominal_k
 
 POLICIES: tuple[str, ...] = ("lru", "lfu", "belady", "lookahead")
 DEFAULT_LOOKAHEAD = 8  # tokens; our choice (Read-ME does not fix a window for the cache)
@@ -70,6 +71,7 @@ def next_use_table(topk_index: Tensor, num_experts: int) -> Tensor:
     ``-1`` entries (padding) use nothing.
     """
     T = topk_index.shape[0]
+    require_dense("next_use_table", "[T, E]", T, num_experts)
     idx = topk_index.cpu()
     # Padding is scattered into an extra column E, dropped afterwards.
     mask = torch.zeros(T, num_experts + 1, dtype=torch.bool)
@@ -111,6 +113,8 @@ def simulate_cache(
         )
     nxt: list[list[int]] | None = None
     if policy in ("belady", "lookahead"):
+        # Future uses come from a [T, E] next-use table; LRU and LFU need only [E] counters.
+        require_dense(f"the {policy!r} cache simulator", "[T, E] (next-use table)", T, num_experts)
         nxt = next_use_table(idx, num_experts).tolist()
     never = T  # next_use value meaning "not needed again" (or not within the window)
     resident: set[int] = set()
@@ -205,13 +209,6 @@ def default_cache_sizes(k: int, num_experts: int) -> list[int]:
     if not sizes or sizes[-1] != num_experts:
         sizes.append(num_experts)
     return sizes
-
-
-def nominal_k(experts_per_token: Tensor) -> int:
-    """``max(1, round(mean_t |S_t|))``: the ``k`` a ragged routing stands for (ours)."""
-    n = int(experts_per_token.numel())
-    mean = float(experts_per_token.sum()) / n if n else 0.0
-    return max(1, int(round(mean)))
 
 
 def ragged_cache_sizes(experts_per_token: Tensor, num_experts: int) -> list[int]:

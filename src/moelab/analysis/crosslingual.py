@@ -18,7 +18,11 @@ for spread-out routers. ``normalize="mean_entropy"`` (divide by ``(H(p)+H(q))/2`
 (JS / ln 2, the classic [0, 1] scaling) and ``None`` (raw JS, nats) are available.
 
 Routers whose scores are not a distribution (sigmoid) are renormalised per token before
-averaging; a routing without ``probs`` falls back to its combine weights (``Routing.dense()``).
+averaging; a routing without ``probs`` falls back to its combine weights, renormalised per token
+and read from the COO entries (negative weights count as 0), so that a router over ~10^6 experts,
+which never forms ``[T, E]`` probabilities, still gets a sequence distribution ``[E]``. The
+divergence stacks one ``[E]`` distribution per sentence and refuses (``ValueError``) beyond the
+dense-view limit (``moelab.core.routing.MAX_DENSE_ELEMENTS``).
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..routing.routing import Routing
-from .lrc import CI, CI_ALPHA, NUM_BOOTSTRAP, bootstrap_indices, interval_from_replicates
+from moelab.analysis.limits import require_dense
+from moelab.analysis.stats import CI, CI_ALPHA, NUM_BOOTSTRAP, bootstrap_indices, interval_from_replicates
+from moelab.core.routing import Routing
 
 NORMALIZERS = ("mixture_entropy", "mean_entropy", "log2", None)
 
@@ -87,31 +92,58 @@ def normalized_js(p: Tensor, q: Tensor, normalize: str | None = "mixture_entropy
 
 
 def token_distributions(routing: Routing) -> Tensor:
-    """``[T, E]`` float64: each token's routing distribution (``probs`` renormalised, else ``dense()``)."""
+    """``[T, E]`` float64: each token's routing distribution (``probs`` renormalised, else the
+    combine weights ``dense()`` renormalised). Refuses a ``[T, E]`` view that is too large; the
+    sequence distributions below do not need one."""
     if not isinstance(routing, Routing):
         raise TypeError(f"routing must be a moelab.Routing, got {type(routing).__name__}")
+    if routing.probs is None:
+        routing.require_dense("token_distributions")
     p = routing.probs if routing.probs is not None else routing.dense()
     p = p.detach().double().cpu().clamp_min(0)
     return p / p.sum(-1, keepdim=True).clamp_min(1e-300)
 
 
+def _sequence_sums(routing: Routing, sequence_of_token: Tensor, num_sequences: int) -> Tensor:
+    """``[num_sequences, E]``: per sequence, the sum over its tokens of the token distributions."""
+    E = routing.num_experts
+    if routing.probs is not None:
+        p = routing.probs.detach().double().cpu().clamp_min(0)
+        p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
+        return torch.zeros(num_sequences, E, dtype=torch.float64).index_add_(0, sequence_of_token, p)
+    # From the entries: w_te / sum_e w_te per token, summed into (sequence, expert) cells.
+    tok = routing.token_index.cpu()
+    w = routing.weight.detach().double().cpu().clamp_min(0)
+    per_token = torch.zeros(routing.num_tokens, dtype=torch.float64).index_add_(0, tok, w)
+    w = w / per_token[tok].clamp_min(1e-300)
+    cell = sequence_of_token[tok] * E + routing.expert_index.cpu()
+    out = torch.zeros(num_sequences * E, dtype=torch.float64).index_add_(0, cell, w)
+    return out.view(num_sequences, E)
+
+
 def sequence_distribution(routing: Routing) -> Tensor:
     """``[E]``: ``q = mean_t p_t`` over the routing's tokens (one sequence)."""
-    p = token_distributions(routing)
-    if p.shape[0] == 0:
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a moelab.Routing, got {type(routing).__name__}")
+    if routing.num_tokens == 0:
         raise ValueError("routing has no tokens; a sequence distribution needs at least one")
-    return p.mean(0)
+    one = torch.zeros(routing.num_tokens, dtype=torch.long)
+    return _sequence_sums(routing, one, 1)[0] / routing.num_tokens
 
 
 def split_sequence_distributions(routing: Routing, lengths: Sequence[int]) -> Tensor:
     """``[N, E]``: ``q`` of consecutive sequences of the given token ``lengths`` (summing to T)."""
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a moelab.Routing, got {type(routing).__name__}")
     lengths = [int(n) for n in lengths]
     if any(n < 1 for n in lengths) or sum(lengths) != routing.num_tokens:
         raise ValueError(
             f"lengths must be positive and sum to the routing's T={routing.num_tokens}, got sum {sum(lengths)}"
         )
-    p = token_distributions(routing)
-    return torch.stack([chunk.mean(0) for chunk in torch.split(p, lengths)])
+    require_dense("split_sequence_distributions", "[N, E]", len(lengths), routing.num_experts)
+    n = torch.tensor(lengths)
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), n)
+    return _sequence_sums(routing, seq, len(lengths)) / n.double().unsqueeze(1)
 
 
 def pairwise_divergence(
@@ -156,6 +188,7 @@ def crosslingual_divergence(
             raise ValueError(
                 f"layer {layer!r}: need the same non-zero number of sentences, got {len(ra)} and {len(rb)}"
             )
+        require_dense(f"crosslingual_divergence (layer {layer!r})", "[pairs, E]", len(ra), ra[0].num_experts)
         qa = torch.stack([sequence_distribution(r) for r in ra])
         qb = torch.stack([sequence_distribution(r) for r in rb])
         ci = pairwise_divergence(qa, qb, normalize, n_boot=n_boot, seed=seed)
@@ -262,7 +295,7 @@ def write_bilingual_corpus(
     verses: list[tuple[str, str, str]], directory: str | Path, langs: tuple[str, str] = ("en", "es")
 ) -> Path:
     """Write parallel verses as one text file per book and language (``en_Genesis.txt``, ...), a
-    verse per line, so that a by-file train/val split (``moelab.train.data``) holds out whole
+    verse per line, so that a by-file train/val split (``moelab.data``) holds out whole
     books of both languages. Returns ``directory``."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,10 +21,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from ..routing.routing import Routing
-from .cache import DEFAULT_LOOKAHEAD, POLICIES, first_tokens, hit_rate_curve, nominal_k
-from .lrc import sch_curve, srp_sequences
-from .report import split_layer
+from moelab.analysis.cache import DEFAULT_LOOKAHEAD, POLICIES, first_tokens, hit_rate_curve
+from moelab.analysis.lrc import sch_curve, srp_sequences
+from moelab.analysis.sequences import nominal_k, split_sequences
+from moelab.core.routing import Routing
 
 SEGMENT_LENGTH = 16  # our choice; see the module docstring
 CACHE_MULTIPLE = 2  # cache = 2k experts (LRC paper: "about twice the active experts")
@@ -46,9 +46,10 @@ def layer_locality(
     ``lengths`` tokens (in order). ``k``: the experts per token the cache sizes scale with
     (default: the routing's own, ``round(mean |S_t|)``; pass the router's ``top_k`` so that
     capacity drops do not shrink the cache). NaN where a number is undefined (no sequence as
-    long as ``segment_length`` for SRP; a layer where no token reached an expert gives all NaN)."""
+    long as ``segment_length`` for SRP; a layer where no token reached an expert gives all NaN).
+    Raises ``ValueError`` (naming SRP) when a sequence's ``T x E`` exceeds the dense-view limit."""
     nan = {key: math.nan for key in KEYS}
-    _, topk = split_layer(routing, lengths)
+    topk = split_sequences(routing, lengths)
     if topk is None:
         return {**nan, "k": 0, "cache_size": 0, "segment_length": segment_length}
     E = routing.num_experts

@@ -1,4 +1,4 @@
-"""Local routing consistency: SRP and SCH, and bootstrap confidence intervals.
+"""Local routing consistency: SRP and SCH, with bootstrap confidence intervals over sequences.
 
 Liang et al. 2025, "Understanding and Leveraging the Expert Specialization of Local Routing
 Consistency in MoE" (official code: github.com/ljcleo/moe-lrc). Both metrics read one layer's
@@ -52,107 +52,46 @@ Defaults from the official ``config.json``: segment lengths {4, 16, 64, 256}, 10
 resamples, 95% confidence. The bootstrap resamples *sequences* with replacement and reports the
 basic (pivotal) interval ``[2 theta - q_hi, 2 theta - q_lo]`` with ``q`` the sorted replicates at
 indices ``round(n_boot alpha / 2)`` and ``n_boot - round(n_boot alpha / 2)``, as the official code
-does; SRP re-maximises ``tau`` inside every replicate.
+does (``moelab.analysis.stats``); SRP re-maximises ``tau`` inside every replicate.
+
+Sequences matter: windows never cross a sequence boundary. A batch traced as ``[B, S]`` is a
+routing of ``T = B S`` tokens, batch-major; pass ``topk_index.view(B, S, k)`` (or a list of
+``[T_i, k]``), not the flat ``[B S, k]``, which would be read as one long sequence.
+
+Large E: SRP builds ``[T, E]`` window counts per sequence and SCH walks an ``E``-deep stack per
+token, so both refuse (``ValueError`` naming them) when a sequence's ``T x E`` exceeds
+``moelab.core.routing.MAX_DENSE_ELEMENTS``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from moelab.analysis.limits import require_dense
+from moelab.analysis.sequences import PAD, as_sequences, topk_mask
+from moelab.analysis.stats import (
+    CI,
+    CI_ALPHA,
+    NUM_BOOTSTRAP,
+    check_bootstrap,
+    interval_from_replicates,
+    resample_weights,
+)
+
 SEGMENT_LENGTHS: tuple[int, ...] = (4, 16, 64, 256)  # official config.json "seg_lengths"
-NUM_BOOTSTRAP = 1000  # official config.json "num_bootstrap"
-CI_ALPHA = 0.05  # official config.json "ci_confidence" = 0.95
 
 # SCH priority = count * _COUNT_SCALE + last_use: the count dominates, recency breaks ties.
 _COUNT_SCALE = 1 << 32
-PAD = -1  # "no request" in a padded [T, kmax] index (Routing.topk_index(fill=-1))
-
-
-# --------------------------------------------------------------------------------------------------
-# input checks
-# --------------------------------------------------------------------------------------------------
-def check_topk_index(topk_index: object, num_experts: object, name: str = "topk_index") -> Tensor:
-    """Validate a ``[T, k]`` (or ``[B, T, k]``) integer tensor of distinct experts per row.
-
-    ``-1`` is padding ("no request"; ``Routing.topk_index(fill=-1)`` of a ragged routing) and may
-    repeat within a row; every other entry lies in ``[0, num_experts)`` and is distinct in its row.
-    """
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
-    if not isinstance(topk_index, Tensor):
-        raise TypeError(
-            f"{name} must be a torch.Tensor [T, k] of expert ids, got {type(topk_index).__name__}"
-        )
-    if topk_index.dim() not in (2, 3):
-        raise ValueError(f"{name} must be [T, k] (or [B, T, k]), got shape {tuple(topk_index.shape)}")
-    if topk_index.dtype.is_floating_point or topk_index.dtype == torch.bool or topk_index.is_complex():
-        raise TypeError(f"{name} must be an integer tensor (torch.long), got {topk_index.dtype}")
-    idx = topk_index.long()
-    if idx.shape[-1] < 1:
-        raise ValueError(f"{name} must have k >= 1 columns, got shape {tuple(idx.shape)}")
-    if idx.numel():
-        real = idx[idx != PAD]
-        if real.numel():
-            lo, hi = int(real.min()), int(real.max())
-            if lo < 0 or hi >= num_experts:
-                raise ValueError(
-                    f"{name} must lie in [0, num_experts={num_experts}) (or be {PAD} for padding), "
-                    f"got [{lo}, {hi}]"
-                )
-        srt = idx.sort(dim=-1).values
-        if bool(((srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] != PAD)).any()):
-            raise ValueError(f"{name} rows must hold distinct experts (a token's top-k has no repeats)")
-    return idx
-
-
-def is_ragged(topk_index: Tensor) -> bool:
-    """Whether a (validated) index tensor holds padding, i.e. tokens with fewer than ``k`` experts."""
-    return bool((topk_index == PAD).any())
-
-
-def experts_per_token(topk_index: Tensor) -> Tensor:
-    """``[..., T]`` long: ``|S_t|``, the non-padding entries of each row."""
-    return (topk_index != PAD).sum(-1)
 
 
 def _check_segment_length(segment_length: object) -> int:
     if isinstance(segment_length, bool) or not isinstance(segment_length, int) or segment_length < 1:
         raise ValueError(f"segment_length must be an int >= 1, got {segment_length!r}")
     return segment_length
-
-
-def _as_sequences(topk_index: Tensor | Sequence[Tensor], num_experts: int) -> list[Tensor]:
-    """``[T, k]``, ``[B, T, k]`` or a list of ``[T_i, k_i]`` -> list of validated ``[T_i, k]``.
-
-    Sequences of a list narrower than the widest are padded with ``-1`` (no request) to its width.
-    """
-    if isinstance(topk_index, Tensor):
-        idx = check_topk_index(topk_index, num_experts)
-        return [idx] if idx.dim() == 2 else list(idx.unbind(0))
-    if not isinstance(topk_index, Sequence) or len(topk_index) == 0:
-        raise TypeError(
-            "sequences must be a [T, k] / [B, T, k] tensor or a non-empty list of [T_i, k] tensors"
-        )
-    seqs = [check_topk_index(s, num_experts, name=f"sequences[{i}]") for i, s in enumerate(topk_index)]
-    if any(s.dim() != 2 for s in seqs):
-        raise ValueError("each sequence must be a [T_i, k] tensor")
-    k = max(int(s.shape[1]) for s in seqs)
-    return [
-        s if s.shape[1] == k else torch.nn.functional.pad(s, (0, k - int(s.shape[1])), value=PAD)
-        for s in seqs
-    ]
-
-
-def topk_mask(topk_index: Tensor, num_experts: int) -> Tensor:
-    """``[..., T, E]`` bool: ``m[t, e]`` = token ``t`` chose expert ``e`` (padding ``-1`` ignored)."""
-    idx = check_topk_index(topk_index, num_experts)
-    mask = torch.zeros(*idx.shape[:-1], num_experts + 1, dtype=torch.bool, device=idx.device)
-    # Padding goes to an extra column E, dropped afterwards.
-    return mask.scatter_(-1, idx.masked_fill(idx == PAD, num_experts), True)[..., :num_experts]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,13 +157,13 @@ def srp(topk_index: Tensor, num_experts: int, segment_length: int) -> float:
     A ``[B, T, k]`` tensor is read as ``B`` sequences whose window statistics are pooled before
     the threshold is chosen (the paper's per-layer number). Raises if no sequence has ``L`` tokens.
     """
-    seqs = _as_sequences(topk_index, num_experts)
+    seqs = as_sequences(topk_index, num_experts)
     return srp_sequences(seqs, num_experts, segment_length)
 
 
 def srp_sequences(sequences: Tensor | Sequence[Tensor], num_experts: int, segment_length: int) -> float:
     """SRP pooled over sequences (list of ``[T_i, k]`` or ``[B, T, k]``)."""
-    seqs = _as_sequences(sequences, num_experts)
+    seqs = as_sequences(sequences, num_experts)
     st = _stats_per_sequence(seqs, num_experts, segment_length)
     _check_srp_stats(st, seqs)
     return float(srp_from_stats(st.matches.sum(0), st.preds.sum(0), st.acts.sum(0)))
@@ -246,17 +185,34 @@ def _check_srp_stats(st: SRPStats, seqs: list[Tensor]) -> None:
     )
 
 
+def _batches_by_length(seqs: list[Tensor], elements_per_sequence, budget: int) -> list[list[int]]:
+    """Indices of ``seqs`` grouped by length, each group cut so that it holds at most ``budget``
+    elements of per-sequence work (``elements_per_sequence(T)``; at least one sequence each)."""
+    by_len: dict[int, list[int]] = {}
+    for i, s in enumerate(seqs):
+        by_len.setdefault(int(s.shape[0]), []).append(i)
+    out: list[list[int]] = []
+    for T, ids in by_len.items():
+        n = max(1, budget // max(1, elements_per_sequence(T)))
+        out.extend(ids[j : j + n] for j in range(0, len(ids), n))
+    return out
+
+
+# Sequences batched per SRP/SCH step: SRP's window counts are int64 copies of the [B, T, E] mask,
+# so a batch of 2^22 elements keeps them near 32 MiB each (our choice; the results do not depend on it).
+_BATCH_ELEMENTS = 2**22
+
+
 def _stats_per_sequence(seqs: list[Tensor], num_experts: int, segment_length: int) -> SRPStats:
     """Stats ``[B, L+1]`` for ragged sequences: equal lengths are batched together."""
     L = _check_segment_length(segment_length)
+    longest = max((int(s.shape[0]) for s in seqs), default=0)
+    require_dense("SRP", "[T, E] (window counts per sequence)", longest, num_experts)
     B = len(seqs)
     matches = torch.zeros(B, L + 1, dtype=torch.long)
     preds = torch.zeros(B, L + 1, dtype=torch.long)
     acts = torch.zeros(B, dtype=torch.long)
-    by_len: dict[int, list[int]] = {}
-    for i, s in enumerate(seqs):
-        by_len.setdefault(int(s.shape[0]), []).append(i)
-    for _, ids in by_len.items():
+    for ids in _batches_by_length(seqs, lambda T: T * num_experts, _BATCH_ELEMENTS):
         mask = topk_mask(torch.stack([seqs[i] for i in ids]), num_experts)
         st = srp_stats(mask, L)
         matches[ids], preds[ids], acts[ids] = st.matches, st.preds, st.acts
@@ -342,13 +298,15 @@ def sch_curves(sequences: Tensor | Sequence[Tensor], num_experts: int, segment_l
 
     A sequence with no request at all (every entry ``-1``) has a row of NaN.
     """
-    seqs = _as_sequences(sequences, num_experts)
+    seqs = as_sequences(sequences, num_experts)
     _check_segment_length(segment_length)
+    # Each token updates an E-deep stack: T x E work per sequence, refused at the dense-view limit.
+    longest = max((int(s.shape[0]) for s in seqs), default=0)
+    require_dense("SCH", "[T, E] (stack steps per sequence)", longest, num_experts)
     out = torch.zeros(len(seqs), num_experts, dtype=torch.float64)
-    by_len: dict[int, list[int]] = {}
-    for i, s in enumerate(seqs):
-        by_len.setdefault(int(s.shape[0]), []).append(i)
-    for _, ids in by_len.items():
+    k = max((int(s.shape[1]) for s in seqs), default=1)
+    # Sequences step in lockstep on [B, k, E] tensors; the batch keeps those near _BATCH_ELEMENTS.
+    for ids in _batches_by_length(seqs, lambda T: k * num_experts, _BATCH_ELEMENTS):
         out[ids] = sch_curve_batch(torch.stack([seqs[i] for i in ids]), num_experts, segment_length)
     return out
 
@@ -379,95 +337,8 @@ def sch(topk_index: Tensor, num_experts: int, segment_length: int, cache_size: i
 
 
 # --------------------------------------------------------------------------------------------------
-# bootstrap
+# confidence intervals (the bootstrap itself: moelab.analysis.stats)
 # --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CI:
-    """A point estimate with its bootstrap confidence interval ``[low, high]``."""
-
-    estimate: float
-    low: float
-    high: float
-    n_boot: int
-    alpha: float
-    method: str
-
-    def to_dict(self) -> dict[str, float | int | str]:
-        return {
-            "estimate": self.estimate,
-            "low": self.low,
-            "high": self.high,
-            "n_boot": self.n_boot,
-            "alpha": self.alpha,
-            "method": self.method,
-        }
-
-
-def _check_boot(n_boot: object, alpha: object, method: object) -> None:
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"n_boot must be an int >= 1, got {n_boot!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
-        raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}")
-    if method not in ("basic", "percentile"):
-        raise ValueError(f"method must be 'basic' (the official code's) or 'percentile', got {method!r}")
-
-
-def bootstrap_indices(n: int, n_boot: int, seed: int) -> Tensor:
-    """``[n_boot, n]`` long: each row draws ``n`` sample indices with replacement."""
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.randint(n, (n_boot, n), generator=g)
-
-
-def interval_from_replicates(
-    estimate: Tensor, replicates: Tensor, alpha: float = CI_ALPHA, method: str = "basic"
-) -> tuple[Tensor, Tensor]:
-    """``(low, high)`` from ``replicates [n_boot, ...]`` around ``estimate [...]``.
-
-    Order statistics at ``lo = round(n_boot alpha / 2)`` and ``hi = n_boot - lo`` (clamped to the
-    last index), as ``31_srp_refine.py``/``41_sch_calc.py`` do. ``basic``: ``2 theta - q``.
-    """
-    n_boot = replicates.shape[0]
-    srt = replicates.double().sort(dim=0).values
-    lo_i = round(n_boot * alpha / 2)
-    hi_i = min(n_boot - lo_i, n_boot - 1)
-    q_lo, q_hi = srt[lo_i], srt[hi_i]
-    if method == "basic":
-        est = estimate.double()
-        return 2 * est - q_hi, 2 * est - q_lo
-    return q_lo, q_hi
-
-
-def bootstrap_ci(
-    fn: Callable[[list], float],
-    samples: Sequence,
-    n_boot: int = NUM_BOOTSTRAP,
-    alpha: float = CI_ALPHA,
-    seed: int = 0,
-    method: str = "basic",
-) -> CI:
-    """Bootstrap ``fn`` over ``samples`` (e.g. one ``[T, k]`` tensor per sequence).
-
-    Every replicate calls ``fn`` on ``len(samples)`` samples drawn with replacement (rows of
-    ``bootstrap_indices(len(samples), n_boot, seed)``); the point estimate is ``fn(samples)``.
-    """
-    _check_boot(n_boot, alpha, method)
-    if not isinstance(samples, Sequence) or isinstance(samples, (str, bytes)) or len(samples) == 0:
-        raise ValueError("samples must be a non-empty sequence (list/tuple) of samples")
-    items = list(samples)
-    est = float(fn(items))
-    idx = bootstrap_indices(len(items), n_boot, seed)
-    reps = torch.tensor([float(fn([items[i] for i in row.tolist()])) for row in idx], dtype=torch.float64)
-    lo, hi = interval_from_replicates(torch.tensor(est, dtype=torch.float64), reps, alpha, method)
-    return CI(est, float(lo), float(hi), n_boot, float(alpha), method)
-
-
-def resample_weights(n: int, n_boot: int, seed: int) -> Tensor:
-    """``[n_boot, n]``: how many times each sample is drawn in each replicate (same draws as above)."""
-    idx = bootstrap_indices(n, n_boot, seed)
-    w = torch.zeros(n_boot, n, dtype=torch.long)
-    return w.scatter_add_(1, idx, torch.ones_like(idx))
-
-
 def srp_ci(
     sequences: Tensor | Sequence[Tensor],
     num_experts: int,
@@ -480,8 +351,8 @@ def srp_ci(
     """SRP over sequences with a bootstrap CI (resampling sequences), computed from per-sequence
     statistics: equal to ``bootstrap_ci(lambda s: srp_sequences(s, E, L), seqs, ...)`` for the
     same seed, without recomputing windows per replicate."""
-    _check_boot(n_boot, alpha, method)
-    seqs = _as_sequences(sequences, num_experts)
+    check_bootstrap(n_boot, alpha, method)
+    seqs = as_sequences(sequences, num_experts)
     st = _stats_per_sequence(seqs, num_experts, segment_length)
     _check_srp_stats(st, seqs)
     est = srp_from_stats(st.matches.sum(0), st.preds.sum(0), st.acts.sum(0))
@@ -504,7 +375,7 @@ def sch_ci(
 
     Sequences without any request are left out before resampling (their rate is 0/0).
     """
-    _check_boot(n_boot, alpha, method)
+    check_bootstrap(n_boot, alpha, method)
     curves = _scored(sch_curves(sequences, num_experts, segment_length))
     n = curves.shape[0]
     if n == 0:

@@ -2,6 +2,16 @@
 
 Everything reads ``moelab.Routing`` (one layer) or ``moelab.Trace`` (all layers); definitions are
 in ``docs/analysis.md``. Entropies and mutual information are in nats.
+
+The per-layer routing statistics (load balance, drop rate, router entropy, z) are defined once,
+in ``moelab.core.stats``; ``load_stats``, ``router_entropy`` and ``routing_stats`` here are those
+very functions, re-exported. ``trace_metrics`` = ``routing_stats`` per layer (what
+``Trace.summary()`` gives) plus the mutual information with the previous layer.
+
+Large E: everything but ``coactivation`` works from the COO entries (``token_index``,
+``expert_index``, ``weight``) and ``[E]`` counts, so a routing over 2^20 experts is fine. The
+co-activation matrix is ``[E, E]`` and refuses (``ValueError``) beyond
+``moelab.core.routing.MAX_DENSE_ELEMENTS`` elements.
 """
 
 from __future__ import annotations
@@ -11,14 +21,52 @@ import math
 import torch
 from torch import Tensor
 
-from ..routing.routing import Routing
-from ..tracing import Trace
+from moelab.analysis.limits import require_dense
+from moelab.core.routing import Routing
+from moelab.core.stats import load_stats, router_entropy, routing_stats
+from moelab.core.tracing import Trace
+
+__all__ = [
+    "coactivation",
+    "expert_load",
+    "load_matrix",
+    "load_stats",
+    "mutual_information_from_joint",
+    "router_entropy",
+    "routing_mutual_information",
+    "routing_stats",
+    "top1_experts",
+    "trace_metrics",
+]
 
 
 def _check_routing(routing: object, name: str = "routing") -> Routing:
     if not isinstance(routing, Routing):
         raise TypeError(f"{name} must be a moelab.Routing, got {type(routing).__name__}")
     return routing
+
+
+def _distinct_entries(routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
+    """``(token [M], expert [M], weight [M])`` on CPU: the distinct (token, expert) pairs sorted by
+    token then expert, duplicate entries' weights summed (as ``Routing.dense()`` sums them)."""
+    E = routing.num_experts
+    key = routing.token_index.cpu() * E + routing.expert_index.cpu()
+    uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
+    weight = torch.zeros(uniq.shape[0], dtype=torch.float64)
+    weight.index_add_(0, inverse, routing.weight.detach().cpu().double())
+    return uniq // E, uniq % E, weight
+
+
+def _pairs_by_token(tok_a: Tensor, exp_a: Tensor, tok_b: Tensor, exp_b: Tensor, num_tokens: int):
+    """Every ``(i, j, t)`` with ``i in S_a(t)`` and ``j in S_b(t)``: the join of two entry lists on the
+    token. Both lists are sorted by token. ``sum_t |S_a(t)| |S_b(t)|`` pairs, no ``[T, E]`` view."""
+    count_b = torch.bincount(tok_b, minlength=num_tokens)
+    start_b = torch.cumsum(count_b, 0) - count_b
+    partners = count_b[tok_a]  # how many b-entries share each a-entry's token
+    a_of_pair = torch.repeat_interleave(torch.arange(tok_a.shape[0]), partners)
+    run_start = torch.cumsum(partners, 0) - partners
+    b_of_pair = start_b[tok_a[a_of_pair]] + (torch.arange(a_of_pair.shape[0]) - run_start[a_of_pair])
+    return exp_a[a_of_pair], exp_b[b_of_pair], tok_a[a_of_pair]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -30,54 +78,23 @@ def expert_load(routing: Routing) -> Tensor:
     All zeros when the routing has no assignment.
     """
     r = _check_routing(routing)
-    counts = torch.bincount(r.expert_index.cpu(), minlength=r.num_experts).double()
+    counts = r.tokens_per_expert().cpu().double()
     total = counts.sum()
     return counts / total if total > 0 else counts
 
 
-def load_stats(routing: Routing) -> dict[str, float | int]:
-    """Per-layer load summary.
-
-    ``tokens`` T, ``assignments`` N, ``max_over_mean`` = max_e n_e / mean_e n_e,
-    ``cv`` = std_e n_e / mean_e n_e (population std), ``min_over_mean``, ``dead_experts``
-    (experts with no assignment), ``drop_rate`` (capacity drops / requested), ``entropy``
-    (``router_entropy``), ``load_entropy`` (entropy of ``expert_load`` / log E).
-    """
-    r = _check_routing(routing)
-    n = torch.bincount(r.expert_index.cpu(), minlength=r.num_experts).double()
-    mean = float(n.mean())
-    load = n / n.sum() if n.sum() > 0 else n
-    nz = load[load > 0]
-    load_h = (
-        float(-(nz * nz.log()).sum()) / math.log(r.num_experts)
-        if r.num_experts > 1 and nz.numel()
-        else float("nan")
-    )
-    return {
-        "tokens": r.num_tokens,
-        "assignments": r.num_assignments,
-        "max_over_mean": float(n.max()) / mean if mean > 0 else float("nan"),
-        "min_over_mean": float(n.min()) / mean if mean > 0 else float("nan"),
-        "cv": float(n.std(unbiased=False)) / mean if mean > 0 else float("nan"),
-        "dead_experts": int((n == 0).sum()),
-        "drop_rate": r.drop_rate(),
-        "entropy": router_entropy(r),
-        "load_entropy": load_h,
-    }
-
-
-def router_entropy(routing: Routing) -> float:
-    """Mean over tokens of ``H(p_t) / log E``, ``p_t`` the router's ``probs`` row renormalised to 1.
-
-    1 = uniform, 0 = one-hot. NaN when the routing carries no ``probs`` (or ``E = 1``).
-    """
-    r = _check_routing(routing)
-    if r.probs is None or r.num_tokens == 0 or r.num_experts < 2:
-        return float("nan")
-    p = r.probs.detach().double().cpu()
-    p = p / p.sum(-1, keepdim=True).clamp_min(1e-300)
-    h = -(p * p.clamp_min(1e-300).log()).sum(-1)
-    return float(h.mean()) / math.log(r.num_experts)
+def load_matrix(trace: Trace) -> Tensor:
+    """``[layers, E_max]`` float64 of ``expert_load`` per traced layer (zero-padded), for heatmaps."""
+    if not isinstance(trace, Trace):
+        raise TypeError(f"trace must be a moelab.Trace, got {type(trace).__name__}")
+    loads = [expert_load(trace.routing(n)) for n in trace.layers]
+    if not loads:
+        raise ValueError("trace has no layers")
+    e = max(x.shape[0] for x in loads)
+    out = torch.zeros(len(loads), e, dtype=torch.float64)
+    for i, x in enumerate(loads):
+        out[i, : x.shape[0]] = x
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,13 +105,19 @@ def coactivation(routing: Routing, normalize: str | None = None) -> Tensor:
 
     ``C[i, j]`` = number of tokens routed to both ``i`` and ``j`` (the diagonal counts the tokens
     of each expert). ``normalize="row"`` gives ``P(j | i) = C[i, j] / C[i, i]`` (0 where expert
-    ``i`` is unused); ``"tokens"`` divides by ``T``.
+    ``i`` is unused); ``"tokens"`` divides by ``T``. Built from the entries (``sum_t |S_t|^2``
+    pairs); the ``[E, E]`` result refuses with ``ValueError`` when it would be too large.
     """
     r = _check_routing(routing)
     if normalize not in (None, "row", "tokens"):
         raise ValueError(f"normalize must be None, 'row' or 'tokens', got {normalize!r}")
-    m = r.mask().cpu().double()
-    c = m.T @ m
+    E = r.num_experts
+    require_dense("coactivation", "[E, E]", E, E)
+    tok, exp, _ = _distinct_entries(r)
+    i, j, _ = _pairs_by_token(tok, exp, tok, exp, r.num_tokens)
+    c = torch.zeros(E * E, dtype=torch.float64)
+    c.index_add_(0, i * E + j, torch.ones(i.shape[0], dtype=torch.float64))
+    c = c.view(E, E)
     if normalize == "row":
         diag = c.diagonal().clone()
         c = torch.where(diag.unsqueeze(1) > 0, c / diag.clamp_min(1).unsqueeze(1), torch.zeros_like(c))
@@ -107,58 +130,56 @@ def coactivation(routing: Routing, normalize: str | None = None) -> Tensor:
 # mutual information between layers
 # --------------------------------------------------------------------------------------------------
 def top1_experts(routing: Routing) -> Tensor:
-    """``[T]`` long: each token's highest-weight expert (lowest id among ties); -1 if it has none."""
+    """``[T]`` long: each token's highest-weight expert (lowest id among ties); -1 if it has none.
+
+    From the entries (duplicate (token, expert) entries summed first, as in ``Routing.dense()``).
+    """
     r = _check_routing(routing)
-    w = r.dense().detach().double().cpu()
-    assigned = r.mask().cpu()
-    w = torch.where(assigned, w, torch.full_like(w, -math.inf))
-    top = w.argmax(-1)  # first maximum: the lowest id among ties
-    return torch.where(assigned.any(-1), top, torch.full_like(top, -1))
+    out = torch.full((r.num_tokens,), -1, dtype=torch.long)
+    if r.num_assignments == 0:
+        return out
+    tok, exp, w = _distinct_entries(r)  # sorted by token, then expert
+    # Stable sorts: by weight (descending), then by token. Within a token the first entry is then
+    # the largest weight, ties in ascending expert id (the order the entries started in).
+    order = torch.sort(w, descending=True, stable=True).indices
+    order = order[torch.sort(tok[order], stable=True).indices]
+    tok, exp = tok[order], exp[order]
+    first = torch.ones_like(tok, dtype=torch.bool)
+    first[1:] = tok[1:] != tok[:-1]
+    out[tok[first]] = exp[first]
+    return out
 
 
-def _entropy_of(p: Tensor) -> float:
-    nz = p[p > 0]
-    return float(-(nz * nz.log()).sum())
+def _information(i: Tensor, j: Tensor, mass: Tensor, size_i: int, size_j: int) -> dict[str, float]:
+    """``I(X; Y)``, ``H(X)``, ``H(Y)`` (nats) of the joint distribution given by its entries: mass
+    ``mass [M]`` at ``(i [M], j [M])`` (duplicates add up; normalised here; plug-in estimate)."""
+    total = float(mass.sum()) if mass.numel() else 0.0
+    if total <= 0:
+        nan = float("nan")
+        return {"mi": nan, "h_x": nan, "h_y": nan}
+    key = i * size_j + j
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    p = torch.zeros(uniq.shape[0], dtype=torch.float64).index_add_(0, inverse, mass.double()) / total
+    pi, pj = uniq // size_j, uniq % size_j
+    px = torch.zeros(size_i, dtype=torch.float64).index_add_(0, pi, p)
+    py = torch.zeros(size_j, dtype=torch.float64).index_add_(0, pj, p)
+    nz = p > 0
+    p, pi, pj = p[nz], pi[nz], pj[nz]
+    mi = float((p * (p / (px[pi] * py[pj])).log()).sum())
+
+    def h(q: Tensor) -> float:
+        q = q[q > 0]
+        return float(-(q * q.log()).sum())
+
+    return {"mi": mi, "h_x": h(px), "h_y": h(py)}
 
 
 def mutual_information_from_joint(joint: Tensor) -> float:
     """``I(X; Y)`` in nats of a joint distribution ``[A, B]`` (normalised here; plug-in)."""
     if not isinstance(joint, Tensor) or joint.dim() != 2:
         raise ValueError(f"joint must be a 2-D tensor, got {getattr(joint, 'shape', joint)!r}")
-    j = joint.double()
-    total = j.sum()
-    if total <= 0:
-        return float("nan")
-    j = j / total
-    px, py = j.sum(1, keepdim=True), j.sum(0, keepdim=True)
-    nz = j > 0
-    return float((j[nz] * (j[nz] / (px * py).expand_as(j)[nz]).log()).sum())
-
-
-def top1_mutual_information(top1_a: Tensor, top1_b: Tensor, num_experts_a: int, num_experts_b: int) -> float:
-    """``I(X; Y)`` (nats) between aligned top-1 experts ``[T]`` of two layers (tokens with -1 skipped)."""
-    if top1_a.shape != top1_b.shape or top1_a.dim() != 1:
-        raise ValueError(
-            f"top1_a and top1_b must be aligned [T] tensors, got {tuple(top1_a.shape)} and {tuple(top1_b.shape)}"
-        )
-    keep = (top1_a >= 0) & (top1_b >= 0)
-    a, b = top1_a[keep].long().cpu(), top1_b[keep].long().cpu()
-    joint = torch.zeros(num_experts_a, num_experts_b, dtype=torch.float64)
-    joint.index_put_((a, b), torch.ones(a.shape[0], dtype=torch.float64), accumulate=True)
-    return mutual_information_from_joint(joint)
-
-
-def set_joint(mask_a: Tensor, mask_b: Tensor) -> Tensor:
-    """``[E_a, E_b]``: ``sum_t [i in S_a(t)] [j in S_b(t)] / (|S_a(t)| |S_b(t)|)`` over tokens with both sets.
-
-    The distribution of ``(X, Y)`` where a token ``t`` is drawn uniformly, then ``X`` uniformly from
-    its layer-``l`` experts and ``Y`` uniformly from its layer-``l+1`` experts (independently).
-    """
-    a, b = mask_a.double().cpu(), mask_b.double().cpu()
-    na, nb = a.sum(1, keepdim=True), b.sum(1, keepdim=True)
-    keep = ((na > 0) & (nb > 0)).squeeze(1)
-    a, b = a[keep] / na[keep], b[keep] / nb[keep]
-    return a.T @ b
+    i, j = (joint > 0).nonzero(as_tuple=True)
+    return _information(i, j, joint.double()[i, j], joint.shape[0], joint.shape[1])["mi"]
 
 
 def routing_mutual_information(
@@ -167,8 +188,12 @@ def routing_mutual_information(
     """Mutual information between the routings of two layers over the same tokens.
 
     ``mode="top1"``: ``X``, ``Y`` = each token's highest-weight expert at the two layers.
-    ``mode="set"``: the joint of ``set_joint`` (one expert drawn uniformly from each top-k set).
+    ``mode="set"``: a token ``t`` drawn uniformly, then ``X`` uniformly from its layer-``a`` experts
+    and ``Y`` uniformly from its layer-``b`` experts (independently):
+    ``p(i, j) = sum_t [i in S_a(t)] [j in S_b(t)] / (|S_a(t)| |S_b(t)|)``, normalised.
+    Tokens without an expert in either layer are left out.
     Returns ``{"mi": I(X;Y), "nmi": I / sqrt(H(X) H(Y)) (0 if an entropy is 0), "h_x", "h_y"}``.
+    Both modes work from the entries (no ``[T, E]`` or ``[E, E]`` view).
     """
     ra, rb = _check_routing(routing_a, "routing_a"), _check_routing(routing_b, "routing_b")
     if ra.num_tokens != rb.num_tokens:
@@ -178,38 +203,39 @@ def routing_mutual_information(
     if mode == "top1":
         ta, tb = top1_experts(ra), top1_experts(rb)
         keep = (ta >= 0) & (tb >= 0)
-        joint = torch.zeros(ra.num_experts, rb.num_experts, dtype=torch.float64)
-        joint.index_put_(
-            (ta[keep], tb[keep]), torch.ones(int(keep.sum()), dtype=torch.float64), accumulate=True
-        )
+        i, j = ta[keep], tb[keep]
+        mass = torch.ones(i.shape[0], dtype=torch.float64)
     elif mode == "set":
-        joint = set_joint(ra.mask(), rb.mask())
+        tok_a, exp_a, _ = _distinct_entries(ra)
+        tok_b, exp_b, _ = _distinct_entries(rb)
+        i, j, t = _pairs_by_token(tok_a, exp_a, tok_b, exp_b, ra.num_tokens)
+        size_a = torch.bincount(tok_a, minlength=ra.num_tokens).double()
+        size_b = torch.bincount(tok_b, minlength=rb.num_tokens).double()
+        mass = 1.0 / (size_a[t] * size_b[t])
     else:
         raise ValueError(f"mode must be 'top1' or 'set', got {mode!r}")
-    mi = mutual_information_from_joint(joint)
-    total = joint.sum()
-    if total <= 0:
-        return {"mi": float("nan"), "nmi": float("nan"), "h_x": float("nan"), "h_y": float("nan")}
-    j = joint / total
-    hx, hy = _entropy_of(j.sum(1)), _entropy_of(j.sum(0))
-    nmi = mi / math.sqrt(hx * hy) if hx > 0 and hy > 0 else 0.0
-    return {"mi": mi, "nmi": nmi, "h_x": hx, "h_y": hy}
+    info = _information(i, j, mass, ra.num_experts, rb.num_experts)
+    hx, hy = info["h_x"], info["h_y"]
+    if math.isnan(info["mi"]):
+        return {"mi": info["mi"], "nmi": float("nan"), "h_x": hx, "h_y": hy}
+    nmi = info["mi"] / math.sqrt(hx * hy) if hx > 0 and hy > 0 else 0.0
+    return {"mi": info["mi"], "nmi": nmi, "h_x": hx, "h_y": hy}
 
 
 # --------------------------------------------------------------------------------------------------
 # whole traces
 # --------------------------------------------------------------------------------------------------
 def trace_metrics(trace: Trace) -> list[dict[str, float | int | str]]:
-    """One row per traced layer (trace order): ``load_stats`` plus, for every layer but the first,
-    the mutual information with the previous layer (``mi_top1``, ``nmi_top1``, ``mi_set``,
-    ``nmi_set``; NaN when the two layers saw different tokens)."""
+    """One row per traced layer (trace order): ``routing_stats`` (as ``Trace.summary()``) plus, for
+    every layer but the first, the mutual information with the previous layer (``mi_top1``,
+    ``nmi_top1``, ``mi_set``, ``nmi_set``; NaN when the two layers saw different tokens)."""
     if not isinstance(trace, Trace):
         raise TypeError(f"trace must be a moelab.Trace, got {type(trace).__name__}")
     rows: list[dict[str, float | int | str]] = []
     prev: Routing | None = None
     for name in trace.layers:
         r = trace.routing(name)
-        row: dict[str, float | int | str] = {"layer": name, **load_stats(r)}
+        row: dict[str, float | int | str] = {"layer": name, **routing_stats(r)}
         for mode in ("top1", "set"):
             if prev is not None and prev.num_tokens == r.num_tokens:
                 mi = routing_mutual_information(prev, r, mode)
@@ -219,15 +245,3 @@ def trace_metrics(trace: Trace) -> list[dict[str, float | int | str]]:
         rows.append(row)
         prev = r
     return rows
-
-
-def load_matrix(trace: Trace) -> Tensor:
-    """``[layers, E_max]`` float64 of ``expert_load`` per traced layer (zero-padded), for heatmaps."""
-    loads = [expert_load(trace.routing(n)) for n in trace.layers]
-    if not loads:
-        raise ValueError("trace has no layers")
-    e = max(x.shape[0] for x in loads)
-    out = torch.zeros(len(loads), e, dtype=torch.float64)
-    for i, x in enumerate(loads):
-        out[i, : x.shape[0]] = x
-    return out

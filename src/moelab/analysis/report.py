@@ -19,9 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..routing.routing import Routing
-from ..tracing import Trace
-from .cache import (
+from moelab.analysis.cache import (
     DEFAULT_LOOKAHEAD,
     POLICIES,
     default_cache_sizes,
@@ -30,7 +28,7 @@ from .cache import (
     nominal_k,
     ragged_cache_sizes,
 )
-from .lrc import (
+from moelab.analysis.lrc import (
     CI_ALPHA,
     NUM_BOOTSTRAP,
     PAD,
@@ -41,7 +39,9 @@ from .lrc import (
     srp_from_stats,
     srp_stats,
 )
-from .metrics import coactivation, load_matrix, trace_metrics
+from moelab.analysis.metrics import coactivation, load_matrix, trace_metrics
+from moelab.core.routing import Routing
+from moelab.core.tracing import Trace
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..routing.routing import Routing
-from ..tracing import Trace
+from moelab.core.routing import Routing
+from moelab.core.tracing import Trace, trace
 
 
 @dataclass
@@ -109,7 +108,7 @@ def load_target(path: str | Path, tokenizer: str | None = None) -> Target:
         )
     cfg = json.loads(cfg_file.read_text())
     if _is_moelm_config(cfg):
-        from ..models import MoELM
+        from moelab.models import MoELM
 
         model = MoELM.from_pretrained(p).eval()
         t = Target("moelm", p, model=model, max_len=model.config.max_seq_len)
@@ -182,7 +181,7 @@ def _override_tokenizer(spec: str, vocab_size: int) -> Any:
 # --------------------------------------------------------------------------------------------------
 def corpus_texts(text_paths: Sequence[str | Path] | None) -> Iterator[str]:
     """Documents to analyse: the given text files/folders, else the stdlib corpus' val split."""
-    from ..train.data import load_corpus
+    from moelab.data import load_corpus
 
     if text_paths:
         corpus = load_corpus([str(p) for p in text_paths])
@@ -213,21 +212,6 @@ def token_windows(
     return ids
 
 
-@contextmanager
-def _tracing(model: nn.Module, tr: Trace) -> Iterator[Trace]:
-    from ..tracing import trace as moelab_trace
-    from ..tracing import traceable_layers
-
-    if traceable_layers(model):
-        with moelab_trace(model, tr):
-            yield tr
-    else:
-        from ..hf.trace import trace as hf_trace
-
-        with hf_trace(model, tr):
-            yield tr
-
-
 @torch.no_grad()
 def run_trace(
     model: nn.Module, ids: Tensor, batch_size: int = 8, on_batch: Callable[[int], None] | None = None
@@ -235,7 +219,7 @@ def run_trace(
     """Run ``model`` on ``ids [N, S]`` in batches under a trace; returns the trace and the lengths."""
     tr = Trace()
     model.eval()
-    with _tracing(model, tr):
+    with trace(model, tr):
         for i in range(0, ids.shape[0], batch_size):
             model(ids[i : i + batch_size])
             if on_batch is not None:
@@ -256,7 +240,7 @@ def sentence_routings(
     """One forward per sentence; ``{layer: [Routing of sentence i]}`` in sentence order."""
     tr = Trace()
     model.eval()
-    with _tracing(model, tr):
+    with trace(model, tr):
         for s in sentences:
             ids = tokenizer.encode(s)
             if max_len is not None:

@@ -1,5 +1,6 @@
-"""Expert banks: E experts stored as fused tensors, run with grouped GEMMs."""
+"""Expert banks (one kind per file; importing this package registers them) and shared experts."""
 
-from .bank import ACTIVATIONS, ExpertBank, SharedExperts
+from moelab.experts.bank import ExpertBank
+from moelab.experts.shared import SharedExperts
 
-__all__ = ["ACTIVATIONS", "ExpertBank", "SharedExperts"]
+__all__ = ["ExpertBank", "SharedExperts"]

@@ -1,4 +1,4 @@
-"""The MoE layer: ``Router -> Routing -> dispatch -> ExpertBank -> combine`` (+ shared experts)."""
+"""The MoE layer: ``Router -> Routing -> Dispatcher -> Executor(Bank) -> combine`` (+ shared experts)."""
 
 from __future__ import annotations
 
@@ -7,41 +7,47 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import finite, hidden_states, positive_int, same_device_dtype, top_k_in_range
-from ..experts.bank import ExpertBank, SharedExperts
-from ..losses.registry import check_aux_losses, get_loss
-from ..ops.backends import get_backend, resolve_backend
-from ..routing.context import RoutingContext
-from ..routing.router import Router, build_router
-from ..routing.routing import Routing
+from moelab.core.bank import check_bank
+from moelab.core.checks import finite, hidden_states, positive_int, same_device_dtype, top_k_in_range
+from moelab.core.context import RoutingContext, check_context
+from moelab.core.routed import RoutedLayer
+from moelab.core.router import Router, build_router
+from moelab.core.routing import Routing
+from moelab.experts.bank import ExpertBank
+from moelab.experts.shared import SharedExperts
+from moelab.losses.registry import check_aux_losses, get_loss
+from moelab.ops.dispatchers import Dispatcher, get_dispatcher
+from moelab.ops.executors import check_backend_name, resolve_executor
 
 
-class MoE(nn.Module):
-    """A mixture-of-experts feed-forward layer.
+class MoE(RoutedLayer):
+    """A mixture-of-experts layer (a feed-forward layer, or any ``d_in -> d_out`` projection).
 
     Args:
-        d_model: ``d``.
+        d_model: ``d``, the input width.
         num_experts: ``E`` (default 8).
         top_k: experts per token for token-choice routers (default 2).
         hidden: each expert's hidden width (default ``4 * d_model // top_k``, our choice: keeps the
             active FFN width near a dense ``4d`` FFN).
-        router: a registered router name (``moelab list``) or a ``Router`` instance.
+        d_out: the output width of the default bank (default ``d_model``).
+        router: a registered router name (``moelab list --kind router``) or a ``Router`` instance.
         router_kwargs: extra arguments for a router built by name.
-        experts: an ``ExpertBank`` to use (else one is built with ``activation``).
+        experts: a bank (``moelab.core.bank.Bank``: ``ExpertBank`` or any other kind); else an
+            ``ExpertBank`` is built with ``hidden``, ``activation`` and ``d_out``.
         activation: expert non-linearity, ``swiglu`` by default.
         shared_experts: number of always-on shared experts (DeepSeekMoE), or a ``SharedExperts``
             module; 0 for none.
         shared_gate: scale the shared output by ``sigmoid(w . x)`` (Qwen2-MoE).
         aux_losses: ``{"load_balance": 1e-2, "z": 1e-3}``: losses by name and their coefficients.
-        backend: ``"auto"`` or a registered backend (``moelab.ops.backend_names()``).
+        backend: the executor, ``"auto"`` or a registered name (``moelab list --kind executor``).
+        dispatcher: a registered dispatcher name (default ``"local"``) or a ``Dispatcher``.
         check_finite: raise on NaN/Inf inputs (one reduction over ``x``).
 
-    ``forward(x [B, S, d] or [T, d], ctx=None) -> same shape``. After each forward,
-    ``aux_loss`` holds the weighted sum of the auxiliary losses (a scalar tensor, 0 if none) and
-    ``aux_terms`` each unweighted term.
+    ``forward(x [B, S, d] or [T, d], ctx=None) -> [..., d_out]``; ``forward_routed`` also returns
+    the routing that ran. After each forward, ``aux_loss`` holds the weighted sum of the auxiliary
+    losses (a scalar tensor, 0 if none) and ``aux_terms`` each unweighted term. The layer never
+    changes the caller's context; it appends its routing to ``ctx.history``.
     """
-
-    _moelab_traceable = True
 
     def __init__(
         self,
@@ -50,15 +56,17 @@ class MoE(nn.Module):
         top_k: int = 2,
         hidden: int | None = None,
         *,
+        d_out: int | None = None,
         router: str | Router = "topk",
         router_kwargs: dict[str, Any] | None = None,
-        experts: ExpertBank | None = None,
+        experts: nn.Module | None = None,
         activation: str = "swiglu",
         shared_experts: int | SharedExperts = 0,
         shared_hidden: int | None = None,
         shared_gate: bool = False,
         aux_losses: dict[str, float] | None = None,
         backend: str = "auto",
+        dispatcher: str | Dispatcher = "local",
         check_finite: bool = True,
     ) -> None:
         super().__init__()
@@ -67,84 +75,57 @@ class MoE(nn.Module):
         self.top_k = top_k_in_range(top_k, num_experts)
         if hidden is None:
             hidden = max(1, 4 * d_model // top_k)
-        if isinstance(router, str):
-            kw = dict(router_kwargs or {})
-            kw.setdefault("top_k", top_k)
-            router = build_router(router, d_model=d_model, num_experts=num_experts, **kw)
-        elif not isinstance(router, Router):
-            raise TypeError(
-                f"router must be a registered name or a moelab Router, got {type(router).__name__}"
-            )
-        if router.d_model != d_model or router.num_experts != num_experts:
-            raise ValueError(
-                f"router has d_model={router.d_model}, num_experts={router.num_experts}; "
-                f"the layer has d_model={d_model}, num_experts={num_experts}"
-            )
-        self.router = router
+        self.router = _router(router, router_kwargs, d_model, num_experts, top_k)
         if experts is None:
-            experts = ExpertBank(num_experts, d_model, hidden, activation)
-        elif not isinstance(experts, nn.Module):
-            raise TypeError(f"experts must be an ExpertBank, got {type(experts).__name__}")
-        if experts.num_experts != num_experts or experts.d_model != d_model:
+            experts = ExpertBank(num_experts, d_model, hidden, activation, d_out=d_out)
+        check_bank(experts)
+        if experts.num_experts != num_experts or experts.d_in != d_model:
             raise ValueError(
-                f"experts has num_experts={experts.num_experts}, d_model={experts.d_model}; "
+                f"experts has num_experts={experts.num_experts}, d_in={experts.d_in}; "
                 f"the layer has num_experts={num_experts}, d_model={d_model}"
             )
+        if d_out is not None and experts.d_out != d_out:
+            raise ValueError(f"d_out={d_out} but the experts' d_out is {experts.d_out}")
         self.experts = experts
-        if isinstance(shared_experts, SharedExperts):
-            self.shared_experts: SharedExperts | None = shared_experts
-        elif isinstance(shared_experts, int) and not isinstance(shared_experts, bool) and shared_experts >= 0:
-            width = shared_hidden if shared_hidden is not None else shared_experts * experts.hidden
-            self.shared_experts = (
-                SharedExperts(d_model, width, experts.activation, gate=shared_gate)
-                if shared_experts
-                else None
-            )
-        else:
-            raise ValueError(
-                f"shared_experts must be an int >= 0 or a SharedExperts module, got {shared_experts!r}"
-            )
+        self.d_out = experts.d_out
+        self.shared_experts = _shared(shared_experts, shared_hidden, shared_gate, experts, activation, d_model)
         self.aux_coefficients = check_aux_losses(aux_losses)
-        self.backend = backend
-        if backend != "auto":
-            get_backend(backend)  # unknown names fail here, not at the first forward
+        self.backend = check_backend_name(backend)
+        self.dispatcher = get_dispatcher(dispatcher)
         self.check_finite = bool(check_finite)
         self.aux_loss: Tensor = torch.zeros(())
         self.aux_terms: dict[str, Tensor] = {}
-        self._moelab_trace = None
 
     def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:
+        return self.forward_routed(x, ctx)[0]
+
+    def forward_routed(self, x: Tensor, ctx: RoutingContext | None = None) -> tuple[Tensor, Routing]:
+        """``(y, routing)``: the output and the routing that ran (after any routing transform)."""
         hidden_states(x, self.d_model, name="x")
-        same_device_dtype(x, self.experts.w_in, name="x", what="the MoE layer's parameters")
+        ref = next(self.experts.parameters(), None)
+        if ref is not None:
+            same_device_dtype(x, ref, name="x", what="the MoE layer's parameters")
         if self.check_finite:
             finite(x, "x")
-        shape = x.shape
-        ctx = ctx if ctx is not None else RoutingContext()
-        if x.dim() == 3:
-            ctx.seq_len = shape[1]
+        ctx = _layer_context(check_context(ctx), x)
         x_TD = x.reshape(-1, self.d_model)
         if not x_TD.is_contiguous():
             x_TD = x_TD.contiguous()
         routing = self.router(x_TD, ctx)
+        self._aux(routing, ctx)  # the router's own routing trains the router
+        routing = self.routed(routing, ctx, x_TD)
         y = self.run_experts(x_TD, routing)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_TD)
-        self._aux(routing, ctx)
-        rec = self._moelab_trace
-        if rec is not None:
-            rec[0].record(rec[1], routing, ctx.token_ids)
-        elif ctx.recorder is not None:
-            ctx.recorder.record(f"layer{ctx.layer_index}", routing, ctx.token_ids)
-        return y.view(shape)
+        return y.view(*x.shape[:-1], self.d_out), routing
 
     def run_experts(self, x_TD: Tensor, routing: Routing) -> Tensor:
-        """``dispatch -> ExpertBank -> combine`` with this layer's backend."""
-        return resolve_backend(self.backend, x_TD.device, self.experts)(x_TD, routing, self.experts)
+        """``dispatch -> bank -> combine`` with this layer's dispatcher and executor."""
+        executor = resolve_executor(self.backend, x_TD.device, self.experts)
+        return self.dispatcher(x_TD, routing, self.experts, executor)
 
     def _aux(self, routing: Routing, ctx: RoutingContext) -> None:
-        terms = {
-            name: get_loss(name)(routing, seq_len=ctx.seq_len, layer=self) for name in self.aux_coefficients
-        }
+        terms = {name: get_loss(name)(routing, ctx=ctx, layer=self) for name in self.aux_coefficients}
         terms.update(routing.aux)
         total = routing.weight.new_zeros(()).float()
         for name, value in terms.items():
@@ -153,15 +134,47 @@ class MoE(nn.Module):
         self.aux_loss = total
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, backend={self.backend!r}"
+        out = f", d_out={self.d_out}" if self.d_out != self.d_model else ""
+        return (
+            f"d_model={self.d_model}{out}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"backend={self.backend!r}, dispatcher={self.dispatcher.name!r}"
+        )
 
 
-def aux_loss(model: nn.Module) -> Tensor:
-    """Sum of every MoE layer's ``aux_loss`` from its last forward (add it to the task loss)."""
-    total = None
-    for m in model.modules():
-        if isinstance(m, MoE):
-            total = m.aux_loss if total is None else total + m.aux_loss
-    if total is None:
-        raise ValueError("aux_loss(model): the model has no MoE layers")
-    return total
+def _router(router: object, router_kwargs: dict | None, d_model: int, num_experts: int, top_k: int) -> Router:
+    if isinstance(router, str):
+        kw = dict(router_kwargs or {})
+        kw.setdefault("top_k", top_k)
+        router = build_router(router, d_model=d_model, num_experts=num_experts, **kw)
+    elif not isinstance(router, Router):
+        raise TypeError(f"router must be a registered name or a moelab Router, got {type(router).__name__}")
+    if router.d_model != d_model or router.num_experts != num_experts:
+        raise ValueError(
+            f"router has d_model={router.d_model}, num_experts={router.num_experts}; "
+            f"the layer has d_model={d_model}, num_experts={num_experts}"
+        )
+    return router
+
+
+def _shared(
+    shared: object, hidden: int | None, gate: bool, experts: nn.Module, activation: str, d_model: int
+) -> SharedExperts | None:
+    if isinstance(shared, SharedExperts):
+        return shared
+    if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
+        raise ValueError(f"shared_experts must be an int >= 0 or a SharedExperts module, got {shared!r}")
+    if shared == 0:
+        return None
+    width = hidden if hidden is not None else shared * getattr(experts, "hidden", 4 * d_model)
+    act = getattr(experts, "activation", activation)
+    return SharedExperts(d_model, width, act, gate=gate, d_out=experts.d_out)
+
+
+def _layer_context(ctx: RoutingContext, x: Tensor) -> RoutingContext:
+    """The caller's context, or a derived one carrying this input's batch shape."""
+    if x.dim() == 3:
+        shape = (x.shape[0], x.shape[1])
+        return ctx if ctx.batch_shape == shape else ctx.replace(batch_shape=shape)
+    if ctx.batch_shape is not None and ctx.batch_shape[0] * ctx.batch_shape[1] != x.shape[0]:
+        return ctx.replace(batch_shape=None)  # a flat input not aligned with the caller's batch
+    return ctx

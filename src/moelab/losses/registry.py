@@ -1,4 +1,4 @@
-"""Auxiliary losses by name: ``fn(routing, *, seq_len=None, layer=None) -> scalar``."""
+"""Auxiliary losses by name: ``fn(routing, *, ctx=None, layer=None) -> scalar``."""
 
 from __future__ import annotations
 
@@ -6,13 +6,17 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from .. import registry
+from moelab import registry
 
 LossFn = Callable[..., Tensor]
 
 
 def register_loss(name: str, *, paper: str, summary: str):
-    """Decorator: register a loss ``fn(routing, *, seq_len=None, layer=None) -> Tensor``."""
+    """Decorator: register a loss ``fn(routing, *, ctx=None, layer=None) -> Tensor``.
+
+    ``ctx`` is the layer's ``RoutingContext`` (its ``batch_shape`` gives the sequences), ``layer`` the
+    routed layer (for losses that read its router).
+    """
     return registry.register("loss", name, paper=paper, summary=summary)
 
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .._checks import positive_int, top_k_in_range
+from moelab.core.checks import positive_int, top_k_in_range
 
 
 def _default_aux_losses() -> dict[str, float]:

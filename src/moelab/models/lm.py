@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..layers.moe import MoE
-from ..routing.context import RoutingContext
-from .config import MoELMConfig
+from moelab.core.context import RoutingContext, check_context
+from moelab.layers.moe import MoE
+from moelab.models.config import MoELMConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -127,8 +127,7 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin)
         h = self.ffn_norm(x)
         if self.is_moe:
-            ctx.layer_index = self.index
-            return x + self.ffn(h, ctx)
+            return x + self.ffn(h, ctx.replace(layer_index=self.index))
         return x + self.ffn(h)
 
 
@@ -193,10 +192,8 @@ class MoELM(nn.Module):
     ) -> MoELMOutput:
         ids = self._check_ids(input_ids, "input_ids")
         b, s = ids.shape
-        if ctx is None:
-            ctx = RoutingContext()
-        if ctx.token_ids is None:
-            ctx.token_ids = ids.reshape(-1)
+        ctx = check_context(ctx)
+        ctx = ctx.replace(batch_shape=(b, s), token_ids=ids.reshape(-1) if ctx.token_ids is None else ctx.token_ids)
         cos, sin = self.rope_cos[:s], self.rope_sin[:s]
         x = self.embed(ids)
         for blk in self.blocks:

@@ -1,25 +1,53 @@
-"""Expert execution: dispatch/combine and interchangeable backends (reference, sorted, fast)."""
+"""Executing a routing: dispatchers move rows, executors compute the experts (one per file).
 
-from . import fast as _fast  # noqa: F401  (registers the "fast" CPU backend)
-from . import triton as _triton  # noqa: F401  (registers the 'triton' backend; Triton loads lazily)
-from .backends import AUTO_PREFERENCE, Backend, backend_names, get_backend, register_backend, resolve_backend
-from .dispatch import combine, dispatch
-from .grouped_mm import can_use_grouped_mm, grouped_mm, grouped_mm_loop
-from .reference import moe_reference
-from .sorted import moe_sorted
+- ``executors``: the executor registry, ``"auto"`` resolution;
+- ``reference``, ``sorted``, ``fast``, ``triton``: the executors;
+- ``dispatchers``: the dispatcher registry and the ``local`` dispatcher;
+- ``rows``: ``dispatch`` / ``combine``, the row gather and weighted scatter-back.
+"""
+
+from moelab.ops import fast, reference, sorted, triton  # noqa: F401  (each registers its executor)
+from moelab.ops.dispatchers import (
+    Dispatcher,
+    LocalDispatcher,
+    check_rows,
+    dispatcher_names,
+    get_dispatcher,
+    register_dispatcher,
+)
+from moelab.ops.executors import (
+    AUTO_PREFERENCE,
+    Executor,
+    check_backend_name,
+    executor_names,
+    get_executor,
+    register_executor,
+    resolve_executor,
+)
+from moelab.ops.fast import moe_fast
+from moelab.ops.reference import moe_reference
+from moelab.ops.rows import combine, dispatch
+from moelab.ops.sorted import moe_sorted
+from moelab.ops.triton import moe_triton
 
 __all__ = [
     "AUTO_PREFERENCE",
-    "Backend",
-    "backend_names",
-    "can_use_grouped_mm",
+    "Dispatcher",
+    "Executor",
+    "LocalDispatcher",
+    "check_backend_name",
+    "check_rows",
     "combine",
     "dispatch",
-    "get_backend",
-    "grouped_mm",
-    "grouped_mm_loop",
+    "dispatcher_names",
+    "executor_names",
+    "get_dispatcher",
+    "get_executor",
+    "moe_fast",
     "moe_reference",
     "moe_sorted",
-    "register_backend",
-    "resolve_backend",
+    "moe_triton",
+    "register_dispatcher",
+    "register_executor",
+    "resolve_executor",
 ]

@@ -1,20 +1,23 @@
-"""The ``sorted`` backend: one sort, a gather, grouped GEMMs, a weighted scatter back."""
+"""Executor ``sorted``: one sort, a gather, the bank's grouped forward, a weighted scatter back.
+
+It runs any bank: the bank's ``forward_sorted`` sees expert-sorted rows and the ``ExpertOrder``
+(grouped GEMMs for MLP banks, per-row weight gathers for atomic pools).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from torch import Tensor, nn
 
-from torch import Tensor
-
-from ..routing.routing import Routing
-from .dispatch import combine, dispatch
-
-if TYPE_CHECKING:
-    from ..experts.bank import ExpertBank
+from moelab.core.routing import Routing
+from moelab.ops.executors import register_executor
+from moelab.ops.rows import combine, dispatch
 
 
-def moe_sorted(x_TD: Tensor, routing: Routing, bank: ExpertBank) -> Tensor:
-    order = routing.by_expert()
-    x_sorted = dispatch(x_TD, routing)
-    y_sorted = bank(x_sorted, order.offsets)
+@register_executor(
+    "sorted",
+    paper="MegaBlocks (Gale et al. 2023) dropless grouped GEMM, via torch grouped_mm",
+    summary="sort assignments by expert, gather, the bank's grouped forward (two grouped GEMMs), weighted scatter back",
+)
+def moe_sorted(x_TD: Tensor, routing: Routing, bank: nn.Module) -> Tensor:
+    y_sorted = bank.forward_sorted(dispatch(x_TD, routing), routing.by_expert())
     return combine(y_sorted, routing)

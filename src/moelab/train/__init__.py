@@ -1,8 +1,8 @@
 """Training: the embedded corpus (``data``), the training loop (``trainer``), router comparisons
 (``compare``) and their CLI commands (``moelab train``, ``moelab compare``)."""
 
-from .data import Batches, BPETokenizer, ByteTokenizer, Corpus, Data, load_corpus, load_data
-from .trainer import TrainConfig, Trainer, TrainResult, latest_checkpoint
+from moelab.data import Batches, BPETokenizer, ByteTokenizer, Corpus, Data, load_corpus, load_data
+from moelab.train.trainer import TrainConfig, Trainer, TrainResult, latest_checkpoint
 
 __all__ = [
     "BPETokenizer",

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from ..models.config import MoELMConfig
-from .data import Data, load_data
-from .trainer import TrainConfig, Trainer, TrainResult
+from moelab.data import Data, load_data
+from moelab.models.config import MoELMConfig
+from moelab.train.trainer import TrainConfig, Trainer, TrainResult
 
 DEFAULT_ROUTERS = ("topk", "sigmoid_topk", "expert_choice")
 

@@ -40,13 +40,13 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..analysis.locality import layer_locality
-from ..models.config import MoELMConfig
-from ..models.lm import MoELM
-from ..routing.context import RoutingContext
-from ..routing.router import step_end
-from ..tracing import trace
-from .data import Batches, Data, eval_batches, load_data
+from moelab.analysis.locality import layer_locality
+from moelab.core.context import RoutingContext
+from moelab.core.router import step_end
+from moelab.core.tracing import trace
+from moelab.data import Batches, Data, eval_batches, load_data
+from moelab.models.config import MoELMConfig
+from moelab.models.lm import MoELM
 
 CKPT_DIRNAME = "checkpoints"
 LATEST = "latest"

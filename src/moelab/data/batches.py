@@ -1,0 +1,141 @@
+"""Batching: ``Batches`` cuts the token stream into non-overlapping windows of ``seq_len`` tokens
+and visits them in a fresh permutation each epoch, ``numpy.random.default_rng([seed, epoch])``.
+Its whole state is ``(epoch, index)``: save ``state_dict()`` in a checkpoint and
+``load_state_dict`` resumes at exactly the next window. Under data parallelism every rank holds
+the same position and reads its own slice of each global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from moelab.data.corpus import STDLIB, Corpus, load_corpus
+from moelab.data.tokenizers import get_tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Batching
+# ---------------------------------------------------------------------------------------------
+class Batches:
+    """Deterministic, resumable ``[batch_size, seq_len]`` batches of token windows.
+
+    The stream is cut into ``n = len(tokens) // seq_len`` non-overlapping windows; epoch ``e``
+    visits them in the order ``default_rng([seed, e]).permutation(n)``. A global batch is the
+    next ``batch_size * world_size`` windows; rank ``r`` takes windows ``[r*b, (r+1)*b)`` of it.
+    State: ``{"epoch", "index"}``, the same on every rank.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.tokens = np.asarray(tokens)
+        self.seq_len, self.batch_size = int(seq_len), int(batch_size)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.num_windows = len(self.tokens) // self.seq_len
+        if self.num_windows < 1:
+            raise ValueError(
+                f"the token stream ({len(self.tokens)} tokens) is shorter than seq_len={seq_len}"
+            )
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.epoch, self.index = 0, 0
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def _take(self, count: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < count:
+            order = self._order(self.epoch)
+            n = min(count - len(out), self.num_windows - self.index)
+            out.extend(order[self.index : self.index + n].tolist())
+            self.index += n
+            if self.index == self.num_windows:
+                self.epoch, self.index = self.epoch + 1, 0
+        return out
+
+    def next(self) -> Tensor:
+        """The next ``[batch_size, seq_len]`` long tensor of this rank."""
+        windows = self._take(self.batch_size * self.world_size)
+        mine = windows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        rows = [self.tokens[w * self.seq_len : (w + 1) * self.seq_len] for w in mine]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(
+                f"data state was saved with seed={state['seed']}, these batches use seed={self.seed}"
+            )
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def eval_batches(
+    tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int, *, rank: int = 0, world_size: int = 1
+) -> list[Tensor]:
+    """Fixed validation batches: ``max_batches`` global batches of windows spread evenly over the
+    val stream (so a short budget still sees all of it), in order, no randomness.
+
+    A global batch is ``batch_size * world_size`` windows and rank ``r`` takes its ``r``-th slice,
+    as in training: the val set is the same whatever the number of processes.
+    """
+    n = len(tokens) // seq_len
+    if n < 1:
+        raise ValueError(f"the val stream ({len(tokens)} tokens) is shorter than seq_len={seq_len}")
+    global_bs = batch_size * world_size
+    want = min(n, global_bs * max_batches)
+    starts = np.linspace(0, n - 1, want).round().astype(np.int64) if want < n else np.arange(n)
+    batches = []
+    for i in range(0, len(starts), global_bs):
+        mine = starts[i : i + global_bs][rank * batch_size : (rank + 1) * batch_size]
+        if len(mine):
+            rows = [tokens[s * seq_len : (s + 1) * seq_len] for s in mine]
+            batches.append(torch.from_numpy(np.stack(rows).astype(np.int64)))
+    return batches
+
+
+@dataclass
+class Data:
+    """A corpus tokenised: train and val streams plus the tokenizer."""
+
+    corpus: Corpus
+    tokenizer: object
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.vocab_size)
+
+
+def load_data(
+    source: str | Path | Sequence[str | Path] = STDLIB,
+    tokenizer: str = "bytes",
+    *,
+    val_fraction: float = 0.05,
+    bpe_vocab_size: int = 4096,
+    include_tests: bool = False,
+) -> Data:
+    """Load, split and tokenise a corpus (see ``load_corpus`` and ``get_tokenizer``)."""
+    corpus = load_corpus(source, val_fraction=val_fraction, include_tests=include_tests)
+    tok = get_tokenizer(tokenizer, corpus, bpe_vocab_size)
+    return Data(corpus, tok, tok.encode_docs(corpus.train), tok.encode_docs(corpus.val))

@@ -1,0 +1,475 @@
+"""``moelab repro``: check each paper's claim at small scale, and say whether it held.
+
+A reproduction is a small ``moelab compare`` whose arms differ in exactly the thing a paper
+claims matters (a loss on or off, a balancing rule, a router), plus a rule that turns the
+measured numbers into a verdict. Every arm shares the model shape, the data, the step budget and
+the seed, and runs with the demo's model (``moelab.train.commands.DEMO``) unless overridden.
+
+Verdicts are ``holds`` (the rule holds on the seed mean *and* on every seed), ``mixed`` (it holds
+on some seeds only) or ``does not hold``. With a few hundred steps a small loss gap is noise: loss
+comparisons therefore allow a margin (``LOSS_MARGIN``) and each verdict says what it compared. ``--write-docs`` records the rows in ``docs/reproductions.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moelab.analysis.locality import KEYS as LOCALITY_KEYS
+from moelab.train.compare import CompareSettings, _mean, run_compare
+
+# Val-loss differences below this (nats/token) are treated as a tie: at the demo budget the
+# seed-to-seed spread of one arm is about 0.02-0.05 (measured: docs/reproductions.md).
+LOSS_MARGIN = 0.02
+
+
+@dataclass(frozen=True)
+class Arm:
+    router: str
+    router_kwargs: dict[str, Any] = field(default_factory=dict)
+    aux_losses: dict[str, float] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)  # MoELMConfig overrides for this arm only
+
+
+Rows = dict[str, dict[str, float]]  # arm label -> measured numbers (mean over seeds)
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    name: str
+    method: str  # the registered method whose docs page this row belongs to
+    paper: str
+    claim: str
+    arms: dict[str, Arm]
+    verdict: Callable[[Rows], tuple[bool, str]]  # -> (holds, what was measured)
+    model: dict[str, Any] = field(default_factory=dict)  # MoELMConfig overrides for every arm
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides, e.g. locality
+    # A reproduction that is not a ``moelab compare`` (other data, other measurements):
+    # ``runner(seed=, model=, train=, out=) -> Rows``; ``arms`` then only documents what it trains.
+    runner: Callable[..., Rows] | None = None
+
+
+def _f(x: float) -> str:
+    return f"{x:.2f}" if abs(x) >= 0.995 or x == 0 else f"{x:.3f}"
+
+
+def _loss_ok(a: float, b: float) -> bool:
+    """``a`` is no worse than ``b`` (within the noise margin)."""
+    return a <= b + LOSS_MARGIN
+
+
+def _verdict_load_balance(r: Rows) -> tuple[bool, str]:
+    a, b = r["no_aux"], r["load_balance"]
+    holds = b["max_over_mean"] < a["max_over_mean"] and _loss_ok(b["val_loss"], a["val_loss"])
+    return holds, (
+        f"max/mean load {_f(a['max_over_mean'])} -> {_f(b['max_over_mean'])}; "
+        f"val loss {a['val_loss']:.3f} -> {b['val_loss']:.3f}"
+    )
+
+
+def _verdict_z(r: Rows) -> tuple[bool, str]:
+    a, b = r["lb"], r["lb_z"]
+    holds = b["z"] < a["z"] and _loss_ok(b["val_loss"], a["val_loss"])
+    return holds, (
+        f"z (mean lse^2) {_f(a['z'])} -> {_f(b['z'])}; max abs logit {_f(a['max_abs_logit'])} -> "
+        f"{_f(b['max_abs_logit'])}; val loss {a['val_loss']:.3f} -> {b['val_loss']:.3f}"
+    )
+
+
+def _verdict_aux_free(r: Rows) -> tuple[bool, str]:
+    none, aux, bias = r["none"], r["aux_loss"], r["bias"]
+    holds = (
+        bias["max_over_mean"] < none["max_over_mean"]
+        and bias["max_over_mean"] <= 1.1 * aux["max_over_mean"]
+        and _loss_ok(bias["val_loss"], aux["val_loss"])
+    )
+    return holds, (
+        f"max/mean load: none {_f(none['max_over_mean'])}, aux loss {_f(aux['max_over_mean'])}, "
+        f"bias {_f(bias['max_over_mean'])}; val loss: none {none['val_loss']:.3f}, aux loss "
+        f"{aux['val_loss']:.3f}, bias {bias['val_loss']:.3f}"
+    )
+
+
+def _verdict_expert_choice(r: Rows) -> tuple[bool, str]:
+    tc, ec = r["top2"], r["expert_choice"]
+    holds = ec["max_over_mean"] <= 1.01 and ec["val_loss"] < tc["val_loss"] - LOSS_MARGIN
+    return holds, (
+        f"max/mean load top-2 {_f(tc['max_over_mean'])} vs EC {_f(ec['max_over_mean'])}; val loss "
+        f"{tc['val_loss']:.3f} vs {ec['val_loss']:.3f} (EC is non-causal: its loss sees later tokens' routing)"
+    )
+
+
+def _verdict_lrc_architecture(r: Rows) -> tuple[bool, str]:
+    every, shared, half = r["every_layer"], r["shared_expert"], r["every_2nd"]
+    holds = all(every[m] > max(shared[m], half[m]) for m in ("srp", "sch_2k"))
+    return holds, (
+        "SRP(16): every layer "
+        f"{every['srp']:.3f}, with a shared expert {shared['srp']:.3f}, every 2nd layer {half['srp']:.3f}; "
+        f"SCH(16, 2k): {every['sch_2k']:.3f} / {shared['sch_2k']:.3f} / {half['sch_2k']:.3f}"
+    )
+
+
+def _verdict_lrc_local_balance(r: Rows) -> tuple[bool, str]:
+    g, weak, strong = r["global"], r["seq_1e-2"], r["seq_1e-1"]
+    holds = all(g[m] > weak[m] > strong[m] for m in ("srp", "sch_2k"))
+    return holds, (
+        f"SRP(16): global only {g['srp']:.3f}, + seq 1e-2 {weak['srp']:.3f}, + seq 1e-1 {strong['srp']:.3f}; "
+        f"SCH(16, 2k): {g['sch_2k']:.3f} / {weak['sch_2k']:.3f} / {strong['sch_2k']:.3f}; "
+        f"val loss {g['val_loss']:.3f} / {weak['val_loss']:.3f} / {strong['val_loss']:.3f}"
+    )
+
+
+def _verdict_lookahead(r: Rows) -> tuple[bool, str]:
+    a = r["topk"]
+    holds = a["lookahead"] > a["lru"] + HIT_MARGIN
+    return holds, (
+        f"hit rate with a cache of 2k = 4 of 8 experts: LRU {a['lru']:.3f}, LFU {a['lfu']:.3f}, "
+        f"lookahead (8 tokens) {a['lookahead']:.3f}, Belady {a['belady']:.3f}"
+    )
+
+
+def _u_shape_parts(n: int) -> tuple[list[int], list[int], list[int]]:
+    """Layer indices of the first quarter, the middle half and the last quarter (at least one each)."""
+    q = max(1, n // 4)
+    return list(range(q)), list(range(q, n - q)), list(range(n - q, n))
+
+
+def _verdict_multilingual(r: Rows) -> tuple[bool, str]:
+    a = r["bilingual"]
+    d = [a[f"layer{i}"] for i in range(int(a["layers"]))]
+    first, middle, last = (
+        sum(d[i] for i in idx) / len(idx) if idx else float("nan") for idx in _u_shape_parts(len(d))
+    )
+    holds = middle < min(first, last)  # False when there is no middle (NaN)
+    return holds, (
+        "divergence by MoE layer "
+        + " ".join(f"{x:.4f}" for x in d)
+        + f"; first quarter {first:.4f}, middle {middle:.4f}, last quarter {last:.4f}"
+    )
+
+
+def _run_multilingual(*, seed: int, model: dict[str, Any], train: dict[str, Any], out: Path) -> Rows:
+    """Train a byte-level MoELM on verse-aligned English + Spanish Bibles, then measure the
+    entropy-normalised JS divergence of each MoE layer between held-out parallel verses."""
+    from moelab.analysis.crosslingual import (
+        crosslingual_divergence,
+        parallel_verses,
+        split_parallel,
+        write_bilingual_corpus,
+    )
+    from moelab.analysis.runner import ByteTokens, sentence_routings
+    from moelab.models.config import MoELMConfig
+    from moelab.train.trainer import TrainConfig, Trainer
+
+    verses = parallel_verses()  # DiathekeError (with the apt packages to install) when absent
+    train_v, held = split_parallel(verses, 50)
+    data_dir = write_bilingual_corpus(train_v, out / "data")
+    arm = MULTILINGUAL_ARM
+    mcfg = MoELMConfig.from_dict(
+        {
+            **model,
+            **arm.model,
+            "router": arm.router,
+            "router_kwargs": arm.router_kwargs,
+            "aux_losses": arm.aux_losses,
+        }
+    )
+    tcfg = TrainConfig.from_dict({**train, "seed": seed, "data": str(data_dir), "tokenizer": "bytes"})
+    trainer = Trainer(mcfg, tcfg, None, progress=False)
+    res = trainer.train()
+    test = held[:MULTILINGUAL_PAIRS]
+    tok = ByteTokens()
+    max_len = mcfg.max_seq_len
+    ra = sentence_routings(trainer.model, tok, [en for _, en, _ in test], max_len)
+    rb = sentence_routings(trainer.model, tok, [es for _, _, es in test], max_len)
+    rows = crosslingual_divergence(ra, rb, n_boot=200, seed=seed)
+    return {
+        "bilingual": {
+            "val_loss": res.val_loss,
+            "layers": float(len(rows)),
+            **{f"layer{i}": float(r["divergence"]) for i, r in enumerate(rows)},
+        }
+    }
+
+
+# The multilingual reproduction's model: deeper than the demo's (a U over 4 layers is hard to
+# tell from noise), windows long enough for a verse; the router and losses of
+# examples/bible_divergence.py (MoELM's defaults). Our choice.
+MULTILINGUAL_ARM = Arm("topk", {}, {"load_balance": 1e-2, "z": 1e-3}, {"n_layers": 8, "max_seq_len": 256})
+MULTILINGUAL_PAIRS = 256  # held-out verse pairs (the example's default)
+
+
+# Hit-rate differences below this count as ties (ours): a few hundred val windows per layer.
+HIT_MARGIN = 0.01
+_DROPLESS = {"capacity_factor": None}
+_LOCALITY = {"locality": True}
+_LRC_PAPER = "Local routing consistency (Liang et al. 2025, ljcleo/moe-lrc)"
+
+REPRODUCTIONS: dict[str, Reproduction] = {
+    r.name: r
+    for r in [
+        Reproduction(
+            name="load_balance",
+            method="load_balance",
+            paper="Switch Transformers (Fedus et al. 2022), sec. 2.2",
+            claim="The load-balancing loss (alpha = 1e-2) evens out expert load without hurting quality.",
+            arms={
+                "no_aux": Arm("topk", _DROPLESS, {}),
+                "load_balance": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
+            },
+            model={"top_k": 1},
+            verdict=_verdict_load_balance,
+        ),
+        Reproduction(
+            name="z",
+            method="z",
+            paper="ST-MoE (Zoph et al. 2022), sec. 3.1",
+            claim="The router z-loss (1e-3) keeps router logits small without hurting quality.",
+            arms={
+                "lb": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
+                "lb_z": Arm("topk", _DROPLESS, {"load_balance": 1e-2, "z": 1e-3}),
+            },
+            verdict=_verdict_z,
+        ),
+        Reproduction(
+            name="aux_loss_free",
+            method="sigmoid_topk",
+            paper="Aux-loss-free balancing (Wang et al. 2024); DeepSeek-V3 (2024)",
+            claim=(
+                "Bias updates (gamma = 1e-3) balance expert load as well as an auxiliary loss, "
+                "with equal or better LM loss."
+            ),
+            arms={
+                "none": Arm("sigmoid_topk", {"bias_update_rate": 0.0}, {}),
+                "aux_loss": Arm("sigmoid_topk", {"bias_update_rate": 0.0}, {"load_balance": 1e-2}),
+                "bias": Arm("sigmoid_topk", {"bias_update_rate": 1e-3}, {}),
+            },
+            verdict=_verdict_aux_free,
+        ),
+        Reproduction(
+            name="expert_choice",
+            method="expert_choice",
+            paper="Expert Choice routing (Zhou et al. 2022), sec. 4",
+            claim="Expert choice balances load perfectly and trains to lower loss than top-2 token choice at equal compute.",
+            arms={
+                "top2": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
+                "expert_choice": Arm("expert_choice", {}, {}),
+            },
+            verdict=_verdict_expert_choice,
+        ),
+        Reproduction(
+            name="lrc_architecture",
+            method="srp",
+            paper=_LRC_PAPER,
+            claim=(
+                "Models with an MoE on every layer and no shared experts have the highest local routing "
+                "consistency (SRP, SCH)."
+            ),
+            arms={
+                "every_layer": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
+                "shared_expert": Arm("topk", _DROPLESS, {"load_balance": 1e-2}, {"shared_experts": 1}),
+                "every_2nd": Arm("topk", _DROPLESS, {"load_balance": 1e-2}, {"moe_every": 2}),
+            },
+            train=_LOCALITY,
+            verdict=_verdict_lrc_architecture,
+        ),
+        Reproduction(
+            name="lrc_local_balance",
+            method="sch",
+            paper=_LRC_PAPER,
+            claim=(
+                "Local (per-sequence) load balancing trades off against local routing consistency: SRP and "
+                "SCH fall as the sequence-level balance loss grows."
+            ),
+            arms={
+                "global": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
+                "seq_1e-2": Arm("topk", _DROPLESS, {"load_balance": 1e-2, "load_balance_seq": 1e-2}),
+                "seq_1e-1": Arm("topk", _DROPLESS, {"load_balance": 1e-2, "load_balance_seq": 1e-1}),
+            },
+            train=_LOCALITY,
+            verdict=_verdict_lrc_local_balance,
+        ),
+        Reproduction(
+            name="lookahead_cache",
+            method="lookahead",
+            paper="Read-ME (Cai et al. 2024): pre-gating enables lookahead expert caching",
+            claim=(
+                "Knowing upcoming tokens' experts (pre-gating) lets an expert cache evict better than LRU "
+                "on the same routing."
+            ),
+            arms={"topk": Arm("topk", {"capacity_factor": 1.25}, {"load_balance": 1e-2, "z": 1e-3})},
+            train=_LOCALITY,
+            verdict=_verdict_lookahead,
+        ),
+        Reproduction(
+            name="multilingual_u_shape",
+            method="js_divergence",
+            paper="Multilingual routing in MoE (Bandarkar et al. 2025)",
+            claim=(
+                "Cross-lingual routing divergence between parallel sentences is U-shaped over layers: "
+                "lowest in the middle layers."
+            ),
+            arms={"bilingual": MULTILINGUAL_ARM},
+            verdict=_verdict_multilingual,
+            runner=_run_multilingual,
+        ),
+    ]
+}
+
+METRICS = ("val_loss", "max_over_mean", "drop_rate", "entropy", "z", "max_abs_logit")
+
+
+def _arm_rows(summary: dict[str, Any]) -> Rows:
+    """Each arm's numbers; with ``TrainConfig.locality``, also the means over MoE layers of
+    ``moelab.analysis.locality.KEYS`` (SRP, SCH, cache hit rates)."""
+    rows = {}
+    for label, r in summary["routers"].items():
+        rows[label] = {
+            "val_loss": float(r["val_loss"]),
+            "max_over_mean": float(r["max_over_mean"]),
+            "drop_rate": float(r["drop_rate"]),
+            "entropy": float(r["entropy"]),
+            "z": _mean(r["routing"], "z"),
+            "max_abs_logit": _mean(r["routing"], "max_abs_logit"),
+        }
+        if r.get("locality"):
+            rows[label].update({key: _mean(r["locality"], key) for key in LOCALITY_KEYS})
+    return rows
+
+
+def settings_for(
+    rep: Reproduction, *, seed: int, model: dict[str, Any], train: dict[str, Any], out: str
+) -> CompareSettings:
+    """The ``CompareSettings`` of one seed of ``rep``: one labelled arm per variant."""
+    return CompareSettings(
+        routers=list(rep.arms),
+        variants={label: arm.router for label, arm in rep.arms.items()},
+        name=f"{rep.name}/seed{seed}",
+        out=out,
+        model={**model, **rep.model},
+        model_overrides={label: dict(arm.model) for label, arm in rep.arms.items() if arm.model},
+        train={**train, **rep.train, "seed": seed},
+        router_kwargs={label: dict(arm.router_kwargs) for label, arm in rep.arms.items()},
+        aux_losses={label: dict(arm.aux_losses) for label, arm in rep.arms.items()},
+        save_models=False,
+    )
+
+
+def run_repro(
+    name: str,
+    *,
+    seeds: list[int],
+    model: dict[str, Any],
+    train: dict[str, Any],
+    out: str = "runs/repro",
+    jobs: int | None = None,
+    progress: bool = True,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Run every arm of reproduction ``name`` for each seed; average; judge. Returns a record."""
+    if name not in REPRODUCTIONS:
+        raise ValueError(f"unknown reproduction {name!r}; known: {sorted(REPRODUCTIONS)}")
+    if not seeds:
+        raise ValueError("seeds must name at least one seed")
+    rep = REPRODUCTIONS[name]
+    t0 = time.perf_counter()
+    per_seed = []
+    for seed in seeds:
+        if rep.runner is not None:
+            arm_out = Path(out) / rep.name / f"seed{seed}"
+            per_seed.append(rep.runner(seed=seed, model={**model, **rep.model}, train=train, out=arm_out))
+            continue
+        s = settings_for(rep, seed=seed, model=model, train=train, out=out)
+        per_seed.append(_arm_rows(run_compare(s, jobs=jobs, progress=progress, console=console)))
+    rows = {
+        label: {m: sum(p[label][m] for p in per_seed) / len(per_seed) for m in per_seed[0][label]}
+        for label in rep.arms
+    }
+    holds, measured = rep.verdict(rows)
+    seed_holds = [rep.verdict(p)[0] for p in per_seed]
+    record = {
+        "name": rep.name,
+        "method": rep.method,
+        "paper": rep.paper,
+        "claim": rep.claim,
+        "holds": holds and all(seed_holds),  # on the seed mean and on every seed
+        "seed_holds": seed_holds,
+        "measured": measured,
+        "seeds": seeds,
+        "steps": train.get("steps"),
+        "arms": {
+            label: {
+                "router": a.router,
+                "router_kwargs": a.router_kwargs,
+                "aux_losses": a.aux_losses,
+                "model": {**rep.model, **a.model},
+            }
+            for label, a in rep.arms.items()
+        },
+        "rows": rows,
+        "per_seed": per_seed,
+        "wall_time_s": time.perf_counter() - t0,
+    }
+    path = Path(out) / rep.name / "repro.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, default=lambda o: None) + "\n")
+    return record
+
+
+BEGIN, END = "<!-- repro:begin -->", "<!-- repro:end -->"
+
+
+def rejudge(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with ``holds`` / ``seed_holds`` recomputed from its per-seed rows under the
+    current rule (records written before the per-seed rule existed are brought up to date)."""
+    rep = REPRODUCTIONS.get(record.get("name", ""))
+    if rep is None or not record.get("per_seed") or not record.get("rows"):
+        return record
+    seed_holds = [rep.verdict(p)[0] for p in record["per_seed"]]
+    return {**record, "holds": rep.verdict(record["rows"])[0] and all(seed_holds), "seed_holds": seed_holds}
+
+
+def verdict_text(record: dict[str, Any]) -> str:
+    """``holds`` (on the seed mean and on every seed), ``mixed`` (on some seeds) or ``does not hold``."""
+    seeds = record.get("seed_holds") or []
+    if record["holds"]:
+        return "holds"
+    if any(seeds):
+        return f"**mixed**: holds on {sum(seeds)} of {len(seeds)} seeds"
+    return "**does not hold**"
+
+
+def render_rows(records: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| reproduction | method | paper | claim | measured | verdict | seeds x steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted(records):
+        r = records[name]
+        verdict = verdict_text(r)
+        lines.append(
+            f"| `{name}` | [{r['method']}](methods/{r['method']}.md) | {r['paper']} | {r['claim']} | "
+            f"{r['measured']} | {verdict} | {len(r['seeds'])} x {r['steps']} |"
+        )
+    return "\n".join(lines)
+
+
+def write_docs(records: dict[str, dict[str, Any]], doc: str | Path = "docs/reproductions.md") -> Path:
+    """Merge ``records`` into ``docs/reproductions.json`` and rewrite the table in the markdown page."""
+    doc = Path(doc)
+    store = doc.with_suffix(".json")
+    known = json.loads(store.read_text()) if store.exists() else {}
+    known.update(records)
+    known = {name: rejudge({"name": name, **r}) for name, r in known.items()}
+    store.write_text(json.dumps(known, indent=1, default=lambda o: None) + "\n")
+    text = doc.read_text() if doc.exists() else f"# Reproductions\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{doc} lacks the {BEGIN} ... {END} markers that delimit the generated table")
+    head, _, rest = text.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    doc.write_text(f"{head}{BEGIN}\n{render_rows(known)}\n{END}{tail}")
+    return doc
