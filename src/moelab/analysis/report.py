@@ -1,9 +1,15 @@
-"""Analysis of a whole trace, and its markdown + HTML report with plots.
+"""Analysis of a whole trace, and its markdown + HTML report.
 
 ``analyze_trace`` computes every metric of ``moelab.analysis`` per layer (load, entropy,
 co-activation, layer-to-layer mutual information, SRP and SCH with bootstrap intervals, cache hit
 curves); ``write_report`` turns the result (plus optional cross-lingual divergence and ARank rows)
-into ``report.md``, ``report.html``, ``analysis.json`` and PNG plots in one directory.
+into ``report.md``, ``report.html``, ``analysis.json`` and the PNG plots of
+``moelab.analysis.plots`` in one directory. The report defines every number it shows inline.
+
+Large E: the load statistics and the mutual information work from the COO entries at any E.
+What needs dense per-sequence views (SRP, SCH, the cache simulators) or an ``[E, E]`` matrix
+(co-activation) is skipped per layer with the reason in ``result["skipped"]``; so is what would
+make the report unreadable (see ``REPORT_MAX_*``).
 """
 
 from __future__ import annotations
@@ -11,13 +17,13 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
+import re
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
-from torch import Tensor
 
 from moelab.analysis.cache import (
     DEFAULT_LOOKAHEAD,
@@ -25,23 +31,21 @@ from moelab.analysis.cache import (
     default_cache_sizes,
     first_tokens,
     hit_rate_curve,
-    nominal_k,
     ragged_cache_sizes,
 )
-from moelab.analysis.lrc import (
-    CI_ALPHA,
-    NUM_BOOTSTRAP,
-    PAD,
-    SEGMENT_LENGTHS,
-    interval_from_replicates,
-    resample_weights,
-    sch_ci,
-    srp_from_stats,
-    srp_stats,
-)
+from moelab.analysis.limits import require_dense
+from moelab.analysis.lrc import SEGMENT_LENGTHS, sch_ci, srp_ci
 from moelab.analysis.metrics import coactivation, load_matrix, trace_metrics
-from moelab.core.routing import Routing
+from moelab.analysis.plots import report_figures
+from moelab.analysis.sequences import ragged_summary, split_sequences
+from moelab.analysis.stats import CI_ALPHA, NUM_BOOTSTRAP
 from moelab.core.tracing import Trace
+
+# Report limits (ours): a [E, E] co-activation is stored and drawn up to this E (beyond it the
+# pixels are unreadable and analysis.json grows by E^2 numbers per layer) ...
+REPORT_MAX_COACTIVATION_EXPERTS = 128
+# ... and the per-expert load of every layer up to this E (the balance statistics cover any E).
+REPORT_MAX_LOAD_EXPERTS = 4096
 
 
 @dataclass
@@ -58,66 +62,6 @@ class AnalysisOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def split_layer(routing: Routing, lengths: Sequence[int]) -> tuple[list[Tensor], list[Tensor] | None]:
-    """Cut one layer's routing into sequences: masks ``[T_i, E]`` and ``topk_index [T_i, k]``.
-
-    A routing with the same number ``k`` of experts on every token gives plain ``[T_i, k]``; any
-    other (capacity drops, expert choice) gives ``Routing.topk_index(fill=-1)``'s rows, ``[T_i, kmax]``
-    padded with ``-1``, which SCH and the cache simulators read as "no request". The index list is
-    None only when the layer has no assignment at all (nothing to request).
-    """
-    if sum(lengths) != routing.num_tokens:
-        raise ValueError(f"sequence lengths sum to {sum(lengths)}, the routing has T={routing.num_tokens}")
-    mask = routing.mask().cpu()
-    masks = list(torch.split(mask, list(lengths)))
-    if routing.num_tokens == 0 or routing.num_assignments == 0:
-        return masks, None
-    per_tok = routing.experts_per_token().cpu()
-    if int(per_tok.min()) != int(per_tok.max()):
-        topk = routing.topk_index(fill=PAD).cpu()  # entry order: the router's own order within a token
-    else:
-        k = int(per_tok[0])
-        # Rows of the mask in ascending expert id: SRP/SCH depend on the set; column order only
-        # matters for SCH's within-token clock, where the router's own order is used when known.
-        topk = routing.topk_index().cpu() if routing.top_k is not None else mask.nonzero()[:, 1].view(-1, k)
-    return masks, list(torch.split(topk, list(lengths)))
-
-
-def ragged_summary(routing: Routing) -> dict[str, float | int | None] | None:
-    """How a layer's routing departs from ``k`` experts per token; None when it does not.
-
-    ``capacity_dropped``: share of the router's requested assignments that capacity dropped
-    (``Routing.drop_rate()``; None when the routing records no request counts, e.g. expert
-    choice); ``tokens_without_expert``: share of tokens with ``|S_t| = 0``.
-    """
-    per_tok = routing.experts_per_token().cpu()
-    if routing.num_tokens == 0 or int(per_tok.min()) == int(per_tok.max()):
-        return None
-    return {
-        "experts_per_token_min": int(per_tok.min()),
-        "experts_per_token_mean": float(per_tok.double().mean()),
-        "experts_per_token_max": int(per_tok.max()),
-        "nominal_k": nominal_k(per_tok),
-        "tokens_without_expert": float((per_tok == 0).double().mean()),
-        "capacity_dropped": routing.drop_rate() if routing.requested is not None else None,
-    }
-
-
-def _srp_from_masks(masks: list[Tensor], L: int, opts: AnalysisOptions) -> dict[str, float] | None:
-    """SRP with CI from per-sequence masks (works for any number of experts per token)."""
-    stats = [srp_stats(m, L) for m in masks if m.shape[0] >= L]
-    if not stats:
-        return None
-    M = torch.cat([s.matches for s in stats])
-    P = torch.cat([s.preds for s in stats])
-    A = torch.cat([s.acts for s in stats])
-    est = srp_from_stats(M.sum(0), P.sum(0), A.sum(0))
-    w = resample_weights(M.shape[0], opts.n_boot, opts.seed)
-    reps = srp_from_stats(w @ M, w @ P, w @ A)
-    lo, hi = interval_from_replicates(est, reps, opts.alpha, "basic")
-    return {"estimate": float(est), "low": float(lo), "high": float(hi), "sequences": int(M.shape[0])}
-
-
 def analyze_trace(
     trace: Trace,
     lengths: Sequence[int] | None = None,
@@ -128,7 +72,9 @@ def analyze_trace(
 
     Args:
         trace: the routings, one per layer (calls concatenated in order).
-        lengths: token count of each sequence, in order (sums to every layer's T); None = one sequence.
+        lengths: token count of each sequence, in order (sums to every layer's T): ``[S] * B``
+            for ``[B, S]`` batches. None reads each layer as one sequence (with a warning: a
+            batch read as one sequence gets windows and caches across its sequence boundaries).
         options: see ``AnalysisOptions``.
         progress: called with a short label after each step (for a progress bar).
     """
@@ -136,13 +82,22 @@ def analyze_trace(
         raise TypeError(f"trace must be a moelab.Trace, got {type(trace).__name__}")
     if not trace.layers:
         raise ValueError("trace has no layers to analyse")
+    if lengths is None:
+        warnings.warn(
+            "analyze_trace: lengths=None reads each layer's tokens as one sequence; pass the "
+            "sequence lengths ([S] * B for [B, S] batches) so that SRP, SCH and the caches stay "
+            "inside sequences",
+            UserWarning,
+            stacklevel=2,
+        )
     opts = options or AnalysisOptions()
     tick = progress or (lambda label: None)
+    num_experts = [trace.routing(n).num_experts for n in trace.layers]
     out: dict[str, Any] = {
         "layers": trace.layers,
         "options": {k: v for k, v in asdict(opts).items() if k != "extra"},
         "metrics": trace_metrics(trace),
-        "load": load_matrix(trace).tolist(),
+        "load": load_matrix(trace).tolist() if max(num_experts) <= REPORT_MAX_LOAD_EXPERTS else None,
         "num_experts": [],
         "top_k": [],
         "sequences": [],
@@ -152,31 +107,61 @@ def analyze_trace(
         "coactivation": {},
         "ragged": {},
         "skipped": {},
+        "notes": [],
     }
+    if out["load"] is None:
+        out["notes"].append(
+            f"per-expert load not stored: E = {max(num_experts):,} > {REPORT_MAX_LOAD_EXPERTS:,} "
+            "(the balance statistics of the first table cover every expert)"
+        )
     tick("metrics")
+
+    def skip(layer: str, why: str) -> None:
+        prev = out["skipped"].get(layer)
+        out["skipped"][layer] = why if prev is None else f"{prev}; {why}"
+
     for name in trace.layers:
         r = trace.routing(name)
         lens = list(lengths) if lengths is not None else [r.num_tokens]
-        masks, topk = split_layer(r, lens)
         E = r.num_experts
         info = ragged_summary(r)
         if info is not None:
             out["ragged"][name] = info
-        k = None if topk is None or info is not None else int(topk[0].shape[1])
+        k = None if info is not None or r.num_assignments == 0 else int(r.experts_per_token()[0])
         out["num_experts"].append(E)
         out["top_k"].append(k)
         out["sequences"].append(len(lens))
-        out["coactivation"][name] = coactivation(r, normalize="row").tolist()
-        out["srp"][name] = {}
-        for L in opts.segment_lengths:
-            res = _srp_from_masks(masks, L, opts)
-            if res is not None:
-                out["srp"][name][str(L)] = res
-        out["sch"][name] = {}
-        if topk is None:
-            out["skipped"][name] = "no token of this layer was routed to any expert: no SCH or cache curve"
+        out["srp"][name], out["sch"][name] = {}, {}
+        if E <= REPORT_MAX_COACTIVATION_EXPERTS:
+            out["coactivation"][name] = coactivation(r, normalize="row").tolist()
+        else:
+            out["coactivation"][name] = None
+            skip(name, f"co-activation not drawn: E = {E:,} > {REPORT_MAX_COACTIVATION_EXPERTS}")
+        try:
+            require_dense("SRP, SCH and the cache curves", "[T, E] per sequence", max(lens, default=0), E)
+        except ValueError as e:
+            skip(name, str(e))
             tick(name)
             continue
+        topk = split_sequences(r, lens)
+        if topk is None:
+            skip(name, "no token of this layer was routed to any expert: no SRP, SCH or cache curve")
+            tick(name)
+            continue
+        for L in opts.segment_lengths:
+            long_enough = [s for s in topk if s.shape[0] >= L]
+            if not long_enough:
+                continue
+            try:
+                ci = srp_ci(long_enough, E, L, n_boot=opts.n_boot, alpha=opts.alpha, seed=opts.seed)
+            except ValueError:  # no window holds a routed token: SRP is undefined at this L
+                continue
+            out["srp"][name][str(L)] = {
+                "estimate": ci.estimate,
+                "low": ci.low,
+                "high": ci.high,
+                "sequences": len(long_enough),
+            }
         # SCH accepts any size 1..E: multiples of k (the paper's), of the nominal k when ragged.
         sch_sizes = default_cache_sizes(k if k is not None else int(info["nominal_k"]), E)  # type: ignore[index]
         for L in opts.segment_lengths:
@@ -202,190 +187,65 @@ def analyze_trace(
 
 
 # --------------------------------------------------------------------------------------------------
-# plots
-# --------------------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _short(names: list[str]) -> list[str]:
-    """Short layer labels: the trailing integer of a module name when there is one."""
-    out = []
-    for i, n in enumerate(names):
-        digits = [p for p in n.replace("_", ".").split(".") if p.isdigit()]
-        out.append(digits[-1] if digits else str(i))
-    return out
-
-
-def plot_load_heatmap(res: dict[str, Any], path: Path) -> Path:
-    plt = _plt()
-    load = torch.tensor(res["load"])
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * load.shape[1] + 2), max(2.5, 0.4 * load.shape[0] + 1.5)))
-    im = ax.imshow(load.numpy(), aspect="auto", cmap="viridis")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
-    ax.set_yticks(range(load.shape[0]), _short(res["layers"]))
-    ax.set_title("expert load (share of assignments)")
-    fig.colorbar(im, ax=ax)
-    return _save(plt, fig, path)
-
-
-def plot_srp(res: dict[str, Any], path: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for name, lab in zip(res["layers"], _short(res["layers"]), strict=True):
-        d = res["srp"].get(name, {})
-        if not d:
-            continue
-        Ls = sorted(int(x) for x in d)
-        est = [d[str(L)]["estimate"] for L in Ls]
-        lo = [d[str(L)]["low"] for L in Ls]
-        hi = [d[str(L)]["high"] for L in Ls]
-        ax.plot(Ls, est, marker="o", label=f"layer {lab}")
-        ax.fill_between(Ls, lo, hi, alpha=0.15)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("segment length L")
-    ax.set_ylabel("SRP")
-    ax.set_title("segment routing best performance (95% CI)")
-    ax.legend(fontsize=7, ncol=2)
-    return _save(plt, fig, path)
-
-
-def _hit_rate_panels(plt: Any, panels: Sequence[Any], title: Callable[[Any], str], draw: Callable[[Any, Any], None]):
-    """One hit-rate-by-cache-size panel per item of ``panels`` (``draw(ax, item)`` adds its lines)."""
-    n = max(1, len(panels))
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.2), squeeze=False)
-    for ax, item in zip(axes[0], panels, strict=False):
-        draw(ax, item)
-        ax.set_title(title(item))
-        ax.set_xlabel("cache size (experts)")
-        ax.set_ylim(0, 1.02)
-    axes[0][0].set_ylabel("hit rate")
-    axes[0][0].legend(fontsize=6)
-    return fig
-
-
-def _save(plt: Any, fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_sch(res: dict[str, Any], path: Path) -> Path:
-    plt = _plt()
-    Ls = sorted({int(L) for d in res["sch"].values() for L in d})
-
-    def draw(ax: Any, L: int) -> None:
-        for name, lab in zip(res["layers"], _short(res["layers"]), strict=True):
-            d = res["sch"].get(name, {}).get(str(L))
-            if d is not None:
-                ax.plot(d["cache_size"], d["estimate"], marker=".", label=f"layer {lab}")
-                ax.fill_between(d["cache_size"], d["low"], d["high"], alpha=0.15)
-
-    return _save(plt, _hit_rate_panels(plt, Ls, lambda L: f"SCH, L = {L}", draw), path)
-
-
-def plot_cache(res: dict[str, Any], path: Path) -> Path:
-    """Hit rate by cache size: the mean over layers when they share cache sizes, else one panel
-    per policy with a line per layer (ragged layers start at their own ``max_t |S_t|``)."""
-    plt = _plt()
-    layers = [n for n in res["layers"] if n in res["cache"]]
-    policies = [p for p in res["cache"][layers[0]] if p not in ("cache_size", "tokens")] if layers else []
-    sizes = res["cache"][layers[0]]["cache_size"] if layers else []
-    same = all(res["cache"][n]["cache_size"] == sizes for n in layers)
-    styles = {"lru": ("o", "-"), "lfu": ("s", "-"), "belady": ("^", "-"), "lookahead": ("x", "--")}
-    if same or not policies:
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        for p in policies:
-            marker, line = styles.get(p, ("o", "-"))
-            mean = torch.tensor([res["cache"][n][p] for n in layers]).mean(0).tolist()
-            ax.plot(sizes, mean, marker=marker, linestyle=line, label=p)
-        ax.set_xlabel("cache size (experts)")
-        ax.set_ylabel("hit rate (mean over layers)")
-        ax.set_ylim(0, 1.02)
-        ax.set_title("expert-offloading cache hit rate")
-        ax.legend(fontsize=8)
-        return _save(plt, fig, path)
-
-    def draw(ax: Any, p: str) -> None:
-        marker, line = styles.get(p, ("o", "-"))
-        for name, lab in zip(layers, _short(layers), strict=True):
-            d = res["cache"][name]
-            ax.plot(d["cache_size"], d[p], marker=marker, linestyle=line, label=f"layer {lab}")
-
-    return _save(plt, _hit_rate_panels(plt, policies, lambda p: f"{p} hit rate", draw), path)
-
-
-def plot_mi(res: dict[str, Any], path: Path) -> Path:
-    plt = _plt()
-    rows = res["metrics"][1:]
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    labels = _short(res["layers"])[1:]
-    for key in ("nmi_top1", "nmi_set"):
-        ax.plot(range(len(rows)), [r[key] for r in rows], marker="o", label=key)
-    ax.set_xticks(
-        range(len(rows)), [f"{a}->{b}" for a, b in zip(_short(res["layers"])[:-1], labels, strict=True)]
-    )
-    ax.set_ylabel("normalised MI")
-    ax.set_title("routing mutual information, layer l -> l+1")
-    ax.legend(fontsize=8)
-    return _save(plt, fig, path)
-
-
-def plot_coactivation(res: dict[str, Any], path: Path, max_layers: int = 8) -> Path:
-    plt = _plt()
-    layers = res["layers"][:max_layers]
-    n = len(layers)
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 2.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, name, lab in zip(axes.flat, layers, _short(layers), strict=False):
-        ax.axis("on")
-        ax.imshow(torch.tensor(res["coactivation"][name]).numpy(), cmap="magma", vmin=0, vmax=1)
-        ax.set_title(f"layer {lab}: P(j | i)", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    return _save(plt, fig, path)
-
-
-def plot_divergence(
-    rows: list[dict[str, Any]], path: Path, title: str = "cross-lingual routing divergence"
-) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    x = list(range(len(rows)))
-    ax.plot(x, [r["divergence"] for r in rows], marker="o")
-    ax.fill_between(x, [r["low"] for r in rows], [r["high"] for r in rows], alpha=0.2)
-    ax.set_xticks(x, _short([str(r["layer"]) for r in rows]))
-    ax.set_xlabel("layer")
-    ax.set_ylabel("JS / H(mixture)")
-    ax.set_title(title)
-    return _save(plt, fig, path)
-
-
-def plot_arank(rows: list[dict[str, Any]], path: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
-    ax.bar(range(len(rows)), [r["arank"] for r in rows])
-    ax.set_xticks(range(len(rows)), [str(r["layer"]) for r in rows])
-    ax.set_xlabel("attention layer")
-    ax.set_ylabel("ARank")
-    seq = rows[0].get("seq_len") if rows else None
-    ax.set_title(f"attention rank per layer (max {seq - 1 if seq else '?'})")
-    return _save(plt, fig, path)
-
-
-# --------------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------------
+# One line per number the report shows (markdown; `code` renders as code in the HTML too).
+DEFINITIONS: dict[str, str] = {
+    "E, k": "experts of the layer, experts per token (`var`: tokens get different numbers; the mean in brackets)",
+    "max/mean": "`max_e n_e / mean_e n_e`, with `n_e` the assignments expert `e` received (1 = balanced)",
+    "CV": "coefficient of variation `std_e n_e / mean_e n_e` (population std; 0 = balanced)",
+    "dead": "experts that received no assignment",
+    "drop": "share of the router's requested assignments that capacity dropped",
+    "entropy": "mean over tokens of `H(p_t) / log E`, `p_t` the router's probabilities (1 = uniform, 0 = one-hot; n/a without them)",
+    "NMI top1, NMI set": "mutual information with the previous layer over `sqrt(H(X) H(Y))`, for each token's top-1 expert / an expert drawn from each token's set (1 = determined, 0 = independent)",
+    "load heatmap": "`n_e / mean_e n_e` per layer and expert",
+    "co-activation": "`P(j | i)`: share of expert `i`'s tokens also routed to expert `j` (diagonal, always 1, masked)",
+    "SRP": "segment routing best performance: the best F1 of predicting each window of `L` consecutive tokens' experts with one expert set per window (1 = one set serves every window)",
+    "SCH": "segment cache best hit rate: hit rate of a cache of `m` experts that knows the next `L` tokens' routing (first uses count as hits while the cache has room)",
+    "cache hit rate": "hits / requests of a cache of `m` experts starting empty: `lru`, `lfu`, `belady` (the oracle, evicts the expert needed farthest ahead), `lookahead` (Belady within the next `W` tokens)",
+    "divergence": "`JS(q_a, q_b) / H((q_a + q_b) / 2)` between the mean routing distributions of parallel sentences, averaged over pairs (0 = same routing)",
+    "ARank": "mean over heads of the rank of the strictly lower-triangular attention map (at most `S - 1`)",
+    "[low, high]": "95% basic bootstrap interval, resampling sequences (sentence pairs for the divergence)",
+}
+
+# docs/analysis.md of a source checkout (src/moelab/analysis/report.py -> the repository root).
+DOCS_PAGE = Path(__file__).resolve().parents[3] / "docs" / "analysis.md"
+
+
+def _inline_html(text: str) -> str:
+    """Escape ``text`` for HTML and render its `code` spans as ``<code>``."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
+def _definitions(res: dict[str, Any], divergence: Any, arank: Any) -> tuple[str, str]:
+    shown = {
+        "load heatmap": res.get("load") is not None,
+        "co-activation": any(v is not None for v in res["coactivation"].values()),
+        "NMI top1, NMI set": len(res["layers"]) > 1,
+        "SRP": any(res["srp"].values()),
+        "SCH": any(res["sch"].values()),
+        "cache hit rate": bool(res["cache"]),
+        "divergence": bool(divergence),
+        "ARank": bool(arank),
+    }
+    items = [(k, v) for k, v in DEFINITIONS.items() if shown.get(k, True)]
+    md = "".join(f"- **{k}**: {v}\n" for k, v in items)
+    ht = "<ul>" + "".join(f"<li><b>{html.escape(k)}</b>: {_inline_html(v)}</li>" for k, v in items) + "</ul>"
+    return md, ht
+
+
+def _docs_link(out: Path) -> tuple[str, str]:
+    """A link to docs/analysis.md that works from ``out`` (a source checkout), else its name."""
+    if DOCS_PAGE.is_file():
+        rel = Path(os.path.relpath(DOCS_PAGE, out.resolve())).as_posix()
+        return (
+            f"Full definitions and sources: [docs/analysis.md]({rel}).",
+            f'<p>Full definitions and sources: <a href="{html.escape(rel)}">docs/analysis.md</a>.</p>',
+        )
+    text = "Full definitions and sources: `docs/analysis.md` in the moelab repository."
+    return text, f"<p>{_inline_html(text)}</p>"
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "n/a" if math.isnan(v) else f"{v:.4g}"
@@ -431,21 +291,7 @@ def write_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-    files["load_heatmap"] = plot_load_heatmap(res, out / "load_heatmap.png")
-    files["coactivation"] = plot_coactivation(res, out / "coactivation.png")
-    if len(res["layers"]) > 1:
-        files["mutual_information"] = plot_mi(res, out / "mutual_information.png")
-    if any(res["srp"].values()):
-        files["srp"] = plot_srp(res, out / "srp.png")
-    if any(res["sch"].values()):
-        files["sch"] = plot_sch(res, out / "sch.png")
-    if res["cache"]:
-        files["cache"] = plot_cache(res, out / "cache_hit_rate.png")
-    if divergence:
-        files["divergence"] = plot_divergence(divergence, out / "divergence.png")
-    if arank:
-        files["arank"] = plot_arank(arank, out / "arank.png")
+    files: dict[str, Path] = report_figures(res, out, divergence, arank)
 
     sections: list[tuple[str, str, str]] = []  # (heading, markdown body, html body)
 
@@ -518,7 +364,7 @@ def write_report(
         la = res["options"]["lookahead"]
         add(f"Expert-offloading caches (lookahead window {la} tokens)", md + i_md, ht + i_ht)
     ragged = res.get("ragged") or {}
-    if ragged or res.get("skipped"):
+    if ragged:
         rows = [
             [
                 name,
@@ -537,17 +383,19 @@ def write_report(
             "These layers give tokens different numbers of experts (capacity drops, expert choice). "
             "SRP, SCH and the caches read each token's own expert set S_t (a token with no expert "
             "requests nothing): SCH and cache hit rates are hits / sum_t |S_t|; cache sizes start at "
-            "max_t |S_t|, SCH sizes are multiples of the nominal k = round(mean |S_t|). "
-            "See docs/analysis.md."
+            "max_t |S_t|, SCH sizes are multiples of the nominal k = round(mean |S_t|)."
         )
-        skipped = "".join(f"\n- {n}: {why}" for n, why in (res.get("skipped") or {}).items())
         add(
             "Ragged routing (tokens with different numbers of experts)",
-            f"{text}\n\n{md}{skipped}\n",
-            f"<p>{html.escape(text)}</p>{ht}"
-            + "".join(
-                f"<p>{html.escape(n)}: {html.escape(w)}</p>" for n, w in (res.get("skipped") or {}).items()
-            ),
+            f"{text}\n\n{md}",
+            f"<p>{_inline_html(text)}</p>{ht}",
+        )
+    skipped = res.get("skipped") or {}
+    if skipped:
+        add(
+            "Skipped",
+            "".join(f"- {n}: {why}\n" for n, why in skipped.items()),
+            "<ul>" + "".join(f"<li>{html.escape(n)}: {_inline_html(w)}</li>" for n, w in skipped.items()) + "</ul>",
         )
     if divergence:
         md, ht = _table(
@@ -568,15 +416,22 @@ def write_report(
         f"source: `{source}`" if source else "",
         f"layers: {len(res['layers'])}, sequences: {res['sequences'][0]}",
     ]
-    intro += notes or []
+    intro += list(res.get("notes") or []) + list(notes or [])
     intro_md = "\n".join(f"- {x}" for x in intro if x)
-    md_text = f"# {title}\n\n{intro_md}\n\nDefinitions: docs/analysis.md.\n\n"
+    def_md, def_ht = _definitions(res, divergence, arank)
+    link_md, link_ht = _docs_link(out)
+    sections.insert(0, ("Definitions", f"{def_md}\n{link_md}\n", def_ht + link_ht))
+    md_text = f"# {title}\n\n{intro_md}\n\n"
     md_text += "".join(f"## {h}\n\n{body}\n" for h, body, _ in sections)
-    css = "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}"
+    css = (
+        "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
+        "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}"
+        "code{background:#f3f3f3;padding:0 3px;border-radius:3px}"
+    )
     ht_text = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><ul>"
-        + "".join(f"<li>{html.escape(x)}</li>" for x in intro if x)
+        + "".join(f"<li>{_inline_html(x)}</li>" for x in intro if x)
         + "</ul>"
         + "".join(f"<h2>{html.escape(h)}</h2>{b}" for h, _, b in sections)
         + "</body></html>"

@@ -1,70 +1,38 @@
-"""Load what ``moelab analyze`` is pointed at, and run models to get traces.
+"""Run models to get traces for analysis, and save/load traces with their sequence lengths.
 
-Targets: a ``MoELM`` checkpoint directory (``config.json`` + ``model.safetensors``), a transformers
-model directory (``AutoModelForCausalLM``), or a saved trace (``Trace.save`` file, with an optional
-``<file>.json`` sidecar holding the sequence lengths).
+- ``corpus_texts`` + ``token_windows``: a corpus (``moelab.data``) cut into ``[N, S]`` windows;
+- ``run_trace``: a model run on the windows under ``moelab.trace`` (moelab layers and any model a
+  registered integration traces, e.g. an unpatched transformers MoE);
+- ``sentence_routings``: one forward per sentence (cross-lingual divergence);
+- ``save_trace`` / ``load_trace``: ``Trace.save`` plus a JSON sidecar with the sequence lengths.
+
+A tokenizer here is anything with ``encode(text) -> list[int]``: ``moelab.data.ByteTokenizer``, a
+``moelab.data`` BPE, or a transformers tokenizer adapted by ``moelab.integrations.hf``. Loading
+models and tokenizers from a path is the CLI's work (``moelab.cli.analyze``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from moelab.core.routing import Routing
 from moelab.core.tracing import Trace, trace
+from moelab.data.tokenizers import ByteTokenizer
+
+# moelab.repro still imports this name; it is moelab.data's byte tokenizer.
+ByteTokens = ByteTokenizer
 
 
-@dataclass
-class Target:
-    """What was loaded: ``kind`` is ``"moelm"``, ``"transformers"`` or ``"trace"``."""
+class Tokenizer(Protocol):
+    """What the runners need of a tokenizer."""
 
-    kind: str
-    path: Path
-    model: nn.Module | None = None
-    tokenizer: Any = None
-    trace: Trace | None = None
-    lengths: list[int] | None = None
-    max_len: int | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-class ByteTokens:
-    """UTF-8 bytes as token ids (models trained with moelab's default ``bytes`` tokenizer)."""
-
-    name = "bytes"
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-
-class HFTokens:
-    """A transformers tokenizer behind the same ``encode`` interface."""
-
-    def __init__(self, tok: Any) -> None:
-        self.tok = tok
-        self.name = type(tok).__name__
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tok(text, add_special_tokens=False)["input_ids"])
-
-
-class JSONTokens:
-    """A Hugging Face ``tokenizers`` JSON file (moelab's BPE checkpoints)."""
-
-    def __init__(self, path: Path) -> None:
-        from tokenizers import Tokenizer
-
-        self.tok = Tokenizer.from_file(str(path))
-        self.name = f"bpe:{path.name}"
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text).ids
+    def encode(self, text: str) -> list[int]: ...
 
 
 def sidecar_path(trace_path: Path) -> Path:
@@ -85,95 +53,13 @@ def save_trace(trace: Trace, path: str | Path, lengths: Sequence[int] | None, so
     return p
 
 
-def _is_moelm_config(cfg: dict[str, Any]) -> bool:
-    return "model_type" not in cfg and {"n_layers", "num_experts", "d_model"} <= set(cfg)
-
-
-def load_target(path: str | Path, tokenizer: str | None = None) -> Target:
-    """Load a MoELM checkpoint, a transformers model directory or a trace file (see module doc)."""
+def load_trace(path: str | Path) -> tuple[Trace, list[int] | None]:
+    """A ``Trace.save`` file and the sequence lengths of its sidecar (None without a sidecar)."""
     p = Path(path)
-    if p.is_file():
-        trace = Trace.load(p)
-        t = Target("trace", p, trace=trace)
-        side = sidecar_path(p)
-        if side.is_file():
-            t.lengths = json.loads(side.read_text()).get("sequence_lengths")
-        return t
-    if not p.is_dir():
-        raise FileNotFoundError(f"{p} is neither a trace file nor a model directory")
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(
-            f"{p} has no config.json: not a MoELM checkpoint nor a transformers model directory"
-        )
-    cfg = json.loads(cfg_file.read_text())
-    if _is_moelm_config(cfg):
-        from moelab.models import MoELM
-
-        model = MoELM.from_pretrained(p).eval()
-        t = Target("moelm", p, model=model, max_len=model.config.max_seq_len)
-        t.tokenizer = _moelm_tokenizer(p, model.config.vocab_size, tokenizer)
-        return t
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover - the [hf] extra is part of the dev install
-        raise ImportError(
-            "analysing a transformers model needs the [hf] extra (pip install transformers)"
-        ) from e
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(p)).eval()
-    max_len = getattr(model.config, "max_position_embeddings", None)
-    t = Target("transformers", p, model=model, max_len=max_len)
-    t.tokenizer = _hf_tokenizer(p, int(model.config.vocab_size), tokenizer)
-    return t
-
-
-def _moelm_tokenizer(d: Path, vocab_size: int, override: str | None) -> Any:
-    if override is not None:
-        return _override_tokenizer(override, vocab_size)
-    if (d / "tokenizer.json").is_file():
-        return JSONTokens(d / "tokenizer.json")
-    state = d / "trainer_state.json"
-    if state.is_file() and json.loads(state.read_text()).get("tokenizer") == "bpe":
-        raise ValueError(
-            f"{d} was trained with a BPE tokenizer but holds no tokenizer.json; pass --tokenizer PATH"
-        )
-    if vocab_size == 256:
-        return ByteTokens()
-    raise ValueError(
-        f"{d}: vocab_size={vocab_size} is not the byte tokenizer's 256 and no tokenizer.json is present; "
-        "pass --tokenizer PATH/TO/tokenizer.json"
-    )
-
-
-def _hf_tokenizer(d: Path, vocab_size: int, override: str | None) -> Any:
-    if override is not None:
-        return _override_tokenizer(override, vocab_size)
-    if any((d / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        from transformers import AutoTokenizer
-
-        return HFTokens(AutoTokenizer.from_pretrained(str(d)))
-    if vocab_size >= 256:
-        return ByteTokens()
-    raise ValueError(
-        f"{d} has no tokenizer files and vocab_size={vocab_size} < 256 (bytes do not fit); pass --tokenizer"
-    )
-
-
-def _override_tokenizer(spec: str, vocab_size: int) -> Any:
-    if spec == "bytes":
-        if vocab_size < 256:
-            raise ValueError(f"--tokenizer bytes needs vocab_size >= 256, the model has {vocab_size}")
-        return ByteTokens()
-    p = Path(spec)
-    if p.is_file():
-        return JSONTokens(p)
-    if p.is_dir():
-        from transformers import AutoTokenizer
-
-        return HFTokens(AutoTokenizer.from_pretrained(str(p)))
-    raise ValueError(
-        f"--tokenizer must be 'bytes', a tokenizer.json file or a tokenizer directory, got {spec!r}"
-    )
+    tr = Trace.load(p)
+    side = sidecar_path(p)
+    lengths = json.loads(side.read_text()).get("sequence_lengths") if side.is_file() else None
+    return tr, lengths
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,7 +79,7 @@ def corpus_texts(text_paths: Sequence[str | Path] | None) -> Iterator[str]:
 
 
 def token_windows(
-    texts: Iterator[str], tokenizer: Any, seq_len: int, num_seqs: int, vocab_size: int | None = None
+    texts: Iterator[str], tokenizer: Tokenizer, seq_len: int, num_seqs: int, vocab_size: int | None = None
 ) -> Tensor:
     """``[N, seq_len]`` long: the documents' tokens concatenated and cut into ``num_seqs`` windows."""
     need = seq_len * num_seqs
@@ -232,7 +118,7 @@ def run_trace(
 @torch.no_grad()
 def sentence_routings(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: Tokenizer,
     sentences: Sequence[str],
     max_len: int | None = None,
     on_sentence: Callable[[], None] | None = None,

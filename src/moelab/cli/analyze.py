@@ -1,15 +1,187 @@
-"""CLI commands of this subpackage; ``register(app)`` is called by ``moelab.cli``.
+"""``moelab analyze TARGET``: trace a model on a corpus, or read a saved trace, and write a
+markdown + HTML routing report with plots. ``register(app)`` is called by ``moelab.cli``.
 
-- ``moelab analyze TARGET``: trace a model (MoELM checkpoint or transformers model directory) on a
-  corpus, or read a saved trace, and write a markdown + HTML report with plots.
+Targets (``load_target``): a ``MoELM`` checkpoint directory (``config.json`` +
+``model.safetensors``), a transformers model directory (``AutoModelForCausalLM``, through
+``moelab.integrations.hf.loading``), or a saved trace (``Trace.save`` file, with an optional
+``<file>.json`` sidecar holding the sequence lengths). Loading lives here, not in
+``moelab.analysis``: analysis sits below the integrations and never imports transformers.
 """
 
 from __future__ import annotations
 
+import json
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+# What a report directory holds; a directory holding any of the first three is a report.
+REPORT_FILES = ("report.md", "report.html", "analysis.json")
+REPORT_ARTEFACTS = REPORT_FILES + (
+    "trace.safetensors",
+    "trace.safetensors.json",
+    "load_heatmap.png",
+    "coactivation.png",
+    "mutual_information.png",
+    "srp.png",
+    "sch.png",
+    "cache_hit_rate.png",
+    "divergence.png",
+    "arank.png",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# targets
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class Target:
+    """What was loaded: ``kind`` is ``"moelm"``, ``"transformers"`` or ``"trace"``."""
+
+    kind: str
+    path: Path
+    model: Any = None  # torch.nn.Module
+    tokenizer: Any = None  # anything with encode(text) -> list[int]
+    trace: Any = None  # moelab.Trace
+    lengths: list[int] | None = None
+    max_len: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_moelm_config(cfg: dict[str, Any]) -> bool:
+    return "model_type" not in cfg and {"n_layers", "num_experts", "d_model"} <= set(cfg)
+
+
+def load_target(path: str | Path, tokenizer: str | None = None) -> Target:
+    """Load a MoELM checkpoint, a transformers model directory or a trace file (module doc)."""
+    p = Path(path)
+    if p.is_file():
+        from moelab.analysis.runner import load_trace
+
+        trace, lengths = load_trace(p)
+        return Target("trace", p, trace=trace, lengths=lengths)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p} is neither a trace file nor a model directory")
+    cfg_file = p / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(
+            f"{p} has no config.json: not a MoELM checkpoint nor a transformers model directory"
+        )
+    if _is_moelm_config(json.loads(cfg_file.read_text())):
+        from moelab.models import MoELM
+
+        model = MoELM.from_pretrained(p).eval()
+        t = Target("moelm", p, model=model, max_len=model.config.max_seq_len)
+        t.tokenizer = _moelm_tokenizer(p, model.config.vocab_size, tokenizer)
+        return t
+    try:
+        from moelab.integrations.hf.loading import load_causal_lm
+    except ImportError as e:  # pragma: no cover - the [hf] extra is part of the dev install
+        raise ImportError(
+            "analysing a transformers model needs the [hf] extra (pip install transformers)"
+        ) from e
+    model = load_causal_lm(p)
+    t = Target("transformers", p, model=model, max_len=getattr(model.config, "max_position_embeddings", None))
+    t.tokenizer = _hf_tokenizer(p, int(model.config.vocab_size), tokenizer)
+    return t
+
+
+def _tokenizer_file(path: Path) -> Any:
+    """A ``tokenizers`` JSON file (moelab's BPE checkpoints) as a ``moelab.data`` tokenizer."""
+    from moelab.data.tokenizers import BPETokenizer
+
+    return BPETokenizer.from_file(path)
+
+
+def _byte_tokenizer() -> Any:
+    from moelab.data.tokenizers import ByteTokenizer
+
+    return ByteTokenizer()
+
+
+def _moelm_tokenizer(d: Path, vocab_size: int, override: str | None) -> Any:
+    if override is not None:
+        return _override_tokenizer(override, vocab_size)
+    if (d / "tokenizer.json").is_file():
+        return _tokenizer_file(d / "tokenizer.json")
+    state = d / "trainer_state.json"
+    if state.is_file() and json.loads(state.read_text()).get("tokenizer") == "bpe":
+        raise ValueError(
+            f"{d} was trained with a BPE tokenizer but holds no tokenizer.json; pass --tokenizer PATH"
+        )
+    if vocab_size == 256:
+        return _byte_tokenizer()
+    raise ValueError(
+        f"{d}: vocab_size={vocab_size} is not the byte tokenizer's 256 and no tokenizer.json is present; "
+        "pass --tokenizer PATH/TO/tokenizer.json"
+    )
+
+
+def _hf_tokenizer(d: Path, vocab_size: int, override: str | None) -> Any:
+    from moelab.integrations.hf.loading import has_tokenizer_files, load_tokenizer
+
+    if override is not None:
+        return _override_tokenizer(override, vocab_size)
+    if has_tokenizer_files(d):
+        return load_tokenizer(d)
+    if vocab_size >= 256:
+        return _byte_tokenizer()
+    raise ValueError(
+        f"{d} has no tokenizer files and vocab_size={vocab_size} < 256 (bytes do not fit); pass --tokenizer"
+    )
+
+
+def _override_tokenizer(spec: str, vocab_size: int) -> Any:
+    if spec == "bytes":
+        if vocab_size < 256:
+            raise ValueError(f"--tokenizer bytes needs vocab_size >= 256, the model has {vocab_size}")
+        return _byte_tokenizer()
+    p = Path(spec)
+    if p.is_file():
+        return _tokenizer_file(p)
+    if p.is_dir():
+        from moelab.integrations.hf.loading import load_tokenizer
+
+        return load_tokenizer(p)
+    raise ValueError(
+        f"--tokenizer must be 'bytes', a tokenizer.json file or a tokenizer directory, got {spec!r}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# the report directory
+# --------------------------------------------------------------------------------------------------
+def default_out_dir(target: str | Path) -> Path:
+    """``runs/analyze/<name>``, ``<name>`` the target's last three path components joined by ``-``
+    (a leading ``runs`` dropped, a file's suffix too): ``runs/demo/topk/final`` ->
+    ``runs/analyze/demo-topk-final``. Checkpoints all named ``final`` get distinct reports."""
+    p = Path(target).resolve()
+    parts = list(p.parent.parts[-2:]) + [p.stem if p.is_file() else p.name]
+    while len(parts) > 1 and parts[0] in ("runs", "/", ""):
+        parts = parts[1:]
+    return Path("runs") / "analyze" / "-".join(parts)
+
+
+def prepare_out_dir(out_dir: Path, force: bool) -> None:
+    """Refuse a directory that already holds a report unless ``force``; with ``force``, remove the
+    files an earlier report wrote there (and nothing else), so no stale plot survives."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--out {out_dir} exists and is not a directory")
+    existing = [f for f in REPORT_FILES if (out_dir / f).exists()]
+    if existing and not force:
+        raise FileExistsError(
+            f"{out_dir} already holds a report ({', '.join(existing)}); pass --force to overwrite it, "
+            "or --out DIR for another directory"
+        )
+    if force:
+        for name in REPORT_ARTEFACTS:
+            f = out_dir / name
+            if f.is_file():
+                f.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _parse_ints(text: str, name: str) -> tuple[int, ...]:
@@ -40,10 +212,15 @@ def analyze(
     max_pairs: int = 256,
     arank_samples: int = 4,
     tokenizer: str | None = None,
+    force: bool = False,
     progress: bool = True,
     console: Any = None,
 ) -> dict[str, Path]:
-    """The body of ``moelab analyze`` (callable from Python). Returns the written files by name."""
+    """The body of ``moelab analyze`` (callable from Python). Returns the written files by name.
+
+    ``out`` defaults to ``default_out_dir(target)``; a directory that already holds a report is
+    refused unless ``force`` (``FileExistsError``).
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -54,7 +231,6 @@ def analyze(
     from moelab.analysis.report import AnalysisOptions, analyze_trace, write_report
     from moelab.analysis.runner import (
         corpus_texts,
-        load_target,
         read_parallel,
         run_trace,
         save_trace,
@@ -63,9 +239,9 @@ def analyze(
     )
 
     console = console or Console()
+    out_dir = Path(out) if out is not None else default_out_dir(target)
+    prepare_out_dir(out_dir, force)  # before loading or running anything: fail fast
     tgt = load_target(target, tokenizer=tokenizer)
-    out_dir = Path(out) if out is not None else Path("runs") / "analyze" / Path(str(target)).resolve().name
-    out_dir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = [f"target kind: {tgt.kind}"]
     bar = Progress(
         TextColumn("[bold]{task.description:<12}"),
@@ -111,7 +287,10 @@ def analyze(
             lookahead=DEFAULT_LOOKAHEAD if lookahead is None else lookahead,
         )
         task = bar.add_task("analysis", total=len(trace.layers) + 1)
-        res = analyze_trace(trace, lengths, opts, progress=lambda _: bar.advance(task))
+        with warnings.catch_warnings():
+            # A trace without lengths is one sequence per layer: the report's notes say so.
+            warnings.filterwarnings("ignore", message="analyze_trace: lengths=None")
+            res = analyze_trace(trace, lengths, opts, progress=lambda _: bar.advance(task))
         if parallel is not None and tgt.model is not None:
             pairs = read_parallel(parallel[0], parallel[1], max_pairs)
             task = bar.add_task("parallel", total=2 * len(pairs))
@@ -138,7 +317,7 @@ def analyze(
     files = write_report(
         res,
         out_dir,
-        title=f"moelab routing analysis: {Path(str(target)).name}",
+        title=f"moelab routing analysis: {default_out_dir(target).name}",
         source=str(target),
         divergence=divergence,
         arank=arank,
@@ -150,7 +329,7 @@ def analyze(
 
 
 def register(app: typer.Typer) -> None:
-    """Add this subpackage's commands to ``app``."""
+    """Add ``moelab analyze`` to ``app``."""
 
     @app.command("analyze")
     def analyze_cmd(
@@ -158,7 +337,8 @@ def register(app: typer.Typer) -> None:
             Path, typer.Argument(help="MoELM checkpoint dir, transformers model dir, or trace file")
         ],
         out: Annotated[
-            Path | None, typer.Option("--out", "-o", help="report dir (default runs/analyze/<name>)")
+            Path | None,
+            typer.Option("--out", "-o", help="report dir (default runs/analyze/<last 3 path parts>)"),
         ] = None,
         text: Annotated[
             list[str] | None,
@@ -187,6 +367,9 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(help="'bytes', a tokenizer.json or a tokenizer dir (default: from the target)"),
         ] = None,
+        force: Annotated[
+            bool, typer.Option("--force", help="overwrite a report already in the output directory")
+        ] = False,
         no_progress: Annotated[bool, typer.Option("--no-progress", help="hide the progress bar")] = False,
     ) -> None:
         """Trace a model on a corpus (or read a trace) and write a markdown + HTML routing report."""
@@ -211,10 +394,11 @@ def register(app: typer.Typer) -> None:
                 max_pairs=max_pairs,
                 arank_samples=arank_samples,
                 tokenizer=tokenizer,
+                force=force,
                 progress=not no_progress,
                 console=console,
             )
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
             console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(2) from None
         console.print(f"report: {files['markdown']}  {files['html']}")

@@ -3,6 +3,9 @@ and visits them in a fresh permutation each epoch, ``numpy.random.default_rng([s
 Its whole state is ``(epoch, index)``: save ``state_dict()`` in a checkpoint and
 ``load_state_dict`` resumes at exactly the next window. Under data parallelism every rank holds
 the same position and reads its own slice of each global batch.
+
+``TensorData`` / ``TensorBatches`` do the same for in-memory examples (any model, not only a
+language model): the rows of one or more tensors, visited in the same seeded, resumable order.
 """
 
 from __future__ import annotations
@@ -22,7 +25,50 @@ from moelab.data.tokenizers import get_tokenizer
 # ---------------------------------------------------------------------------------------------
 # Batching
 # ---------------------------------------------------------------------------------------------
-class Batches:
+class _EpochOrder:
+    """A seeded permutation per epoch and a resumable position in it (shared by both batchers)."""
+
+    def __init__(self, n: int, seed: int, rank: int, world_size: int) -> None:
+        self.num_items, self.seed, self.rank, self.world_size = n, int(seed), int(rank), int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.epoch, self.index = 0, 0
+        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def _take(self, count: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < count:
+            order = self._order(self.epoch)
+            n = min(count - len(out), self.num_items - self.index)
+            out.extend(order[self.index : self.index + n].tolist())
+            self.index += n
+            if self.index == self.num_items:
+                self.epoch, self.index = self.epoch + 1, 0
+        return out
+
+    def _mine(self, batch_size: int) -> list[int]:
+        """The next global batch's items of this rank."""
+        items = self._take(batch_size * self.world_size)
+        return items[self.rank * batch_size : (self.rank + 1) * batch_size]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(
+                f"data state was saved with seed={state['seed']}, these batches use seed={self.seed}"
+            )
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+class Batches(_EpochOrder):
     """Deterministic, resumable ``[batch_size, seq_len]`` batches of token windows.
 
     The stream is cut into ``n = len(tokens) // seq_len`` non-overlapping windows; epoch ``e``
@@ -43,50 +89,21 @@ class Batches:
     ) -> None:
         self.tokens = np.asarray(tokens)
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.num_windows = len(self.tokens) // self.seq_len
-        if self.num_windows < 1:
+        n = len(self.tokens) // self.seq_len
+        if n < 1:
             raise ValueError(
                 f"the token stream ({len(self.tokens)} tokens) is shorter than seq_len={seq_len}"
             )
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        self.epoch, self.index = 0, 0
-        self._perm_epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+        super().__init__(n, seed, rank, world_size)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-            self._perm_epoch = epoch
-        return self._perm
-
-    def _take(self, count: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < count:
-            order = self._order(self.epoch)
-            n = min(count - len(out), self.num_windows - self.index)
-            out.extend(order[self.index : self.index + n].tolist())
-            self.index += n
-            if self.index == self.num_windows:
-                self.epoch, self.index = self.epoch + 1, 0
-        return out
+    @property
+    def num_windows(self) -> int:
+        return self.num_items
 
     def next(self) -> Tensor:
         """The next ``[batch_size, seq_len]`` long tensor of this rank."""
-        windows = self._take(self.batch_size * self.world_size)
-        mine = windows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        rows = [self.tokens[w * self.seq_len : (w + 1) * self.seq_len] for w in mine]
+        rows = [self.tokens[w * self.seq_len : (w + 1) * self.seq_len] for w in self._mine(self.batch_size)]
         return torch.from_numpy(np.stack(rows).astype(np.int64))
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if int(state.get("seed", self.seed)) != self.seed:
-            raise ValueError(
-                f"data state was saved with seed={state['seed']}, these batches use seed={self.seed}"
-            )
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
 def eval_batches(
@@ -139,3 +156,67 @@ def load_data(
     corpus = load_corpus(source, val_fraction=val_fraction, include_tests=include_tests)
     tok = get_tokenizer(tokenizer, corpus, bpe_vocab_size)
     return Data(corpus, tok, tok.encode_docs(corpus.train), tok.encode_docs(corpus.val))
+
+
+# ---------------------------------------------------------------------------------------------
+# In-memory examples (any model)
+# ---------------------------------------------------------------------------------------------
+def _as_tensors(x: object, name: str) -> tuple[Tensor, ...]:
+    items = (x,) if isinstance(x, Tensor) else tuple(x) if isinstance(x, (tuple, list)) else None
+    if not items or not all(isinstance(t, Tensor) for t in items):
+        raise TypeError(f"{name} must be a tensor or a tuple of tensors, got {type(x).__name__}")
+    n = items[0].shape[0] if items[0].dim() else 0
+    if n < 1 or any(t.dim() == 0 or t.shape[0] != n for t in items):
+        shapes = [tuple(t.shape) for t in items]
+        raise ValueError(f"{name}'s tensors must share a first (example) dimension >= 1, got shapes {shapes}")
+    return items
+
+
+@dataclass
+class TensorData:
+    """Train and val examples held in memory: the rows of one tensor or of a tuple of tensors
+    (``(x [N, ...], y [N, ...])``). A batch is the same structure with ``batch_size`` rows.
+
+    ``TensorData(train=(x, y), val=(x_val, y_val))``; ``moelab.train.Trainer`` reads it with
+    ``TensorBatches`` (seeded, resumable, sharded over ranks like ``Batches``).
+    """
+
+    train: Tensor | tuple[Tensor, ...]
+    val: Tensor | tuple[Tensor, ...]
+
+    def __post_init__(self) -> None:
+        train, val = _as_tensors(self.train, "train"), _as_tensors(self.val, "val")
+        if len(train) != len(val):
+            raise ValueError(f"train holds {len(train)} tensors but val holds {len(val)}")
+        self.single = isinstance(self.train, Tensor)
+        self.train_tensors, self.val_tensors = train, val
+
+    def _pack(self, items: tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+        return items[0] if self.single else items
+
+    def eval_batches(
+        self, batch_size: int, max_batches: int, *, rank: int = 0, world_size: int = 1
+    ) -> list[Tensor | tuple[Tensor, ...]]:
+        """Fixed val batches, spread evenly over the val rows like ``eval_batches``."""
+        n = self.val_tensors[0].shape[0]
+        global_bs = batch_size * world_size
+        want = min(n, global_bs * max_batches)
+        starts = np.linspace(0, n - 1, want).round().astype(np.int64) if want < n else np.arange(n)
+        out = []
+        for i in range(0, len(starts), global_bs):
+            mine = torch.from_numpy(starts[i : i + global_bs][rank * batch_size : (rank + 1) * batch_size])
+            if len(mine):
+                out.append(self._pack(tuple(t[mine] for t in self.val_tensors)))
+        return out
+
+
+class TensorBatches(_EpochOrder):
+    """Deterministic, resumable batches of ``TensorData``'s train rows (the order rule of ``Batches``)."""
+
+    def __init__(self, data: TensorData, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.data, self.batch_size = data, int(batch_size)
+        super().__init__(data.train_tensors[0].shape[0], seed, rank, world_size)
+
+    def next(self) -> Tensor | tuple[Tensor, ...]:
+        rows = torch.as_tensor(self._mine(self.batch_size), dtype=torch.long)
+        return self.data._pack(tuple(t[rows] for t in self.data.train_tensors))

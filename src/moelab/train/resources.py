@@ -1,0 +1,74 @@
+"""CPU threads and machine load for training runs.
+
+PyTorch starts with one intra-op thread per core it can see. For the small models moelab trains
+(d_model 128, batches of 2k tokens) the matrices are too small to split well, and on a shared or
+busy machine extra threads mostly wait on each other: measured on a 2-core machine, 20 steps of
+the demo model took 7.0-7.5 s with one thread and 22-38 s with two (docs/training.md). So a run
+uses ``DEFAULT_THREADS`` per process unless told otherwise (``--threads``,
+``TrainConfig.threads``), and parallel ``compare`` workers use one each.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from collections.abc import Iterator
+from pathlib import Path
+
+DEFAULT_THREADS = 1
+
+
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup (v2) CPU quota if any."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def resolve_threads(threads: int | None) -> int:
+    """``threads`` itself, or ``DEFAULT_THREADS`` for 0/None."""
+    if threads is None or threads == 0:
+        return DEFAULT_THREADS
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"threads must be an int >= 0 (0: default), got {threads!r}")
+    return threads
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Run the block with ``resolve_threads(threads)`` intra-op threads; restore the count after."""
+    import torch
+
+    n = resolve_threads(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
+
+
+def load_warning(workers: int = 1) -> str | None:
+    """One line when the 1-minute load average already exceeds the cores (else None).
+
+    ``workers``: the processes about to start (mentioned so the reader can judge the timings).
+    """
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not available on this platform
+        return None
+    cores = available_cores()
+    if load <= cores:
+        return None
+    return (
+        f"warning: load average {load:.1f} exceeds the {cores} core(s) before starting {workers} "
+        "training process(es): other work is running, so this run will be slower and its timings noisy"
+    )
