@@ -30,7 +30,9 @@ Cross-method comparisons from `moelab compare`: [../reproductions.md](../reprodu
 KIND_TITLES = {
     "router": "Routers",
     "loss": "Auxiliary losses",
-    "backend": "Execution backends",
+    "bank": "Banks (what an expert is)",
+    "dispatcher": "Dispatchers (where rows go)",
+    "executor": "Executors (how experts are computed; a layer's `backend`)",
     "layer": "Layers",
     "analysis": "Analysis",
 }
@@ -38,14 +40,15 @@ KIND_TITLES = {
 
 def main() -> None:
     # Import optional parts so their methods register (each may be absent on a minimal install).
-    for mod in ("moelab.models", "moelab.analysis", "moelab.hf"):
+    for mod in ("moelab.models", "moelab.analysis", "moelab.integrations.hf"):
         try:
             __import__(mod)
         except Exception:  # noqa: BLE001 - a missing optional extra only shortens the table
             pass
     lines = [HEADER]
     missing = []
-    for kind, title in KIND_TITLES.items():
+    for kind in moelab.registry.kinds():
+        title = KIND_TITLES.get(kind, kind)
         rows = moelab.list_methods(kind)
         if not rows:
             continue

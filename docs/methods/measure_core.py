@@ -83,8 +83,9 @@ def measure_topk() -> dict:
 
 # ---------------------------------------------------------------------------- capacity drops
 def measure_capacity(cfs=(0.5, 1.0, 1.25, 1.5, 2.0, 3.0)) -> dict:
-    """topk k=2, E=8, T=1024: drop rate vs capacity factor, and the router-probability mass lost
-    per drop policy (probability drops the lowest gates; position drops late tokens)."""
+    """topk k=2, E=8, T=1024: drop rate vs capacity factor, the router-probability mass lost and
+    the share of tokens that lost their first choice, per drop policy (batch_priority serves every
+    first choice before any second; probs drops the lowest gates globally; position drops late tokens)."""
     d, e, k, t = 32, 8, 2, 1024
     out = {}
     for skew in (0.0, 1.5):
@@ -92,16 +93,19 @@ def measure_capacity(cfs=(0.5, 1.0, 1.25, 1.5, 2.0, 3.0)) -> dict:
         rows = {}
         for cf in cfs:
             row = {}
-            for policy in ("probability", "position"):
+            for policy in ("batch_priority", "probs", "position"):
                 torch.manual_seed(0)
                 r = TopKRouter(d, e, top_k=k, capacity_factor=cf, drop_policy=policy).train()
                 routing = r(x)
-                full = routing.probs.topk(k, -1).values
+                full, first = routing.probs.topk(k, -1)
                 full = full / full.sum(-1, keepdim=True)  # renormalised gates of all requests
                 kept_mass = float(routing.weight.sum() / full.sum())
+                kept = set(zip(routing.token_index.tolist(), routing.expert_index.tolist(), strict=True))
+                lost_first = sum((tok, int(first[tok, 0])) not in kept for tok in range(t)) / t
                 row[policy] = {
                     "drop_rate": round(routing.drop_rate(), 4),
                     "gate_mass_lost": round(1 - kept_mass, 4),
+                    "first_choice_lost": round(lost_first, 4),
                 }
             rows[str(cf)] = row
         out[f"skew={skew}"] = rows
