@@ -16,6 +16,7 @@ is not seen, and is not a tensor. This run doubles as the warm-up.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -23,6 +24,7 @@ import platform
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,12 +71,31 @@ def set_threads(n: int | None = None) -> int:
     return torch.get_num_threads()
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence file descriptor 2 (C-level writes included) while the block runs.
+
+    This torch build's profiler prints ``USDT: ... profiler_start/stop`` lines to stderr from C++
+    on every start and stop; they are noise in a benchmark's output.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_bytes(fn: Callable[[], object]) -> tuple[int, object]:
     """Run ``fn`` once under the profiler; return (peak live bytes above the start, fn's result).
 
     The result is returned so the caller can drop it after the measurement (it is part of the peak).
     """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
         out = fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())

@@ -35,10 +35,10 @@ import torch
 import torch.nn.functional as F
 
 import moelab
-from moelab.experts.bank import ExpertBank
-from moelab.ops import executor_names, get_executor, resolve_executor
 from moelab.core.activations import activation_backward, activation_forward
+from moelab.experts.bank import ExpertBank
 from moelab.kernels.cpu.gemm import linear, uses_onednn
+from moelab.ops import executor_names, get_executor, resolve_executor
 
 from .common import (
     COARSE,
@@ -269,8 +269,8 @@ def make_impls(p: Problem, include: set[str] | None = None, cur: dict | None = N
     # moelab backends, through the Routing contract (a fresh Routing per call: no cached sort).
     bank = p.bank
     bank.requires_grad_(not s.decode)
-    for name in backend_names():
-        b = get_backend(name)
+    for name in executor_names():
+        b = get_executor(name)
         if not b.usable(p.x.device, bank):
             continue
 
@@ -375,7 +375,7 @@ def bench_shape(
                 "k": s.k,
             }
         )
-    auto = resolve_backend("auto", p.x.device, p.bank).name
+    auto = resolve_executor("auto", p.x.device, p.bank).name
     for r in rows:
         r["auto"] = f"moelab_{auto}"
     log(format_ratios(rows))

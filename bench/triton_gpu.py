@@ -134,7 +134,7 @@ class Problem:
 def moelab_impl(p: Problem, backend: str):
     from moelab.ops import get_executor
 
-    fn = get_backend(backend).fn
+    fn = get_executor(backend).fn
 
     def run(x, weight):
         return fn(x, p.routing(weight), p.bank)
