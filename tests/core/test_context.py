@@ -6,6 +6,7 @@ import gc
 
 import pytest
 import torch
+
 import moelab
 from moelab import MoE, RoutingContext, Session
 from moelab.core import Router, Routing

@@ -156,3 +156,18 @@ def test_token_ids_recorded_through_context(tmp_path):
     assert torch.equal(tr.tokens(tr.layers[0]), ids.reshape(-1))
     tr.save(tmp_path / "t.safetensors")
     assert torch.equal(Trace.load(tmp_path / "t.safetensors").tokens(tr.layers[0]), ids.reshape(-1))
+
+
+def test_trace_keeps_each_calls_batch_shape_through_save_and_load(tmp_path):
+    moe = moelab.MoE(8, num_experts=4, top_k=2)
+    with moelab.trace(moe) as tr:
+        moe(torch.randn(2, 3, 8))
+        moe(torch.randn(1, 5, 8))
+    name = tr.layers[0]
+    assert tr.sequence_lengths(name) == [3, 3, 5]
+    tr.save(tmp_path / "t.safetensors")
+    back = moelab.Trace.load(tmp_path / "t.safetensors")
+    assert back.sequence_lengths(name) == [3, 3, 5]
+    with moelab.trace(moe) as flat:
+        moe(torch.randn(6, 8))  # a flat input: the sequences are unknown
+    assert flat.sequence_lengths(name) is None

@@ -70,7 +70,7 @@ class RoutedLayer(nn.Module):
             routing = _checked_transform_output(out, routing, name)
         target = self.__dict__["_trace_to"]
         if target is not None:
-            target[0].record(target[1], routing, ctx.token_ids)
+            target[0].record(target[1], routing, ctx.token_ids, ctx.batch_shape)
         ctx.history.append(routing)
         return routing
 

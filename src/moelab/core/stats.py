@@ -27,7 +27,12 @@ NAN = float("nan")
 
 
 def load_stats(counts_E: Tensor) -> dict[str, float | int]:
-    """Balance of a load vector ``[E]`` (counts or fractions)."""
+    """Balance of a load vector ``[E]`` (counts or fractions). For a ``Routing`` use ``routing_stats``."""
+    if isinstance(counts_E, Routing):
+        raise TypeError("load_stats takes a load vector [E] (e.g. routing.tokens_per_expert()); "
+                        "for a Routing use routing_stats(routing)")
+    if not isinstance(counts_E, Tensor) or counts_E.dim() != 1:
+        raise TypeError(f"counts_E must be a 1-D tensor [E], got {getattr(counts_E, 'shape', type(counts_E).__name__)}")
     n = counts_E.detach().double().cpu()
     e = n.numel()
     mean = float(n.mean()) if e else 0.0

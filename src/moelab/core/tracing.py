@@ -34,14 +34,26 @@ class Trace:
     def __init__(self) -> None:
         self.records: dict[str, list[Routing]] = {}
         self.token_ids: dict[str, list[Tensor | None]] = {}
+        self.batch_shapes: dict[str, list[tuple[int, int] | None]] = {}
 
     # -- recording ---------------------------------------------------------------------------------
-    def record(self, layer: str, routing: Routing, token_ids: Tensor | None = None) -> None:
+    def record(
+        self,
+        layer: str,
+        routing: Routing,
+        token_ids: Tensor | None = None,
+        batch_shape: tuple[int, int] | None = None,
+    ) -> None:
+        """Store one call of ``layer``: its routing, the token ids and the ``(B, S)`` of its input
+        (each kept only when aligned with the routed tokens, e.g. not for a layer routing a subset)."""
         self.records.setdefault(layer, []).append(routing.detach("cpu"))
         ids = None if token_ids is None else token_ids.detach().reshape(-1).to("cpu")
         if ids is not None and ids.shape[0] != routing.num_tokens:
-            ids = None  # not aligned with the routed tokens (e.g. a layer that routes a subset)
+            ids = None
+        if batch_shape is not None and batch_shape[0] * batch_shape[1] != routing.num_tokens:
+            batch_shape = None
         self.token_ids.setdefault(layer, []).append(ids)
+        self.batch_shapes.setdefault(layer, []).append(None if batch_shape is None else tuple(batch_shape))
 
     # -- reading -------------------------------------------------------------------------------------
     @property
@@ -60,6 +72,14 @@ class Trace:
         if not parts or any(p is None for p in parts):
             return None
         return torch.cat(parts)
+
+    def sequence_lengths(self, layer: str) -> list[int] | None:
+        """The length of every sequence in ``routing(layer)``, in order (``B`` times ``S`` per call),
+        or None if any call's batch shape is unknown (a flat ``[T, d]`` input)."""
+        shapes = self.batch_shapes.get(layer, [])
+        if not shapes or any(s is None for s in shapes):
+            return None
+        return [s for b, s in shapes for _ in range(b)]
 
     def summary(self) -> list[dict[str, float | int | str]]:
         """Per layer: ``moelab.core.stats.routing_stats`` of its routing (tokens, assignments,
@@ -89,6 +109,7 @@ class Trace:
                 "num_tokens": r.num_tokens,
                 "num_experts": r.num_experts,
                 "top_k": r.top_k,
+                "sequence_lengths": self.sequence_lengths(name),
             }
         save_file(tensors, str(path), metadata={"moelab_trace": json.dumps(meta)})
 
@@ -118,6 +139,14 @@ class Trace:
             )
             tr.records[m["name"]] = [r]
             tr.token_ids[m["name"]] = [tensors.get(p + "token_ids")]
+            lengths = m.get("sequence_lengths")
+            # Saved as one call: equal lengths keep the (B, S) shape, ragged ones one row per sequence.
+            if lengths and len(set(lengths)) == 1:
+                tr.batch_shapes[m["name"]] = [(len(lengths), lengths[0])]
+            elif lengths:
+                tr.batch_shapes[m["name"]] = [(1, n) for n in lengths]
+            else:
+                tr.batch_shapes[m["name"]] = [None]
         return tr
 
     def __repr__(self) -> str:

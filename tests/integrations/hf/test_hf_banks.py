@@ -10,8 +10,8 @@ pytest.importorskip("transformers")
 from hf_tiny import tiny_model  # noqa: E402
 
 import moelab.hf as mh  # noqa: E402
-from moelab.ops import get_executor, resolve_executor  # noqa: E402
 from moelab.core import Routing  # noqa: E402
+from moelab.ops import get_executor, resolve_executor  # noqa: E402
 
 
 def _gpt_oss_experts():

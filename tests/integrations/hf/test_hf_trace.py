@@ -99,3 +99,13 @@ def test_trace_bad_input():
     with pytest.raises(TypeError, match="model must be"):
         with mh.trace(None):
             pass
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_trace_records_sequence_lengths(patched):
+    model = tiny_model("olmoe").eval()
+    if patched:
+        mh.patch(model)
+    with torch.no_grad(), moelab.trace(model) as tr:
+        model(tiny_ids(batch=2, seq=12))
+    assert all(tr.sequence_lengths(n) == [12, 12] for n in tr.layers)

@@ -22,6 +22,7 @@ from moelab.integrations.hf.experts_impl import (
 )
 from moelab.integrations.hf.families import FAMILIES, Family, family_of, find_blocks, register_family
 from moelab.integrations.hf.layer import ContextFeeder, HFMoE
+from moelab.integrations.hf.loading import TransformersTokenizer, has_tokenizer_files, load_causal_lm, load_tokenizer
 from moelab.integrations.hf.patch import init_router_from, patch, patched_layers
 from moelab.integrations.hf.trace import routing_from_gate_output, trace
 from moelab.integrations.hf.upcycle import dense_ffns, upcycle, upcycled_bank
@@ -34,13 +35,17 @@ __all__ = [
     "ContextFeeder",
     "Family",
     "HFMoE",
+    "TransformersTokenizer",
     "backend_name",
     "bank_for",
     "clamped_swiglu",
     "dense_ffns",
     "family_of",
     "find_blocks",
+    "has_tokenizer_files",
     "init_router_from",
+    "load_causal_lm",
+    "load_tokenizer",
     "make_experts_forward",
     "patch",
     "patched_layers",

@@ -60,7 +60,8 @@ class ContextFeeder:
         self._depth += 1
         if self._depth == 1:
             ids = self.input_ids(args, kwargs)
-            self.current = RoutingContext(token_ids=None if ids is None else ids.reshape(-1))
+            shape = tuple(ids.shape) if ids is not None and ids.dim() == 2 else None
+            self.current = RoutingContext(token_ids=None if ids is None else ids.reshape(-1), batch_shape=shape)
 
     def _close(self, module: nn.Module, args: tuple, output: Any) -> None:
         self._depth = max(0, self._depth - 1)

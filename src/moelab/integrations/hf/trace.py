@@ -64,7 +64,10 @@ def _recorder(tr: Trace, name: str, fam: Family, feeder: ContextFeeder):
     def hook(module: nn.Module, args: tuple, output: Any) -> None:
         routing = routing_from_gate_output(output, fam)
         ctx = feeder.current
-        tr.record(name, routing, None if ctx is None else ctx.token_ids)
+        if ctx is None:
+            tr.record(name, routing)
+        else:
+            tr.record(name, routing, ctx.token_ids, ctx.batch_shape)
 
     return hook
 
