@@ -24,14 +24,15 @@ from pathlib import Path
 
 import torch
 
-from moelab.analysis.commands import analyze
 from moelab.analysis.crosslingual import (
     crosslingual_divergence,
     parallel_verses,
     split_parallel,
     write_bilingual_corpus,
 )
-from moelab.analysis.runner import ByteTokens, sentence_routings
+from moelab.analysis.runner import sentence_routings
+from moelab.cli.analyze import analyze
+from moelab.data import ByteTokenizer
 from moelab.models import MoELM, MoELMConfig
 from moelab.train.trainer import TrainConfig, Trainer
 
@@ -82,8 +83,10 @@ def main() -> None:
         seed=args.seed,
         data=str(data_dir),
         tokenizer="bytes",
+        threads=args.threads,
     )
-    trainer = Trainer(model_cfg, train_cfg, out / "train", description="bilingual MoELM", console=_console())
+    # progress: a live bar on a terminal, one line per evaluation in a log file
+    trainer = Trainer(model_cfg, train_cfg, out / "train", description="bilingual MoELM")
     untrained = MoELM(trainer.model_config)
     untrained.load_state_dict(trainer.model.state_dict())  # step 0 weights, for the control
     result = trainer.train()
@@ -100,11 +103,12 @@ def main() -> None:
         n_boot=args.n_boot,
         seed=args.seed,
         max_pairs=args.pairs,
+        force=True,  # a rerun replaces the previous report
     )
     report = json.loads(files["json"].read_text())
     trained_rows = report["divergence"]
 
-    tok = ByteTokens()
+    tok = ByteTokenizer()
     en_s, es_s = [e for _, e, _ in test], [s for _, _, s in test]
     ra0 = sentence_routings(untrained, tok, en_s, 256)
     rb0 = sentence_routings(untrained, tok, es_s, 256)
@@ -157,15 +161,6 @@ def main() -> None:
             f"{name:22s}", "  ".join(f"{r['divergence']:.4f} [{r['low']:.4f}, {r['high']:.4f}]" for r in rows)
         )
     print(f"report: {files['markdown']}; figure: {figs / 'analysis_bible_divergence.png'}")
-
-
-def _console():
-    """A rich console that keeps drawing the progress bar when stdout is a log file."""
-    import sys
-
-    from rich.console import Console
-
-    return Console(force_terminal=not sys.stdout.isatty() or None, width=120)
 
 
 def _plot(trained, untrained, mismatched, same_lang, path: Path) -> None:

@@ -194,13 +194,13 @@ def test_import_moelab_is_lazy():
     """``import moelab`` imports no torch; using the core API imports none of the heavy optional parts."""
     out = _fresh(
         "import sys, moelab\n"
-        "print(sorted(m for m in ('torch',) + %r if m in sys.modules))\n"
+        f"print(sorted(m for m in ('torch',) + {HEAVY!r} if m in sys.modules))\n"
         "import torch\n"
         "moe = moelab.MoE(8, num_experts=4, top_k=2)\n"
         "with moelab.trace(moe):\n"
         "    moe(torch.randn(2, 3, 8)).sum().backward()\n"
         "moelab.Routing, moelab.RoutingContext, moelab.override_routing, moelab.functional.softmax_topk\n"
-        "print(sorted(m for m in %r if m in sys.modules))\n" % (HEAVY, HEAVY)
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
     first, second = out.strip().splitlines()
     assert first == "[]", f"import moelab imported {first}"

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import moelab
-from moelab.analysis.report import AnalysisOptions, analyze_trace, write_report
+from moelab.analysis.report import AnalysisOptions, analyze_trace, docs_link, write_report
 from moelab.cli import app
 
 PLOTS = ("load_heatmap.png", "srp.png", "sch.png", "cache_hit_rate.png", "divergence.png", "arank.png")
@@ -164,3 +164,100 @@ def test_ragged_routings_get_srp_sch_and_cache_curves(tmp_path):
     assert files["srp"].is_file() and files["sch"].is_file() and files["cache"].is_file()
     md = (tmp_path / "report.md").read_text()
     assert "Ragged routing" in md and "capacity-dropped" in md
+
+
+# ------------------------------------------------------------------------ the report directory
+@pytest.fixture
+def saved_trace(tmp_path: Path) -> Path:
+    """A two-layer trace of 4 sequences x 16 tokens, saved as runs/demo/topk/trace.safetensors."""
+    from moelab.analysis.runner import save_trace
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        moelab.MoE(16, num_experts=4, top_k=2), moelab.MoE(16, num_experts=4, top_k=2)
+    )
+    with moelab.trace(model) as tr:
+        model(torch.randn(4, 16, 16))
+    return save_trace(tr, tmp_path / "runs" / "demo" / "topk" / "trace.safetensors", [16] * 4)
+
+
+def test_default_out_dir_is_named_after_the_parent_directories(tmp_path):
+    from moelab.cli.analyze import default_out_dir
+
+    (tmp_path / "runs" / "demo" / "topk" / "final").mkdir(parents=True)
+    assert default_out_dir(tmp_path / "runs/demo/topk/final") == Path("runs/analyze/demo-topk-final")
+    assert default_out_dir(tmp_path / "runs/demo/sinkhorn/final") == Path("runs/analyze/demo-sinkhorn-final")
+    (tmp_path / "runs" / "x.safetensors").write_bytes(b"")
+    assert default_out_dir(tmp_path / "runs" / "x.safetensors") == Path("runs/analyze/x")
+
+
+def test_report_is_named_defined_and_never_overwritten_silently(saved_trace, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["analyze", str(saved_trace), "--n-boot", "10", "--segment-lengths", "4", "--no-progress"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "runs" / "analyze" / "demo-topk-trace"  # named after the parent directories
+    assert (out / "coactivation.png").is_file()
+
+    # one-line definitions first, inline code rendered, a docs link that works from the folder
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert md.index("## Definitions") < md.index("## Load, entropy")
+    for term in ("max/mean", "CV", "entropy", "NMI top1", "co-activation", "SRP", "SCH", "cache hit rate"):
+        assert f"- **{term}" in md, term
+    assert "**divergence**" not in md and "**ARank**" not in md  # no such section in this report
+    assert "`" not in html and "<code>max_e n_e / mean_e n_e</code>" in html
+    link = md.split("[docs/analysis.md](")[1].split(")")[0]
+    docs = Path(__file__).resolve().parents[2] / "docs" / "analysis.md"
+    assert link == docs.as_uri()  # the report is outside the checkout: an absolute link
+    assert f'href="{link}"' in html
+    inside = docs.parents[1] / "runs" / "analyze" / "x"
+    assert docs_link(inside)[0].endswith("(../../../docs/analysis.md).")  # inside: relative
+
+    # a second run refuses; --force replaces what a report wrote, and nothing else
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "already holds a report" in res.output and "--force" in res.output
+    (out / "divergence.png").write_bytes(b"stale")  # a plot an earlier run with --parallel wrote
+    (out / "notes.txt").write_text("mine")
+    res = CliRunner().invoke(app, [*args, "--force"])
+    assert res.exit_code == 0, res.output
+    assert not (out / "divergence.png").exists() and (out / "notes.txt").read_text() == "mine"
+
+
+def test_analyze_trace_warns_when_sequences_are_unknown(saved_trace):
+    from moelab.analysis.runner import load_trace
+
+    tr, lengths = load_trace(saved_trace)
+    assert lengths == [16] * 4
+    opts = AnalysisOptions(segment_lengths=(4,), n_boot=10)
+    with pytest.warns(UserWarning, match=r"lengths=None reads each layer's tokens as one sequence"):
+        one = analyze_trace(tr, None, opts)
+    per_seq = analyze_trace(tr, lengths, opts)
+    assert one["sequences"] == [1, 1] and per_seq["sequences"] == [4, 4]
+    name = tr.layers[0]
+    assert per_seq["srp"][name]["4"]["sequences"] == 4
+
+
+def test_tokenizer_options_resolve_to_moelab_data_and_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from moelab.cli.analyze import _override_tokenizer
+    from moelab.data.tokenizers import BPETokenizer, ByteTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "in": 2, "the": 3, "beginning": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", unk_token="<unk>")
+    fast.save_pretrained(tmp_path / "hf_tok")
+    assert fast("in the beginning")["input_ids"] == [1, 2, 3, 4]  # the tokenizer itself adds <s>
+
+    hf = _override_tokenizer(str(tmp_path / "hf_tok"), 5)
+    assert hf.encode("in the beginning") == [2, 3, 4]  # analysis windows get no special tokens
+    assert isinstance(_override_tokenizer(str(tmp_path / "tokenizer.json"), 5), BPETokenizer)
+    assert isinstance(_override_tokenizer("bytes", 300), ByteTokenizer)
+    with pytest.raises(ValueError, match="needs vocab_size >= 256"):
+        _override_tokenizer("bytes", 5)
+    with pytest.raises(ValueError, match="--tokenizer must be"):
+        _override_tokenizer(str(tmp_path / "missing"), 5)

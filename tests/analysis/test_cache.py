@@ -157,8 +157,18 @@ def test_cache_errors():
         simulate_cache(rows, 4, 2, "fifo")
     with pytest.raises(ValueError, match="lookahead"):
         simulate_cache(rows, 4, 2, "lookahead", -1)
-    with pytest.raises(ValueError, match="one sequence"):
-        simulate_cache(rows.unsqueeze(0), 4, 2, "lru")
+
+
+def test_batches_are_sequences_each_starting_cold():
+    # [B, T, k]: every sequence starts with an empty cache; hits and requests add up
+    rng = random.Random(11)
+    batch = torch.tensor([[rng.sample(range(6), 2) for _ in range(12)] for _ in range(3)])
+    for policy in ("lru", "lfu", "belady", "lookahead"):
+        parts = [simulate_cache(s, 6, 3, policy) for s in batch]
+        got = simulate_cache(batch, 6, 3, policy)
+        assert (got.hits, got.requests) == (sum(r.hits for r in parts), sum(r.requests for r in parts))
+    lru_hits = sum(simulate_cache(s, 6, 3, "lru").hits for s in batch)
+    assert lru(batch, 6, 3) == pytest.approx(lru_hits / (3 * 12 * 2))
 
 
 # ------------------------------------------------------------------------------------ ragged

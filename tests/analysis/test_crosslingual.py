@@ -143,3 +143,21 @@ def test_parallel_verses_alignment(monkeypatch):
     monkeypatch.setattr(X, "read_bible", lambda module, key="Gen-Rev": books[module])
     pairs = X.parallel_verses("en", "es")
     assert pairs == [("Gen 1:1", "In the beginning.", "En el principio.")]  # 1:3 fails the length ratio
+
+
+def test_sequence_distribution_without_probs_reads_the_entries():
+    # no probs: each token's combine weights renormalised, averaged over tokens (plain loop below)
+    tok = [0, 0, 1, 2, 2, 2, 3]
+    exp = [1, 3, 0, 0, 1, 3, 2]
+    w = [0.6, 0.2, 0.5, 0.1, 0.1, 0.2, 0.0]  # token 3 has zero weight: a zero row, still a token
+    r = Routing(torch.tensor(tok), torch.tensor(exp), torch.tensor(w), num_tokens=4, num_experts=4)
+    rows = [[0.0] * 4 for _ in range(4)]
+    for t, e, x in zip(tok, exp, w, strict=True):
+        rows[t][e] += x
+    rows = [[x / sum(row) if sum(row) > 0 else 0.0 for x in row] for row in rows]
+    want = [sum(row[e] for row in rows) / 4 for e in range(4)]
+    assert X.sequence_distribution(r).tolist() == pytest.approx(want)
+    assert torch.allclose(X.token_distributions(r), torch.tensor(rows, dtype=torch.float64))  # dense agrees
+    halves = X.split_sequence_distributions(r, [2, 2]).tolist()
+    assert halves[0] == pytest.approx([(rows[0][e] + rows[1][e]) / 2 for e in range(4)])
+    assert halves[1] == pytest.approx([(rows[2][e] + rows[3][e]) / 2 for e in range(4)])

@@ -9,10 +9,9 @@ import pytest
 import torch
 from ragged_traces import padded, ragged_rows
 
-from moelab.analysis import lrc
+from moelab.analysis import lrc, sequences
 from moelab.analysis.lrc import (
     SEGMENT_LENGTHS,
-    bootstrap_ci,
     sch,
     sch_ci,
     sch_curve,
@@ -20,6 +19,7 @@ from moelab.analysis.lrc import (
     srp_ci,
     srp_sequences,
 )
+from moelab.analysis.stats import bootstrap_ci
 
 
 # ------------------------------------------------------------------------------------ references
@@ -203,26 +203,9 @@ def test_sch_errors():
         sch(seq, 4, -1, 2)
 
 
-# ------------------------------------------------------------------------------------ bootstrap
-def test_paper_defaults():
+# ------------------------------------------------------------------------------------ intervals
+def test_paper_segment_lengths():
     assert SEGMENT_LENGTHS == (4, 16, 64, 256)
-    assert lrc.NUM_BOOTSTRAP == 1000 and lrc.CI_ALPHA == 0.05
-
-
-def test_bootstrap_basic_interval_by_hand():
-    samples = [1.0, 2.0, 4.0, 8.0, 16.0]
-    mean = lambda xs: sum(xs) / len(xs)
-    ci = bootstrap_ci(mean, samples, n_boot=40, alpha=0.1, seed=7)
-    idx = lrc.bootstrap_indices(5, 40, 7)
-    reps = sorted(mean([samples[i] for i in row]) for row in idx.tolist())
-    lo_i = round(40 * 0.1 / 2)  # 2
-    hi_i = 40 - lo_i  # 38
-    theta = mean(samples)
-    assert ci.estimate == pytest.approx(theta)
-    assert ci.low == pytest.approx(2 * theta - reps[hi_i])
-    assert ci.high == pytest.approx(2 * theta - reps[lo_i])
-    pct = bootstrap_ci(mean, samples, n_boot=40, alpha=0.1, seed=7, method="percentile")
-    assert (pct.low, pct.high) == pytest.approx((reps[lo_i], reps[hi_i]))
 
 
 def test_bootstrap_interval_contains_point_estimate():
@@ -249,17 +232,6 @@ def test_fast_srp_ci_equals_generic_bootstrap():
     assert (fast_sch.estimate, fast_sch.low, fast_sch.high) == pytest.approx(
         (slow_sch.estimate, slow_sch.low, slow_sch.high), abs=1e-12
     )
-
-
-def test_bootstrap_errors():
-    with pytest.raises(ValueError, match="n_boot"):
-        bootstrap_ci(len, [1, 2], n_boot=0)
-    with pytest.raises(ValueError, match="alpha"):
-        bootstrap_ci(len, [1, 2], alpha=1.5)
-    with pytest.raises(ValueError, match="method"):
-        bootstrap_ci(len, [1, 2], method="bca")
-    with pytest.raises(ValueError, match="samples"):
-        bootstrap_ci(len, [])
 
 
 # ------------------------------------------------------------------------------------ ragged
@@ -319,5 +291,5 @@ def test_padding_checks_and_undefined_cases():
     with pytest.raises(ValueError, match="SCH is undefined"):
         sch_ci([all_pad], 4, 2, n_boot=10)
     assert math.isnan(sch(all_pad, 4, 2, 2))
-    assert lrc.is_ragged(torch.tensor([[0, -1]])) and not lrc.is_ragged(torch.tensor([[0, 1]]))
-    assert lrc.experts_per_token(torch.tensor([[0, -1], [-1, -1], [2, 3]])).tolist() == [1, 0, 2]
+    assert sequences.is_ragged(torch.tensor([[0, -1]])) and not sequences.is_ragged(torch.tensor([[0, 1]]))
+    assert sequences.experts_per_token(torch.tensor([[0, -1], [-1, -1], [2, 3]])).tolist() == [1, 0, 2]

@@ -18,9 +18,11 @@ from moelab.analysis.metrics import (
     mutual_information_from_joint,
     router_entropy,
     routing_mutual_information,
+    routing_stats,
     top1_experts,
     trace_metrics,
 )
+from moelab.core import stats as core_stats
 from moelab.core.routing import Routing
 
 
@@ -44,7 +46,8 @@ def test_load_stats_hand_computed():
     # E=4: expert 0 gets 3 assignments, 1 gets 1, 2 gets 2, 3 none
     r = topk_routing([[0, 1], [0, 2], [0, 2]], 4)
     assert expert_load(r).tolist() == pytest.approx([0.5, 1 / 6, 1 / 3, 0.0])
-    s = load_stats(r)
+    s = routing_stats(r)
+    assert load_stats(r.tokens_per_expert()) == {k: s[k] for k in load_stats(r.tokens_per_expert())}
     mean = 6 / 4
     std = math.sqrt(((3 - mean) ** 2 + (1 - mean) ** 2 + (2 - mean) ** 2 + mean**2) / 4)
     assert s["max_over_mean"] == pytest.approx(3 / mean)
@@ -63,7 +66,14 @@ def test_drop_rate_from_requested():
         num_experts=2,
         requested=torch.tensor([2, 2]),
     )
-    assert load_stats(r)["drop_rate"] == pytest.approx(0.5)
+    assert routing_stats(r)["drop_rate"] == pytest.approx(0.5)
+
+
+def test_routing_statistics_are_the_core_definitions():
+    # one definition of the routing statistics: analysis re-exports moelab.core.stats
+    assert load_stats is core_stats.load_stats
+    assert router_entropy is core_stats.router_entropy
+    assert routing_stats is core_stats.routing_stats
 
 
 def test_router_entropy_plain_formula():
@@ -133,7 +143,7 @@ def test_mi_errors():
     with pytest.raises(ValueError, match="mode"):
         routing_mutual_information(topk_routing([[0]], 2), topk_routing([[0]], 2), "pairs")
     with pytest.raises(TypeError, match="moelab.Routing"):
-        load_stats(torch.zeros(3))
+        routing_stats(torch.zeros(3))
 
 
 def test_trace_metrics_agree_with_trace_summary():
@@ -152,3 +162,74 @@ def test_trace_metrics_agree_with_trace_summary():
         assert r["entropy"] == pytest.approx(s["entropy"], abs=1e-6)
     assert math.isnan(rows[0]["mi_top1"]) and not math.isnan(rows[1]["mi_top1"])
     assert load_matrix(tr).shape == (2, 4)
+
+
+# ------------------------------------------------------------------------ COO paths, ragged input
+def ragged_coo(rng: random.Random, T: int, E: int, kmax: int, duplicates: bool = False):
+    """A routing whose tokens have 0..kmax experts in random entry order, random weights, and
+    (optionally) repeated (token, expert) entries. Returns it with its entries as a list."""
+    entries = []
+    for t in range(T):
+        for e in rng.sample(range(E), rng.randint(0, kmax)):
+            entries.append((t, e, rng.choice([0.25, 0.5, rng.random()])))
+            if duplicates and rng.random() < 0.3:
+                entries.append((t, e, rng.random()))
+    rng.shuffle(entries)
+    r = Routing(
+        torch.tensor([t for t, _, _ in entries], dtype=torch.long),
+        torch.tensor([e for _, e, _ in entries], dtype=torch.long),
+        torch.tensor([w for _, _, w in entries], dtype=torch.float64),
+        num_tokens=T,
+        num_experts=E,
+    )
+    return r, entries
+
+
+def test_top1_from_entries_matches_a_plain_loop():
+    rng = random.Random(3)
+    for _ in range(20):
+        r, entries = ragged_coo(rng, 30, 6, 4, duplicates=True)
+        summed: dict[tuple[int, int], float] = {}
+        for t, e, w in entries:
+            summed[(t, e)] = summed.get((t, e), 0.0) + w
+        want = []
+        for t in range(30):
+            mine = sorted((e, w) for (tt, e), w in summed.items() if tt == t)
+            best = max((w for _, w in mine), default=None)
+            want.append(-1 if best is None else min(e for e, w in mine if w == best))
+        assert top1_experts(r).tolist() == want
+
+
+def test_coactivation_of_ragged_routing_matches_a_plain_loop():
+    rng = random.Random(4)
+    r, entries = ragged_coo(rng, 40, 5, 5, duplicates=True)
+    sets = [{e for t, e, _ in entries if t == tt} for tt in range(40)]
+    c = coactivation(r)
+    for i in range(5):
+        for j in range(5):
+            assert c[i, j] == sum(1 for s in sets if i in s and j in s)
+    assert coactivation(r, normalize="tokens")[1, 2] == pytest.approx(float(c[1, 2]) / 40)
+
+
+def test_set_mutual_information_of_ragged_routings_matches_a_plain_loop():
+    rng = random.Random(5)
+    T, Ea, Eb = 60, 5, 7
+    ra, ea = ragged_coo(rng, T, Ea, 3)
+    rb, eb = ragged_coo(rng, T, Eb, 4)
+    sa = [{e for t, e, _ in ea if t == tt} for tt in range(T)]
+    sb = [{e for t, e, _ in eb if t == tt} for tt in range(T)]
+    joint: dict[tuple[int, int], float] = {}
+    for a, b in zip(sa, sb, strict=True):
+        for i in a:
+            for j in b:
+                joint[(i, j)] = joint.get((i, j), 0.0) + 1.0 / (len(a) * len(b))
+    total = sum(joint.values())
+    px: dict[int, float] = {}
+    py: dict[int, float] = {}
+    for (i, j), v in joint.items():
+        px[i] = px.get(i, 0.0) + v / total
+        py[j] = py.get(j, 0.0) + v / total
+    want = sum(v / total * math.log((v / total) / (px[i] * py[j])) for (i, j), v in joint.items())
+    got = routing_mutual_information(ra, rb, "set")
+    assert got["mi"] == pytest.approx(want, abs=1e-12)
+    assert got["h_x"] == pytest.approx(-sum(p * math.log(p) for p in px.values()))

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from moelab.core import Routing
 from moelab.experts.bank import ExpertBank
 from moelab.kernels.cpu import skinny
 from moelab.kernels.cpu.small_batch import small_batch_forward
-from moelab.core import Routing
 
 
 def _cpu_flags() -> set[str]:

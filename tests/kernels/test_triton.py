@@ -22,9 +22,9 @@ import pytest
 import torch
 
 import moelab
+from moelab.core import Routing
 from moelab.experts.bank import ExpertBank
 from moelab.ops import get_executor, moe_reference, resolve_executor
-from moelab.core import Routing
 from moelab.routers.expert_choice import expert_choice
 
 if importlib.util.find_spec("triton") is None:

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import moelab
-from moelab.losses import load_balance, load_balance_seq, z
 from moelab.core import Router, Routing
+from moelab.losses import load_balance, load_balance_seq, z
 
 ROUTERS = ["topk", "sigmoid_topk", "expert_choice"]
 

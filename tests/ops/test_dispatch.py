@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moelab.ops import combine, dispatch
 from moelab.core import Routing
+from moelab.ops import combine, dispatch
 
 
 def _ragged(t, e, n, seed):

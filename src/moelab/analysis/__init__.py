@@ -1,13 +1,18 @@
-"""Routing analysis: metrics over traces, local routing consistency, caches, divergence, ARank.
+"""Routing analysis: metrics over traces, local routing consistency, caches, divergence, ARank, plots.
 
     import moelab.analysis as A
-    A.srp(topk_index, num_experts=8, segment_length=16)          # [T, k] one layer, token order
-    A.sch(topk_index, num_experts=8, segment_length=16, cache_size=4)
-    A.hit_rate_curve(topk_index, 8)                              # LRU / LFU / Belady / lookahead
     A.trace_metrics(trace)                                       # load, entropy, MI per layer
+    idx = trace.routing(trace.layers[0]).topk_index().view(B, S, k)   # [B, S, k]: one row per sequence
+    A.srp(idx, num_experts=8, segment_length=16)
+    A.sch(idx, num_experts=8, segment_length=16, cache_size=4)
+    A.hit_rate_curve(idx, 8)                                     # LRU / LFU / Belady / lookahead
+    A.plot_load(trace, "load.png")                               # matplotlib, imported on use
 
-``moelab analyze TARGET`` runs all of it on a model or a saved trace and writes a report.
-Definitions: ``docs/analysis.md``; one page per registered method in ``docs/methods/``.
+Per-sequence analyses (SRP, SCH, caches) read ``[B, S, k]`` or a list of ``[T_i, k]``: a flat
+``[B S, k]`` index is one long sequence to them. ``moelab analyze TARGET`` runs all of it on a
+model or a saved trace and writes a report. Definitions: ``docs/analysis.md``; one page per
+registered method in ``docs/methods/``. Importing this package imports neither matplotlib nor
+transformers.
 """
 
 from moelab.analysis.arank import arank_per_layer, attention_maps, attention_rank, capture_sdpa_attention
@@ -32,9 +37,7 @@ from moelab.analysis.crosslingual import (
     sequence_distribution,
 )
 from moelab.analysis.lrc import (
-    CI,
     SEGMENT_LENGTHS,
-    bootstrap_ci,
     sch,
     sch_ci,
     sch_curve,
@@ -43,7 +46,6 @@ from moelab.analysis.lrc import (
     srp_ci,
     srp_sequences,
     srp_stats,
-    topk_mask,
 )
 from moelab.analysis.metrics import (
     coactivation,
@@ -52,9 +54,13 @@ from moelab.analysis.metrics import (
     load_stats,
     router_entropy,
     routing_mutual_information,
+    routing_stats,
     top1_experts,
     trace_metrics,
 )
+from moelab.analysis.plots import plot_coactivation, plot_load, plot_mutual_information
+from moelab.analysis.sequences import split_sequences, topk_mask
+from moelab.analysis.stats import CI, bootstrap_ci
 from moelab.registry import register
 
 _LRC = "Liang et al. 2025, Local Routing Consistency of MoE (ljcleo/moe-lrc)"
@@ -132,15 +138,20 @@ __all__ = [
     "next_use_table",
     "normalized_js",
     "parallel_verses",
+    "plot_coactivation",
+    "plot_load",
+    "plot_mutual_information",
     "read_bible",
     "router_entropy",
     "routing_mutual_information",
+    "routing_stats",
     "sch",
     "sch_ci",
     "sch_curve",
     "sch_curves",
     "sequence_distribution",
     "simulate_cache",
+    "split_sequences",
     "srp",
     "srp_ci",
     "srp_sequences",

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from moelab.analysis.limits import require_dense
 from moelab.analysis.sequences import PAD, check_topk_index, nominal_k
+from moelab.core.routing import Routing
 
 POLICIES: tuple[str, ...] = ("lru", "lfu", "belady", "lookahead")
 DEFAULT_LOOKAHEAD = 8  # tokens; our choice (Read-ME does not fix a window for the cache)
@@ -97,10 +98,16 @@ def simulate_cache(
     policy: str = "lru",
     lookahead: int = DEFAULT_LOOKAHEAD,
 ) -> CacheResult:
-    """Simulate one layer's expert cache on ``topk_index [T, k]`` (token order). See the module doc."""
+    """Simulate one layer's expert cache on ``topk_index [T, k]`` (token order). See the module doc.
+
+    ``[B, T, k]`` is ``B`` sequences, each starting with an empty cache; their hits and requests
+    are summed (as ``hit_rate_curve`` pools them).
+    """
     idx = check_topk_index(topk_index, num_experts)
-    if idx.dim() != 2:
-        raise ValueError(f"topk_index must be [T, k] (one sequence), got shape {tuple(idx.shape)}")
+    if idx.dim() == 3:
+        parts = [simulate_cache(s, num_experts, cache_size, policy, lookahead) for s in idx.unbind(0)]
+        _check_policy(policy, lookahead)  # B = 0 runs no simulation to check it
+        return CacheResult(policy, cache_size, sum(r.hits for r in parts), sum(r.requests for r in parts))
     _check_policy(policy, lookahead)
     T = idx.shape[0]
     rows: list[list[int]] = [[e for e in row if e != PAD] for row in idx.tolist()]
@@ -176,7 +183,7 @@ def hit_rate_curve(
     padding, or sequences of different widths) to ``ragged_cache_sizes`` of the pooled requests.
     Returns ``{"cache_size": [...], policy: [hit rates]}``.
     """
-    if isinstance(sequences, Tensor):
+    if isinstance(sequences, (Tensor, Routing)):  # a Routing gets check_topk_index's how-to-cut error
         idx = check_topk_index(sequences, num_experts)
         seqs = [idx] if idx.dim() == 2 else list(idx.unbind(0))
     else:
@@ -226,24 +233,26 @@ def ragged_cache_sizes(experts_per_token: Tensor, num_experts: int) -> list[int]
 
 
 def lru(topk_index: Tensor, num_experts: int, cache_size: int) -> float:
-    """Hit rate of a least-recently-used expert cache (see the module doc)."""
+    """Hit rate of a least-recently-used expert cache on ``[T, k]`` or ``[B, T, k]`` (module doc)."""
     return simulate_cache(topk_index, num_experts, cache_size, "lru").hit_rate
 
 
 def lfu(topk_index: Tensor, num_experts: int, cache_size: int) -> float:
-    """Hit rate of a least-frequently-used expert cache (ties by LRU)."""
+    """Hit rate of a least-frequently-used expert cache (ties by LRU); ``[T, k]`` or ``[B, T, k]``."""
     return simulate_cache(topk_index, num_experts, cache_size, "lfu").hit_rate
 
 
 def belady(topk_index: Tensor, num_experts: int, cache_size: int) -> float:
-    """Hit rate of Belady's optimal cache (evicts the expert needed farthest in the future)."""
+    """Hit rate of Belady's optimal cache (evicts the expert needed farthest in the future);
+    ``[T, k]`` or ``[B, T, k]``."""
     return simulate_cache(topk_index, num_experts, cache_size, "belady").hit_rate
 
 
 def lookahead(
     topk_index: Tensor, num_experts: int, cache_size: int, window: int = DEFAULT_LOOKAHEAD
 ) -> float:
-    """Hit rate of a cache that sees the next ``window`` tokens' routing (pre-gating)."""
+    """Hit rate of a cache that sees the next ``window`` tokens' routing (pre-gating); ``[T, k]`` or
+    ``[B, T, k]``."""
     return simulate_cache(topk_index, num_experts, cache_size, "lookahead", window).hit_rate
 
 

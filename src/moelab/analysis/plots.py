@@ -69,10 +69,10 @@ def _expert_ticks(ax: Any, num_experts: int) -> None:
     if num_experts <= 16:
         ax.set_xticks(range(num_experts))
         ax.set_yticks(range(num_experts))
-        ax.tick_params(labelsize=6)
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(labelsize=6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,12 +320,17 @@ def report_figures(
     coact = [n for n in res["layers"] if res["coactivation"].get(n) is not None]
     if coact:
         shown = coact[:MAX_COACTIVATION_PANELS]
-        title = "" if len(shown) == len(res["layers"]) else f"first {len(shown)} of {len(res['layers'])} layers"
+        title = (
+            "" if len(shown) == len(res["layers"]) else f"first {len(shown)} of {len(res['layers'])} layers"
+        )
         mats = [torch.tensor(res["coactivation"][n], dtype=torch.float64) for n in shown]
         picked = [labels[res["layers"].index(n)] for n in shown]
         out["coactivation"] = (coactivation_figure(mats, picked, title), "coactivation.png")
     if len(res["layers"]) > 1:
-        out["mutual_information"] = (mutual_information_figure(res["metrics"], labels), "mutual_information.png")
+        out["mutual_information"] = (
+            mutual_information_figure(res["metrics"], labels),
+            "mutual_information.png",
+        )
     if any(res["srp"].values()):
         out["srp"] = (_srp_figure(res), "srp.png")
     if any(res["sch"].values()):

@@ -234,13 +234,16 @@ def _definitions(res: dict[str, Any], divergence: Any, arank: Any) -> tuple[str,
     return md, ht
 
 
-def _docs_link(out: Path) -> tuple[str, str]:
-    """A link to docs/analysis.md that works from ``out`` (a source checkout), else its name."""
+def docs_link(out: Path) -> tuple[str, str]:
+    """A link to docs/analysis.md that works from ``out``: relative inside the source checkout
+    (``runs/analyze/...``), a ``file://`` URI elsewhere; without a checkout, just the page's name."""
     if DOCS_PAGE.is_file():
-        rel = Path(os.path.relpath(DOCS_PAGE, out.resolve())).as_posix()
+        root, here = DOCS_PAGE.parents[1], out.resolve()
+        inside = here == root or root in here.parents
+        href = Path(os.path.relpath(DOCS_PAGE, here)).as_posix() if inside else DOCS_PAGE.as_uri()
         return (
-            f"Full definitions and sources: [docs/analysis.md]({rel}).",
-            f'<p>Full definitions and sources: <a href="{html.escape(rel)}">docs/analysis.md</a>.</p>',
+            f"Full definitions and sources: [docs/analysis.md]({href}).",
+            f'<p>Full definitions and sources: <a href="{html.escape(href)}">docs/analysis.md</a>.</p>',
         )
     text = "Full definitions and sources: `docs/analysis.md` in the moelab repository."
     return text, f"<p>{_inline_html(text)}</p>"
@@ -395,7 +398,9 @@ def write_report(
         add(
             "Skipped",
             "".join(f"- {n}: {why}\n" for n, why in skipped.items()),
-            "<ul>" + "".join(f"<li>{html.escape(n)}: {_inline_html(w)}</li>" for n, w in skipped.items()) + "</ul>",
+            "<ul>"
+            + "".join(f"<li>{html.escape(n)}: {_inline_html(w)}</li>" for n, w in skipped.items())
+            + "</ul>",
         )
     if divergence:
         md, ht = _table(
@@ -419,7 +424,7 @@ def write_report(
     intro += list(res.get("notes") or []) + list(notes or [])
     intro_md = "\n".join(f"- {x}" for x in intro if x)
     def_md, def_ht = _definitions(res, divergence, arank)
-    link_md, link_ht = _docs_link(out)
+    link_md, link_ht = docs_link(out)
     sections.insert(0, ("Definitions", f"{def_md}\n{link_md}\n", def_ht + link_ht))
     md_text = f"# {title}\n\n{intro_md}\n\n"
     md_text += "".join(f"## {h}\n\n{body}\n" for h, body, _ in sections)

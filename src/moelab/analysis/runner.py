@@ -23,10 +23,6 @@ from torch import Tensor, nn
 
 from moelab.core.routing import Routing
 from moelab.core.tracing import Trace, trace
-from moelab.data.tokenizers import ByteTokenizer
-
-# moelab.repro still imports this name; it is moelab.data's byte tokenizer.
-ByteTokens = ByteTokenizer
 
 
 class Tokenizer(Protocol):

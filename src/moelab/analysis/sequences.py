@@ -86,7 +86,7 @@ def as_sequences(topk_index: Tensor | Sequence[Tensor], num_experts: int) -> lis
 
     Sequences of a list narrower than the widest are padded with ``-1`` (no request) to its width.
     """
-    if isinstance(topk_index, Tensor):
+    if isinstance(topk_index, (Tensor, Routing)):  # a Routing gets check_topk_index's how-to-cut error
         idx = check_topk_index(topk_index, num_experts)
         return [idx] if idx.dim() == 2 else list(idx.unbind(0))
     if not isinstance(topk_index, Sequence) or len(topk_index) == 0:

@@ -91,9 +91,9 @@ def load_target(path: str | Path, tokenizer: str | None = None) -> Target:
 
 def _tokenizer_file(path: Path) -> Any:
     """A ``tokenizers`` JSON file (moelab's BPE checkpoints) as a ``moelab.data`` tokenizer."""
-    from moelab.data.tokenizers import BPETokenizer
+    from moelab.data.tokenizers import load_tokenizer
 
-    return BPETokenizer.from_file(path)
+    return load_tokenizer(path)
 
 
 def _byte_tokenizer() -> Any:
@@ -103,21 +103,15 @@ def _byte_tokenizer() -> Any:
 
 
 def _moelm_tokenizer(d: Path, vocab_size: int, override: str | None) -> Any:
+    """The tokenizer the checkpoint was trained with (``moelab.data``), unless ``--tokenizer``."""
+    from moelab.data.tokenizers import checkpoint_tokenizer
+
     if override is not None:
         return _override_tokenizer(override, vocab_size)
-    if (d / "tokenizer.json").is_file():
-        return _tokenizer_file(d / "tokenizer.json")
-    state = d / "trainer_state.json"
-    if state.is_file() and json.loads(state.read_text()).get("tokenizer") == "bpe":
-        raise ValueError(
-            f"{d} was trained with a BPE tokenizer but holds no tokenizer.json; pass --tokenizer PATH"
-        )
-    if vocab_size == 256:
-        return _byte_tokenizer()
-    raise ValueError(
-        f"{d}: vocab_size={vocab_size} is not the byte tokenizer's 256 and no tokenizer.json is present; "
-        "pass --tokenizer PATH/TO/tokenizer.json"
-    )
+    try:
+        return checkpoint_tokenizer(d, vocab_size)
+    except ValueError as e:
+        raise ValueError(f"{e}; pass --tokenizer PATH/TO/tokenizer.json") from None
 
 
 def _hf_tokenizer(d: Path, vocab_size: int, override: str | None) -> Any:
@@ -155,14 +149,16 @@ def _override_tokenizer(spec: str, vocab_size: int) -> Any:
 # the report directory
 # --------------------------------------------------------------------------------------------------
 def default_out_dir(target: str | Path) -> Path:
-    """``runs/analyze/<name>``, ``<name>`` the target's last three path components joined by ``-``
-    (a leading ``runs`` dropped, a file's suffix too): ``runs/demo/topk/final`` ->
-    ``runs/analyze/demo-topk-final``. Checkpoints all named ``final`` get distinct reports."""
+    """``runs/analyze/<name>``, ``<name>`` the target's last three path components (a file without
+    its suffix) joined by ``-``, counted after the last ``runs`` directory when there is one:
+    ``runs/demo/topk/final`` -> ``runs/analyze/demo-topk-final``. Checkpoints that are all named
+    ``final`` so get distinct reports."""
     p = Path(target).resolve()
-    parts = list(p.parent.parts[-2:]) + [p.stem if p.is_file() else p.name]
-    while len(parts) > 1 and parts[0] in ("runs", "/", ""):
-        parts = parts[1:]
-    return Path("runs") / "analyze" / "-".join(parts)
+    dirs = list(p.parent.parts)
+    if "runs" in dirs:
+        dirs = dirs[len(dirs) - dirs[::-1].index("runs") :]
+    parts = [d for d in dirs if d != p.anchor][-2:] + [p.stem if p.is_file() else p.name]
+    return Path("runs") / "analyze" / "-".join(parts[-3:])
 
 
 def prepare_out_dir(out_dir: Path, force: bool) -> None:
@@ -222,7 +218,14 @@ def analyze(
     refused unless ``force`` (``FileExistsError``).
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from moelab.analysis.arank import arank_per_layer
     from moelab.analysis.cache import DEFAULT_LOOKAHEAD
@@ -248,6 +251,8 @@ def analyze(
         BarColumn(bar_width=28),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
         console=console,
         disable=not progress,
     )
