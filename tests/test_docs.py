@@ -37,11 +37,15 @@ def test_docs_code_blocks_run(page, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     namespace: dict = {"__name__": "__docs__"}
-    for i, (code, why) in enumerate(blocks(page)):
-        if why is not None:
-            continue
-        try:
-            exec(compile(code, f"{page.name}[block {i}]", "exec"), namespace)
-        except Exception as e:  # name the page and block, keep the traceback
-            raise AssertionError(f"{page.relative_to(REPO)}, python block {i} fails: {e!r}") from e
+    threads = torch.get_num_threads()
+    try:
+        for i, (code, why) in enumerate(blocks(page)):
+            if why is not None:
+                continue
+            try:
+                exec(compile(code, f"{page.name}[block {i}]", "exec"), namespace)
+            except Exception as e:  # name the page and block, keep the traceback
+                raise AssertionError(f"{page.relative_to(REPO)}, python block {i} fails: {e!r}") from e
+    finally:
+        torch.set_num_threads(threads)  # a block may choose its own thread count
     assert os.getcwd() == str(tmp_path)

@@ -78,7 +78,8 @@ def test_compare_cli_writes_report_json_and_plots(tmp_path, texts):
         assert r["step"] == 4 and len(r["history"]["loss"]) == 4 and r["history"]["eval_step"] == [2, 4]
         assert len(r["load"]) == 2 and len(r["load"][0]) == 4
     topk, ec = data["routers"]["topk"], data["routers"]["expert_choice"]
-    assert topk["model_config"]["router_kwargs"] == {"capacity_factor": 1.25}  # the paper's setting
+    # the paper's setting, evaluated dropless (causal)
+    assert topk["model_config"]["router_kwargs"] == {"capacity_factor": 1.25, "eval_capacity_factor": None}
     assert ec["max_over_mean"] == pytest.approx(1.0)  # balanced by construction
     md = (out / "report.md").read_text()
     assert "| topk |" in md and "expert_choice*" in md and "![expert load](expert_load.png)" in md

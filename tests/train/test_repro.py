@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from moelab.repro.claims import BEGIN, END, LOSS_MARGIN, REPRODUCTIONS, run_repro, write_docs
+from moelab.repro.claims import LOSS_MARGIN, REPRODUCTIONS
+from moelab.repro.docs import BEGIN, END, write_docs
+from moelab.repro.runner import run_repro
 
 
 def row(val_loss, max_over_mean, z=1.0, max_abs_logit=1.0):
@@ -113,7 +115,14 @@ def test_lookahead_verdict_needs_a_margin():
 
 def test_locality_reproduction_runs_arms_with_their_own_architecture(tmp_path):
     model = {"d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "top_k": 2, "max_seq_len": 32}
-    train = {"steps": 2, "batch_size": 2, "seq_len": 32, "warmup_steps": 1, "eval_every": 2, "eval_batches": 1}
+    train = {
+        "steps": 2,
+        "batch_size": 2,
+        "seq_len": 32,
+        "warmup_steps": 1,
+        "eval_every": 2,
+        "eval_batches": 1,
+    }
     rec = run_repro(
         "lrc_architecture", seeds=[0], model=model, train=train, out=str(tmp_path), jobs=1, progress=False
     )
@@ -152,8 +161,17 @@ def test_multilingual_runner_on_synthetic_parallel_verses(tmp_path, monkeypatch)
                            f"la {words_es[i]} y la {words_es[i - 1]}"))  # fmt: skip
     monkeypatch.setattr(cl, "parallel_verses", lambda *a, **k: verses)
     model = {"d_model": 32, "n_heads": 2, "num_experts": 4, "top_k": 2}
-    train = {"steps": 2, "batch_size": 2, "seq_len": 32, "warmup_steps": 1, "eval_every": 2, "eval_batches": 1}
-    rec = run_repro("multilingual_u_shape", seeds=[0], model=model, train=train, out=str(tmp_path), progress=False)
+    train = {
+        "steps": 2,
+        "batch_size": 2,
+        "seq_len": 32,
+        "warmup_steps": 1,
+        "eval_every": 2,
+        "eval_batches": 1,
+    }
+    rec = run_repro(
+        "multilingual_u_shape", seeds=[0], model=model, train=train, out=str(tmp_path), progress=False
+    )
     row = rec["rows"]["bilingual"]
     assert row["layers"] == 8 and all(0 <= row[f"layer{i}"] <= 1 for i in range(8))
     assert isinstance(rec["holds"], bool) and "divergence by MoE layer" in rec["measured"]
@@ -175,7 +193,7 @@ def test_corpus_helpers_split_and_write(tmp_path):
 
 
 def test_a_claim_holds_only_on_every_seed():
-    from moelab.repro.claims import rejudge, verdict_text
+    from moelab.repro.docs import rejudge, verdict_text
 
     good, tie = row(1.9, 1.0), row(2.0, 1.4)
     rec = {
@@ -193,3 +211,26 @@ def test_a_claim_holds_only_on_every_seed():
     assert verdict_text({"holds": True, "seed_holds": [True, True]}) == "holds"
     assert verdict_text({"holds": False, "seed_holds": [False, False]}) == "**does not hold**"
     assert rejudge({"name": "unknown", "holds": True}) == {"name": "unknown", "holds": True}
+
+
+def test_repro_cli_checks_prerequisites_and_paths_before_training(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import moelab.repro.multilingual as ml
+    from moelab.cli import app
+    from moelab.repro.docs import docs_path
+
+    # the docs page is found from the package, whatever the current directory
+    monkeypatch.chdir(tmp_path)
+    assert docs_path().is_file() and docs_path().parent.name == "docs"
+    monkeypatch.setattr(ml, "bibles_missing", lambda: "the 'diatheke' program is not installed")
+    res = CliRunner().invoke(app, ["repro", "multilingual_u_shape", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1, res.output
+    assert "skip multilingual_u_shape: the 'diatheke' program is not installed" in res.output
+    assert "nothing to run" in res.output and not (tmp_path / "o" / "multilingual_u_shape").exists()
+    res = CliRunner().invoke(
+        app,
+        ["repro", "z", "--write-docs", "--docs", str(tmp_path / "missing.md"), "--out", str(tmp_path / "o")],
+    )
+    assert res.exit_code == 2 and "missing.md does not exist" in res.output
+    assert not (tmp_path / "o" / "z").exists()  # nothing trained

@@ -130,3 +130,26 @@ def test_eval_batches_are_fixed_and_spread_over_ranks():
     r0, r1 = (D.eval_batches(tokens, 10, 2, 6, rank=r, world_size=2) for r in (0, 1))
     assert len(r0) == len(r1) == 6
     assert all(torch.equal(f, torch.cat([a, b])) for f, a, b in zip(full, r0, r1, strict=True))
+
+
+def test_tokenizers_load_back_from_files_and_checkpoints(tmp_path, monkeypatch):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(20):
+        (folder / f"m{i}.py").write_text(f"def f_{i}(x):\n    return x + {i}\n" * 20)
+    monkeypatch.setenv("MOELAB_CACHE", str(tmp_path / "cache"))
+    bpe = D.load_data(folder, "bpe", bpe_vocab_size=300, val_fraction=0.2).tokenizer
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    bpe.tok.save(str(model_dir / "tokenizer.json"))
+    back = D.load_tokenizer(model_dir / "tokenizer.json")
+    assert back.encode("def f_3(x):") == bpe.encode("def f_3(x):") and back.vocab_size == bpe.vocab_size
+    assert D.checkpoint_tokenizer(model_dir, bpe.vocab_size).encode("x + 1") == bpe.encode("x + 1")
+    assert D.checkpoint_tokenizer(tmp_path, 256).encode("hé") == [104, 195, 169]  # bytes
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        D.checkpoint_tokenizer(tmp_path, 300)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        D.load_tokenizer(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a Hugging Face tokenizers JSON"):
+        D.load_tokenizer(tmp_path / "bad.json")

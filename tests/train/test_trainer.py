@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moelab.models import MoELM, MoELMConfig
 from moelab.data import load_data
+from moelab.models import MoELM, MoELMConfig
 from moelab.train.trainer import TrainConfig, Trainer, latest_checkpoint, lr_at
 
 

@@ -213,7 +213,9 @@ class TensorData:
 class TensorBatches(_EpochOrder):
     """Deterministic, resumable batches of ``TensorData``'s train rows (the order rule of ``Batches``)."""
 
-    def __init__(self, data: TensorData, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, data: TensorData, batch_size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1
+    ):
         self.data, self.batch_size = data, int(batch_size)
         super().__init__(data.train_tensors[0].shape[0], seed, rank, world_size)
 

@@ -194,4 +194,3 @@ def load_hf_corpus(spec: str, *, val_fraction: float = 0.05, text_field: str = "
             (f"{val_split}/{i}", r[text_field].encode("utf-8")) for i, r in enumerate(ds[val_split])
         ]
     return corpus
-

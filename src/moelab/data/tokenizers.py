@@ -132,7 +132,6 @@ def get_tokenizer(name: str, corpus: Corpus | None = None, vocab_size: int = 409
     raise ValueError(f"tokenizer must be 'bytes' or 'bpe', got {name!r}")
 
 
-
 def load_tokenizer(path: str | Path) -> BPETokenizer:
     """A Hugging Face ``tokenizers`` JSON file (``tokenizer.json``) as a ``BPETokenizer``.
 

@@ -3,24 +3,21 @@
 A reproduction is a small ``moelab compare`` whose arms differ in exactly the thing a paper
 claims matters (a loss on or off, a balancing rule, a router), plus a rule that turns the
 measured numbers into a verdict. Every arm shares the model shape, the data, the step budget and
-the seed, and runs with the demo's model (``moelab.train.commands.DEMO``) unless overridden.
+the seed, and runs with the demo's model (``moelab.train.settings.DEMO``) unless overridden.
 
 Verdicts are ``holds`` (the rule holds on the seed mean *and* on every seed), ``mixed`` (it holds
 on some seeds only) or ``does not hold``. With a few hundred steps a small loss gap is noise: loss
-comparisons therefore allow a margin (``LOSS_MARGIN``) and each verdict says what it compared. ``--write-docs`` records the rows in ``docs/reproductions.md``.
+comparisons therefore allow a margin (``LOSS_MARGIN``) and each verdict says what it compared.
+
+This module holds the claims (``REPRODUCTIONS``); ``moelab.repro.runner`` runs them and
+``moelab.repro.docs`` records them in ``docs/reproductions.md`` (``--write-docs``).
 """
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-from moelab.analysis.locality import KEYS as LOCALITY_KEYS
-from moelab.train.compare import CompareSettings, _mean, run_compare
 
 # Val-loss differences below this (nats/token) are treated as a tie: at the demo budget the
 # seed-to-seed spread of one arm is about 0.02-0.05 (measured: docs/reproductions.md).
@@ -49,8 +46,12 @@ class Reproduction:
     model: dict[str, Any] = field(default_factory=dict)  # MoELMConfig overrides for every arm
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides, e.g. locality
     # A reproduction that is not a ``moelab compare`` (other data, other measurements):
-    # ``runner(seed=, model=, train=, out=) -> Rows``; ``arms`` then only documents what it trains.
+    # ``runner(seed=, model=, train=, out=, progress=, console=) -> Rows``; ``arms`` then only
+    # documents what it trains.
     runner: Callable[..., Rows] | None = None
+    # ``requires() -> None`` when the machine has what the reproduction needs, else why not
+    # (checked before anything trains; ``moelab repro`` skips it with that message).
+    requires: Callable[[], str | None] | None = None
 
 
 def _f(x: float) -> str:
@@ -152,48 +153,16 @@ def _verdict_multilingual(r: Rows) -> tuple[bool, str]:
     )
 
 
-def _run_multilingual(*, seed: int, model: dict[str, Any], train: dict[str, Any], out: Path) -> Rows:
-    """Train a byte-level MoELM on verse-aligned English + Spanish Bibles, then measure the
-    entropy-normalised JS divergence of each MoE layer between held-out parallel verses."""
-    from moelab.analysis.crosslingual import (
-        crosslingual_divergence,
-        parallel_verses,
-        split_parallel,
-        write_bilingual_corpus,
-    )
-    from moelab.analysis.runner import ByteTokens, sentence_routings
-    from moelab.models.config import MoELMConfig
-    from moelab.train.trainer import TrainConfig, Trainer
+def _run_multilingual(**kwargs: Any) -> Rows:
+    from moelab.repro.multilingual import run_bilingual
 
-    verses = parallel_verses()  # DiathekeError (with the apt packages to install) when absent
-    train_v, held = split_parallel(verses, 50)
-    data_dir = write_bilingual_corpus(train_v, out / "data")
-    arm = MULTILINGUAL_ARM
-    mcfg = MoELMConfig.from_dict(
-        {
-            **model,
-            **arm.model,
-            "router": arm.router,
-            "router_kwargs": arm.router_kwargs,
-            "aux_losses": arm.aux_losses,
-        }
-    )
-    tcfg = TrainConfig.from_dict({**train, "seed": seed, "data": str(data_dir), "tokenizer": "bytes"})
-    trainer = Trainer(mcfg, tcfg, None, progress=False)
-    res = trainer.train()
-    test = held[:MULTILINGUAL_PAIRS]
-    tok = ByteTokens()
-    max_len = mcfg.max_seq_len
-    ra = sentence_routings(trainer.model, tok, [en for _, en, _ in test], max_len)
-    rb = sentence_routings(trainer.model, tok, [es for _, _, es in test], max_len)
-    rows = crosslingual_divergence(ra, rb, n_boot=200, seed=seed)
-    return {
-        "bilingual": {
-            "val_loss": res.val_loss,
-            "layers": float(len(rows)),
-            **{f"layer{i}": float(r["divergence"]) for i, r in enumerate(rows)},
-        }
-    }
+    return run_bilingual(MULTILINGUAL_ARM, MULTILINGUAL_PAIRS, **kwargs)
+
+
+def _bibles_missing() -> str | None:
+    from moelab.repro.multilingual import bibles_missing
+
+    return bibles_missing()
 
 
 # The multilingual reproduction's model: deeper than the demo's (a U over 4 layers is hard to
@@ -301,7 +270,15 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                 "Knowing upcoming tokens' experts (pre-gating) lets an expert cache evict better than LRU "
                 "on the same routing."
             ),
-            arms={"topk": Arm("topk", {"capacity_factor": 1.25}, {"load_balance": 1e-2, "z": 1e-3})},
+            # capacity 1.25 in training *and* at eval, as when the recorded row was measured
+            # (the paper settings now evaluate topk dropless)
+            arms={
+                "topk": Arm(
+                    "topk",
+                    {"capacity_factor": 1.25, "eval_capacity_factor": "same"},
+                    {"load_balance": 1e-2, "z": 1e-3},
+                )
+            },
             train=_LOCALITY,
             verdict=_verdict_lookahead,
         ),
@@ -316,160 +293,7 @@ REPRODUCTIONS: dict[str, Reproduction] = {
             arms={"bilingual": MULTILINGUAL_ARM},
             verdict=_verdict_multilingual,
             runner=_run_multilingual,
+            requires=_bibles_missing,
         ),
     ]
 }
-
-METRICS = ("val_loss", "max_over_mean", "drop_rate", "entropy", "z", "max_abs_logit")
-
-
-def _arm_rows(summary: dict[str, Any]) -> Rows:
-    """Each arm's numbers; with ``TrainConfig.locality``, also the means over MoE layers of
-    ``moelab.analysis.locality.KEYS`` (SRP, SCH, cache hit rates)."""
-    rows = {}
-    for label, r in summary["routers"].items():
-        rows[label] = {
-            "val_loss": float(r["val_loss"]),
-            "max_over_mean": float(r["max_over_mean"]),
-            "drop_rate": float(r["drop_rate"]),
-            "entropy": float(r["entropy"]),
-            "z": _mean(r["routing"], "z"),
-            "max_abs_logit": _mean(r["routing"], "max_abs_logit"),
-        }
-        if r.get("locality"):
-            rows[label].update({key: _mean(r["locality"], key) for key in LOCALITY_KEYS})
-    return rows
-
-
-def settings_for(
-    rep: Reproduction, *, seed: int, model: dict[str, Any], train: dict[str, Any], out: str
-) -> CompareSettings:
-    """The ``CompareSettings`` of one seed of ``rep``: one labelled arm per variant."""
-    return CompareSettings(
-        routers=list(rep.arms),
-        variants={label: arm.router for label, arm in rep.arms.items()},
-        name=f"{rep.name}/seed{seed}",
-        out=out,
-        model={**model, **rep.model},
-        model_overrides={label: dict(arm.model) for label, arm in rep.arms.items() if arm.model},
-        train={**train, **rep.train, "seed": seed},
-        router_kwargs={label: dict(arm.router_kwargs) for label, arm in rep.arms.items()},
-        aux_losses={label: dict(arm.aux_losses) for label, arm in rep.arms.items()},
-        save_models=False,
-    )
-
-
-def run_repro(
-    name: str,
-    *,
-    seeds: list[int],
-    model: dict[str, Any],
-    train: dict[str, Any],
-    out: str = "runs/repro",
-    jobs: int | None = None,
-    progress: bool = True,
-    console: Any = None,
-) -> dict[str, Any]:
-    """Run every arm of reproduction ``name`` for each seed; average; judge. Returns a record."""
-    if name not in REPRODUCTIONS:
-        raise ValueError(f"unknown reproduction {name!r}; known: {sorted(REPRODUCTIONS)}")
-    if not seeds:
-        raise ValueError("seeds must name at least one seed")
-    rep = REPRODUCTIONS[name]
-    t0 = time.perf_counter()
-    per_seed = []
-    for seed in seeds:
-        if rep.runner is not None:
-            arm_out = Path(out) / rep.name / f"seed{seed}"
-            per_seed.append(rep.runner(seed=seed, model={**model, **rep.model}, train=train, out=arm_out))
-            continue
-        s = settings_for(rep, seed=seed, model=model, train=train, out=out)
-        per_seed.append(_arm_rows(run_compare(s, jobs=jobs, progress=progress, console=console)))
-    rows = {
-        label: {m: sum(p[label][m] for p in per_seed) / len(per_seed) for m in per_seed[0][label]}
-        for label in rep.arms
-    }
-    holds, measured = rep.verdict(rows)
-    seed_holds = [rep.verdict(p)[0] for p in per_seed]
-    record = {
-        "name": rep.name,
-        "method": rep.method,
-        "paper": rep.paper,
-        "claim": rep.claim,
-        "holds": holds and all(seed_holds),  # on the seed mean and on every seed
-        "seed_holds": seed_holds,
-        "measured": measured,
-        "seeds": seeds,
-        "steps": train.get("steps"),
-        "arms": {
-            label: {
-                "router": a.router,
-                "router_kwargs": a.router_kwargs,
-                "aux_losses": a.aux_losses,
-                "model": {**rep.model, **a.model},
-            }
-            for label, a in rep.arms.items()
-        },
-        "rows": rows,
-        "per_seed": per_seed,
-        "wall_time_s": time.perf_counter() - t0,
-    }
-    path = Path(out) / rep.name / "repro.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1, default=lambda o: None) + "\n")
-    return record
-
-
-BEGIN, END = "<!-- repro:begin -->", "<!-- repro:end -->"
-
-
-def rejudge(record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` with ``holds`` / ``seed_holds`` recomputed from its per-seed rows under the
-    current rule (records written before the per-seed rule existed are brought up to date)."""
-    rep = REPRODUCTIONS.get(record.get("name", ""))
-    if rep is None or not record.get("per_seed") or not record.get("rows"):
-        return record
-    seed_holds = [rep.verdict(p)[0] for p in record["per_seed"]]
-    return {**record, "holds": rep.verdict(record["rows"])[0] and all(seed_holds), "seed_holds": seed_holds}
-
-
-def verdict_text(record: dict[str, Any]) -> str:
-    """``holds`` (on the seed mean and on every seed), ``mixed`` (on some seeds) or ``does not hold``."""
-    seeds = record.get("seed_holds") or []
-    if record["holds"]:
-        return "holds"
-    if any(seeds):
-        return f"**mixed**: holds on {sum(seeds)} of {len(seeds)} seeds"
-    return "**does not hold**"
-
-
-def render_rows(records: dict[str, dict[str, Any]]) -> str:
-    lines = [
-        "| reproduction | method | paper | claim | measured | verdict | seeds x steps |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name in sorted(records):
-        r = records[name]
-        verdict = verdict_text(r)
-        lines.append(
-            f"| `{name}` | [{r['method']}](methods/{r['method']}.md) | {r['paper']} | {r['claim']} | "
-            f"{r['measured']} | {verdict} | {len(r['seeds'])} x {r['steps']} |"
-        )
-    return "\n".join(lines)
-
-
-def write_docs(records: dict[str, dict[str, Any]], doc: str | Path = "docs/reproductions.md") -> Path:
-    """Merge ``records`` into ``docs/reproductions.json`` and rewrite the table in the markdown page."""
-    doc = Path(doc)
-    store = doc.with_suffix(".json")
-    known = json.loads(store.read_text()) if store.exists() else {}
-    known.update(records)
-    known = {name: rejudge({"name": name, **r}) for name, r in known.items()}
-    store.write_text(json.dumps(known, indent=1, default=lambda o: None) + "\n")
-    text = doc.read_text() if doc.exists() else f"# Reproductions\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{doc} lacks the {BEGIN} ... {END} markers that delimit the generated table")
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    doc.write_text(f"{head}{BEGIN}\n{render_rows(known)}\n{END}{tail}")
-    return doc

@@ -73,6 +73,32 @@ def run_dir_of(path: str | Path) -> Path | None:
     return None
 
 
+def resume_path(resume: bool | str | Path | None, out_dir: Path | None) -> Path | None:
+    """The checkpoint a run should resume from (``Trainer.train``'s ``resume`` rules), or None.
+
+    ``False``: none, and an ``out_dir`` already holding checkpoints is refused rather than mixed
+    with a new run. ``True``: the newest under ``out_dir`` (an error when there is none).
+    ``"auto"``: the newest if any. A path: the newest under it (an error when there is none).
+    """
+    if resume is False or resume is None:
+        existing = latest_checkpoint(out_dir) if out_dir is not None and out_dir.is_dir() else None
+        if existing is not None:
+            raise FileExistsError(
+                f"{out_dir} already holds checkpoints (newest: {existing.name}); resume=True (--resume) "
+                "continues that run, or choose another out_dir"
+            )
+        return None
+    if resume is True or resume == "auto":
+        if out_dir is None:
+            raise ValueError("resume=True needs the trainer's out_dir (or pass a checkpoint path)")
+        if resume == "auto" and latest_checkpoint(out_dir) is None:
+            return None
+        return find_checkpoint(out_dir)
+    if not isinstance(resume, (str, Path)):
+        raise TypeError(f"resume must be a bool, 'auto' or a path, got {type(resume).__name__}")
+    return find_checkpoint(resume)
+
+
 def read_state(checkpoint: str | Path) -> dict[str, Any]:
     """A checkpoint's ``trainer_state.json``."""
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
@@ -240,6 +266,41 @@ def write_checkpoint(
     return final
 
 
+def check_compatible(
+    directory: str | Path, *, model: nn.Module, train_config: dict[str, Any], world_size: int
+) -> dict[str, Any]:
+    """The checkpoint's ``trainer_state.json`` after checking that ``model``, ``train_config``
+    and ``world_size`` can resume from it. Each error names only the fields that differ."""
+    from moelab.train.config import RESUME_MAY_CHANGE, config_diff
+
+    d = Path(directory)
+    state = read_state(d)
+    if is_moelm(model) and (d / "config.json").is_file():
+        from moelab.models.config import MoELMConfig
+
+        saved = MoELMConfig.from_json(d / "config.json").to_dict()
+        diff, what = config_diff(saved, model.config.to_dict()), "model config"
+    else:
+        diff = signature_diff(state["model"], model_signature(model)) if "model" in state else []
+        what = "model"
+    if diff:
+        raise ValueError(
+            f"checkpoint {d} was written for a different {what} (saved -> now): " + "; ".join(diff)
+        )
+    diff = config_diff(state["train_config"], train_config, ignore=RESUME_MAY_CHANGE)
+    if diff:
+        raise ValueError(
+            f"checkpoint {d} was written with another train config (saved -> now): {'; '.join(diff)}. "
+            f"Only {', '.join(sorted(RESUME_MAY_CHANGE))} may change on resume"
+        )
+    if state["world_size"] != world_size:
+        raise ValueError(
+            f"checkpoint {d} was written with world_size={state['world_size']}; resuming with "
+            f"{world_size} would change the data order (use the same number of processes)"
+        )
+    return state
+
+
 def read_checkpoint(
     directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device | str
 ) -> dict[str, Any]:
@@ -247,6 +308,8 @@ def read_checkpoint(
     d = Path(directory)
     state = read_state(d)
     load_weights(model, d, device)
-    optimizer.load_state_dict(optimizer_from_safe(load_file(str(d / "optimizer.safetensors")), state["optimizer"]))
+    optimizer.load_state_dict(
+        optimizer_from_safe(load_file(str(d / "optimizer.safetensors")), state["optimizer"])
+    )
     set_rng_state(load_file(str(d / "rng.safetensors")), state["rng"])
     return state

@@ -9,7 +9,16 @@ from typing import Any
 # Fields a resumed run may change: they decide how long to go on, how often to look, where to
 # run and how many threads to use, not which weights the steps produce.
 RESUME_MAY_CHANGE = frozenset(
-    {"steps", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints", "log_every", "device", "threads"}
+    {
+        "steps",
+        "eval_every",
+        "eval_batches",
+        "ckpt_every",
+        "keep_checkpoints",
+        "log_every",
+        "device",
+        "threads",
+    }
 )
 
 
@@ -106,7 +115,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return lo + 0.5 * (cfg.lr - lo) * (1.0 + math.cos(math.pi * progress))
 
 
-def config_diff(saved: dict[str, Any], current: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
+def config_diff(
+    saved: dict[str, Any], current: dict[str, Any], ignore: frozenset[str] = frozenset()
+) -> list[str]:
     """``["seed: 0 -> 1", ...]``: the fields whose values differ (``saved -> current``), sorted."""
     out = []
     for key in sorted(set(saved) | set(current)):

@@ -27,6 +27,32 @@ def model_routers(model: nn.Module) -> list[tuple[str, Router]]:
     return out
 
 
+def val_routing(
+    tr: Any, lengths: list[int], layers: dict[str, nn.Module], *, locality: bool = False
+) -> dict[str, Any]:
+    """What a trainer reports of a val-set ``Trace``: ``routing`` (``Trace.summary``, i.e.
+    ``moelab.core.stats.routing_stats`` per layer), ``load`` (``[layers][E]`` load / mean load),
+    ``no_expert_rate`` (share of tokens no expert processed) and, with ``locality``, each layer's
+    ``moelab.analysis.locality.layer_locality`` on the val windows of ``lengths`` tokens."""
+    load, no_expert, ntok = [], 0, 0
+    for name in tr.layers:
+        r = tr.routing(name)
+        counts = r.tokens_per_expert().double()
+        load.append((counts / counts.mean().clamp_min(1e-12)).tolist())
+        no_expert += int((r.experts_per_token() == 0).sum())
+        ntok += r.num_tokens
+    res: dict[str, Any] = {"routing": tr.summary(), "load": load, "no_expert_rate": no_expert / max(ntok, 1)}
+    if locality:
+        from moelab.analysis.locality import layer_locality
+
+        # k: the layer's top_k, so that capacity drops do not shrink the simulated caches
+        res["locality"] = [
+            {"layer": n, **layer_locality(tr.routing(n), lengths, k=getattr(layers.get(n), "top_k", None))}
+            for n in tr.layers
+        ]
+    return res
+
+
 def causal_at_eval(model: nn.Module) -> bool:
     """Whether every router of ``model`` routes each token by itself in eval mode (``Router.causal_at_eval``)."""
     return all(r.causal_at_eval for _, r in model_routers(model))

@@ -55,7 +55,9 @@ class RunProgress:
     evaluation), ``finish(label, val_loss)`` when it ends. Use it as a context manager.
     """
 
-    def __init__(self, console: Any = None, *, enabled: bool = True, throughput: str = "tok/s (wall)") -> None:
+    def __init__(
+        self, console: Any = None, *, enabled: bool = True, throughput: str = "tok/s (wall)"
+    ) -> None:
         from rich.console import Console
 
         self.console = console if console is not None else Console()
@@ -95,13 +97,15 @@ class RunProgress:
     def print(self, text: str) -> None:
         """A message above the bars (or a plain line)."""
         if self.enabled:
-            self.console.print(text, highlight=False, markup=False)
+            self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def add(self, label: str, total: int, completed: int = 0) -> None:
         arm = _Arm(total=int(total), start_step=int(completed), step=int(completed))
         self.arms[label] = arm
         if self.bar is not None:
-            arm.task = self.bar.add_task(label, total=total, completed=completed, loss="-", val="-", tps="-", imb="-")
+            arm.task = self.bar.add_task(
+                label, total=total, completed=completed, loss="-", val="-", tps="-", imb="-"
+            )
         elif self.enabled:
             start = f" from step {completed}" if completed else ""
             self.print(f"{label}: training {total} steps{start}")

@@ -2,17 +2,19 @@
 
 PyTorch starts with one intra-op thread per core it can see. For the small models moelab trains
 (d_model 128, batches of 2k tokens) the matrices are too small to split well, and on a shared or
-busy machine extra threads mostly wait on each other: measured on a 2-core machine, 20 steps of
-the demo model took 7.0-7.5 s with one thread and 22-38 s with two (docs/training.md). So a run
-uses ``DEFAULT_THREADS`` per process unless told otherwise (``--threads``,
-``TrainConfig.threads``), and parallel ``compare`` workers use one each.
+busy machine extra threads mostly wait on each other. Measured on a 2-core machine with other
+work running (load average 0.9-2.0), 20 training steps of the demo model took 6.9-7.6 s with one
+thread (6 runs) and 5.4-37.6 s with two (6 runs: 5.4, 8.8, 19.3, 21.5, 22.3, 37.6 s): two threads
+win by 1.3x at best on an idle moment and lose up to 5x when another process competes. So a
+run uses ``DEFAULT_THREADS`` per process unless told otherwise (``--threads``,
+``TrainConfig.threads``), and parallel ``compare`` workers use one each (docs/training.md).
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 DEFAULT_THREADS = 1

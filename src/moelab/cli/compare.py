@@ -1,0 +1,132 @@
+"""``moelab compare``: the same MoELM trained with several routers, one table and a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moelab.cli.options import (
+    fail,
+    make_console,
+    parse_aux_losses,
+    parse_router_args,
+    parse_routers,
+    warn_load,
+)
+from moelab.train.settings import DEFAULT_ROUTERS, DEMO
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``moelab compare`` to ``app``."""
+
+    @app.command("compare")
+    def compare_cmd(
+        routers: Annotated[
+            str,
+            typer.Option(
+                help="comma-separated router names; LABEL=ROUTER runs a router under its own label, "
+                "so one router can appear twice with different --router-arg LABEL.ARG=VALUE"
+            ),
+        ] = ",".join(DEFAULT_ROUTERS),
+        steps: Annotated[int, typer.Option(help="optimizer steps per router")] = DEMO["steps"],
+        seed: Annotated[int, typer.Option(help="seed for init, data order and every RNG")] = 0,
+        name: Annotated[str, typer.Option(help="run name: outputs go to OUT/NAME/")] = "compare",
+        out: Annotated[Path, typer.Option(help="output root")] = Path("runs"),
+        d_model: Annotated[int, typer.Option("--d-model")] = DEMO["d_model"],
+        layers: Annotated[int, typer.Option()] = DEMO["layers"],
+        heads: Annotated[int, typer.Option()] = DEMO["heads"],
+        experts: Annotated[int, typer.Option()] = DEMO["experts"],
+        top_k: Annotated[int, typer.Option("--top-k")] = DEMO["top_k"],
+        moe_every: Annotated[int, typer.Option(help="MoE FFN on every n-th layer, dense elsewhere")] = 1,
+        seq_len: Annotated[int, typer.Option()] = DEMO["seq_len"],
+        batch_size: Annotated[int, typer.Option()] = DEMO["batch_size"],
+        lr: Annotated[float, typer.Option(help="peak learning rate")] = DEMO["lr"],
+        warmup: Annotated[int, typer.Option(help="warmup steps")] = DEMO["warmup"],
+        eval_every: Annotated[int, typer.Option()] = DEMO["eval_every"],
+        eval_batches: Annotated[int, typer.Option()] = DEMO["eval_batches"],
+        data: Annotated[
+            str, typer.Option(help="'stdlib', text files/folders (comma-separated) or hf:NAME")
+        ] = "stdlib",
+        tokenizer: Annotated[str, typer.Option(help="bytes or bpe")] = "bytes",
+        router_arg: Annotated[
+            list[str] | None,
+            typer.Option(help="ROUTER.ARG=VALUE over the paper settings, e.g. topk.capacity_factor=null"),
+        ] = None,
+        aux_loss: Annotated[
+            list[str] | None,
+            typer.Option(
+                help="NAME=COEF (every arm) or ARM.NAME=COEF over the paper's auxiliary losses; "
+                "0 removes a loss, 'none' / 'ARM.none' all of them"
+            ),
+        ] = None,
+        jobs: Annotated[
+            int | None, typer.Option(help="routers trained in parallel (default: all on CPU, 1 on GPU)")
+        ] = None,
+        threads: Annotated[
+            int,
+            typer.Option(
+                help="PyTorch threads per arm (0: the default, 1: measured fastest for these sizes)"
+            ),
+        ] = 0,
+        bf16: Annotated[bool, typer.Option(help="bf16 autocast")] = False,
+        device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
+        save_models: Annotated[bool, typer.Option(help="keep each router's final model")] = True,
+        progress: Annotated[
+            bool, typer.Option(help="progress bars (a line per eval when not a terminal)")
+        ] = True,
+    ) -> None:
+        """Train the same MoELM with each router (same data, budget, seed) and compare them."""
+        console = make_console()
+        labels, variants = parse_routers(routers)
+        from moelab.train.compare import CompareSettings, default_jobs, print_table, run_compare
+
+        settings = CompareSettings(
+            routers=labels,
+            variants=variants,
+            name=name,
+            out=str(out),
+            model={
+                "d_model": d_model,
+                "n_layers": layers,
+                "n_heads": heads,
+                "num_experts": experts,
+                "top_k": top_k,
+                "moe_every": moe_every,
+                "max_seq_len": seq_len,
+            },
+            train={
+                "steps": steps,
+                "batch_size": batch_size,
+                "seq_len": seq_len,
+                "lr": lr,
+                "warmup_steps": min(warmup, steps),
+                "eval_every": eval_every,
+                "eval_batches": eval_batches,
+                "seed": seed,
+                "data": data,
+                "tokenizer": tokenizer,
+                "bf16": bf16,
+                "device": device,
+                "threads": threads,
+            },
+            router_kwargs=parse_router_args(router_arg),
+            aux_overrides=parse_aux_losses(aux_loss, prefixed=True),
+            save_models=save_models,
+        )
+        unknown = sorted(set(settings.aux_overrides) - {""} - set(labels))
+        if unknown:
+            fail(console, f"--aux-loss names arm(s) {unknown} that are not among --routers {labels}")
+        try:
+            warn_load(console, jobs or default_jobs(settings))
+            summary = run_compare(settings, jobs=jobs, progress=progress, console=console, echo=True)
+        except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+            fail(console, str(e))
+        print_table(summary, console)
+        out_dir = Path(settings.out) / settings.name
+        console.print(
+            f"wrote {out_dir}/report.md, results.json, loss_curves.png, expert_load.png "
+            f"(wall time {summary['wall_time_s']:.0f} s)",
+            highlight=False,
+        )

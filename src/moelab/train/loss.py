@@ -1,0 +1,92 @@
+"""Loss functions for ``moelab.train.Trainer``: ``loss_fn(model, batch) -> (loss, metrics)``.
+
+``loss`` is back-propagated. ``metrics`` may hold, by name:
+
+- ``task_loss``: the loss without auxiliary terms; the trainer logs it and averages it for the val
+  loss (default: ``loss``);
+- ``aux_loss``: the auxiliary (routing) losses, logged;
+- ``count``: the weight of this batch in the val mean (default: its number of rows);
+- ``tokens``: what throughput counts (default: its number of rows).
+
+A ``loss_fn`` that takes a ``step`` keyword gets the optimizer step (schedules, ``RoutingContext``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moelab.core.context import RoutingContext
+
+# ``loss_fn(model, batch) -> (loss, metrics)``; it may also take ``step=`` (the optimizer step).
+LossFn = Callable[..., tuple[Tensor, dict[str, Any]]]
+
+
+def accepts(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def lm_loss(model: nn.Module, batch: Tensor, *, step: int | None = None) -> tuple[Tensor, dict[str, Any]]:
+    """The default loss: a language model called as ``model(ids, labels=ids)`` that returns an
+    object with ``.loss`` (``MoELM``; a transformers causal LM). ``batch``: ``[B, S]`` token ids.
+
+    Metrics: ``task_loss`` (``.ce_loss`` when the output has it, the next-token cross-entropy
+    without auxiliary losses), ``aux_loss``, ``count`` (the ``B * (S - 1)`` predicted tokens
+    that weight the val mean) and ``tokens`` (``B * S``, for throughput). A model whose
+    ``forward`` takes ``ctx`` gets ``RoutingContext(step=step)``.
+    """
+    if not isinstance(batch, Tensor) or batch.dim() != 2:
+        got = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
+        raise TypeError(f"lm_loss (the default loss_fn) takes [B, S] token ids, got {got}; pass loss_fn=")
+    inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    kwargs = {"ctx": RoutingContext(step=step)} if accepts(inner.forward, "ctx") else {}
+    out = model(batch, labels=batch, **kwargs)
+    loss = getattr(out, "loss", None)
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            f"lm_loss (the default loss_fn) needs model(ids, labels=ids) to return an object with a .loss "
+            f"tensor; {type(inner).__name__} returned {type(out).__name__}: pass loss_fn=(model, batch) -> (loss, metrics)"
+        )
+    ce = getattr(out, "ce_loss", None)
+    b, s = batch.shape
+    metrics: dict[str, Any] = {
+        "task_loss": ce if ce is not None else loss,
+        "count": b * (s - 1),
+        "tokens": b * s,
+    }
+    aux = getattr(out, "aux_loss", None)
+    if aux is not None:
+        metrics["aux_loss"] = aux
+    return loss, metrics
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def batch_len(batch: Any) -> int:
+    first = (
+        batch[0]
+        if isinstance(batch, (tuple, list))
+        else next(iter(batch.values()))
+        if isinstance(batch, dict)
+        else batch
+    )
+    return int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else 1
+
+
+def scalar(x: Any) -> float:
+    return float(x.detach()) if isinstance(x, Tensor) else float(x)

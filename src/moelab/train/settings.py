@@ -1,0 +1,112 @@
+"""The paper settings of each router and the demo's defaults: one source for ``moelab train``,
+``moelab compare`` and ``moelab repro``. Torch-free (the command line reads it at start-up).
+
+An arm's effective settings: the paper's router kwargs, then the user's (``--router-arg``); the
+paper's auxiliary losses, replaced by an explicit set (``CompareSettings.aux_losses``) and then
+adjusted by ``--aux-loss NAME=COEF`` (``COEF`` 0 removes a loss). Routers without an entry run
+with their own defaults and ``MoELMConfig``'s default losses.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+# The demo (`make demo` = `moelab compare --name demo`): chosen so that the three default
+# routers train in about 2 minutes on 2 CPU cores and still differ visibly; see
+# docs/quickstart.md ("What the demo prints") for the reasoning.
+DEMO: dict[str, Any] = {
+    "steps": 250,
+    "d_model": 128,
+    "layers": 4,
+    "heads": 4,
+    "experts": 8,
+    "top_k": 2,
+    "seq_len": 128,
+    "batch_size": 16,
+    "lr": 3e-3,
+    "warmup": 30,
+    "eval_every": 50,
+    "eval_batches": 8,
+}
+DEFAULT_ROUTERS = ("topk", "sigmoid_topk", "expert_choice")
+
+# Per-router settings from each paper; anything else uses the router's and the model's defaults.
+PAPER_SETTINGS: dict[str, dict[str, Any]] = {
+    "topk": {
+        # Switch Transformer trains at capacity factor 1.25 with a load-balance loss of 1e-2;
+        # ST-MoE adds the router z-loss (1e-3). Switch evaluates at cf 2.0; we evaluate dropless
+        # (our choice): a capacity limit at evaluation lets later tokens evict earlier ones, so
+        # the val loss would not be a causal language-model loss (docs/quickstart.md).
+        "router_kwargs": {"capacity_factor": 1.25, "eval_capacity_factor": None},
+        "aux_losses": {"load_balance": 1e-2, "z": 1e-3},
+        "source": "Switch Transformer (cf 1.25, load balance 1e-2) + ST-MoE (z 1e-3); dropless at eval (ours)",
+    },
+    "sigmoid_topk": {
+        # DeepSeek-V3: dropless, aux-loss-free bias balancing plus a tiny sequence-wise loss.
+        "router_kwargs": {},
+        "aux_losses": {"load_balance_seq": 1e-4},
+        "source": "DeepSeek-V3 (bias balancing, sequence-wise loss 1e-4, dropless)",
+    },
+    "expert_choice": {
+        # Expert choice: capacity factor c = 2 (= top_k), balanced by construction, no aux loss.
+        "router_kwargs": {},
+        "aux_losses": {},
+        "source": "Expert Choice (c = 2, no auxiliary loss)",
+    },
+}
+
+
+def default_aux_losses() -> dict[str, float]:
+    """``MoELMConfig``'s default losses (for routers without paper settings)."""
+    from moelab.models.config import MoELMConfig
+
+    return dict(MoELMConfig().aux_losses)
+
+
+def merge_aux(base: dict[str, float], overrides: dict[str, float] | None) -> dict[str, float]:
+    """``base`` with ``overrides`` applied: a coefficient sets a loss, 0 removes it; the key
+    ``"*"`` (``--aux-loss none``) removes every loss of ``base`` first."""
+    overrides = dict(overrides or {})
+    out = {} if "*" in overrides else dict(base)
+    overrides.pop("*", None)
+    for name, coef in overrides.items():
+        if coef == 0:
+            out.pop(name, None)
+        else:
+            out[name] = float(coef)
+    return out
+
+
+def arm_settings(
+    router: str,
+    *,
+    router_kwargs: dict[str, Any] | None = None,
+    aux_losses: dict[str, float] | None = None,
+    aux_overrides: dict[str, float] | None = None,
+    model_aux_losses: dict[str, float] | None = None,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """An arm's effective ``(router_kwargs, aux_losses)`` (module docstring).
+
+    ``aux_losses`` replaces the paper's set; ``model_aux_losses`` is the fallback for routers
+    without paper settings (default: ``MoELMConfig``'s).
+    """
+    paper = PAPER_SETTINGS.get(router, {})
+    kw = {**paper.get("router_kwargs", {}), **(router_kwargs or {})}
+    if aux_losses is not None:
+        aux = dict(aux_losses)
+    elif "aux_losses" in paper:
+        aux = dict(paper["aux_losses"])
+    else:
+        aux = dict(model_aux_losses) if model_aux_losses is not None else default_aux_losses()
+    return kw, merge_aux(aux, aux_overrides)
+
+
+def describe_arm(
+    label: str, router: str, kw: dict[str, Any], aux: dict[str, float], causal: bool | None = None
+) -> str:
+    """One line for the start of a run: what the arm trains with and where it comes from."""
+    name = label if label == router else f"{label} ({router})"
+    source = PAPER_SETTINGS.get(router, {}).get("source", "router defaults")
+    mark = "" if causal is None or causal else "; not causal at eval (*)"
+    return f"{name}: router_kwargs {json.dumps(kw)}, aux_losses {json.dumps(aux)} [{source}]{mark}"
