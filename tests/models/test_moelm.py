@@ -142,3 +142,20 @@ def test_shared_experts_and_dense_widths():
     assert dense.down.in_features == 40 and moe.experts.hidden == 16 and moe.shared_experts is not None
     out = model(torch.randint(0, 256, (1, 8)), labels=torch.randint(0, 256, (1, 8)))
     out.loss.backward()
+
+
+def test_saved_files_have_ordinary_permissions(tmp_path):
+    """safetensors' save_file writes 0600; moelab writes with the umask (0644 under umask 022)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        model = MoELM(MoELMConfig(d_model=32, n_layers=1, n_heads=2, num_experts=4, top_k=2, max_seq_len=8))
+        model.save_pretrained(tmp_path / "m")
+        with moelab.trace(model) as tr:
+            model(torch.randint(0, 256, (1, 8)))
+        tr.save(tmp_path / "t.safetensors")
+    finally:
+        os.umask(old)
+    for p in (tmp_path / "m" / "model.safetensors", tmp_path / "t.safetensors"):
+        assert p.stat().st_mode & 0o777 == 0o644, oct(p.stat().st_mode)

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from moelab import registry
+from moelab.core.io import save_safetensors
 from moelab.core.routed import routed_layers
 from moelab.core.routing import Routing, cat_routings
 from moelab.core.stats import routing_stats
@@ -111,7 +112,7 @@ class Trace:
                 "top_k": r.top_k,
                 "sequence_lengths": self.sequence_lengths(name),
             }
-        save_file(tensors, str(path), metadata={"moelab_trace": json.dumps(meta)})
+        save_safetensors(tensors, path, metadata={"moelab_trace": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:

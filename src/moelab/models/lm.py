@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from moelab.core.context import RoutingContext, check_context
+from moelab.core.io import save_safetensors
 from moelab.layers.moe import MoE
 from moelab.models.config import MoELMConfig
 
@@ -243,7 +244,7 @@ class MoELM(nn.Module):
         d.mkdir(parents=True, exist_ok=True)
         self.config.to_json(d / CONFIG_NAME)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(d / WEIGHTS_NAME), metadata={"format": "pt", "moelab": "MoELM"})
+        save_safetensors(state, d / WEIGHTS_NAME, metadata={"format": "pt", "moelab": "MoELM"})
         return d
 
     @classmethod

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save, save_model
+from safetensors.torch import load_file, load_model, save_model
 from torch import Tensor, nn
+
+from moelab.core.io import save_safetensors
 
 CKPT_DIRNAME = "checkpoints"
 LATEST = "latest"
@@ -176,11 +178,6 @@ def normal_permissions(directory: str | Path) -> None:
             os.chmod(p, mode)
 
 
-def write_safetensors(tensors: dict[str, Tensor], path: Path) -> None:
-    """``save_file`` with the ordinary file mode (bytes written with ``open``)."""
-    path.write_bytes(save(tensors))
-
-
 def is_moelm(model: nn.Module) -> bool:
     from moelab.models.lm import MoELM
 
@@ -248,9 +245,9 @@ def write_checkpoint(
         shutil.rmtree(tmp)
     save_weights(model, tmp)
     opt_tensors, opt_meta = optimizer_to_safe(optimizer)
-    write_safetensors(opt_tensors, tmp / "optimizer.safetensors")
+    save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
     rng_tensors, rng_meta = rng_state()
-    write_safetensors(rng_tensors, tmp / "rng.safetensors")
+    save_safetensors(rng_tensors, tmp / "rng.safetensors")
     if tokenizer is not None:
         save_tokenizer(tokenizer, tmp)
     full = {"format": FORMAT, **state, "optimizer": opt_meta, "rng": rng_meta}
