@@ -376,33 +376,41 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--force", help="overwrite a report already in the output directory")
         ] = False,
         no_progress: Annotated[bool, typer.Option("--no-progress", help="hide the progress bar")] = False,
+        threads: Annotated[
+            int, typer.Option(help="PyTorch threads on CPU (0: the default, 1: measured fastest)")
+        ] = 0,
     ) -> None:
         """Trace a model on a corpus (or read a trace) and write a markdown + HTML routing report."""
         from rich.console import Console
 
+        from moelab.cli.options import warn_load
+        from moelab.train.resources import torch_threads
+
         console = Console()
+        warn_load(console)
         Ls = _parse_ints(segment_lengths, "--segment-lengths")
         par = None if parallel is None or parallel[0] is None else (parallel[0], parallel[1])
         try:
-            files = analyze(
-                target,
-                out,
-                text=text or None,
-                parallel=par,
-                seq_len=seq_len,
-                num_seqs=num_seqs,
-                batch_size=batch_size,
-                segment_lengths=Ls,
-                n_boot=n_boot,
-                seed=seed,
-                lookahead=lookahead,
-                max_pairs=max_pairs,
-                arank_samples=arank_samples,
-                tokenizer=tokenizer,
-                force=force,
-                progress=not no_progress,
-                console=console,
-            )
+            with torch_threads(threads):
+                files = analyze(
+                    target,
+                    out,
+                    text=text or None,
+                    parallel=par,
+                    seq_len=seq_len,
+                    num_seqs=num_seqs,
+                    batch_size=batch_size,
+                    segment_lengths=Ls,
+                    n_boot=n_boot,
+                    seed=seed,
+                    lookahead=lookahead,
+                    max_pairs=max_pairs,
+                    arank_samples=arank_samples,
+                    tokenizer=tokenizer,
+                    force=force,
+                    progress=not no_progress,
+                    console=console,
+                )
         except (ValueError, FileNotFoundError, FileExistsError) as e:
             console.print(f"[red]error:[/red] {e}")
             raise typer.Exit(2) from None
