@@ -7,7 +7,9 @@ the base is checked out with ``git worktree`` into a temporary directory). The w
 same problems from the same seeds through the API both versions share (``moelab.MoE(d, E, k,
 hidden, router="topk", backend=...)``) and are timed in interleaved rounds: round ``r`` runs
 every case in one worker, then the other, the order alternating, so a burst of load on the
-shared machine hits both alike. Reported: median times per case and the ratio head / base.
+shared machine hits both alike. Reported per case: the median times, the ratio of the medians,
+and the median of the per-round ratios (head and base measured seconds apart, so drift in the
+machine's load cancels; the steadiest of the three).
 
 Cases: the coarse shape (Mixtral-like, fp32) forward+backward, and inference forwards of the
 decode shapes (T = 1, 4, 16) in fp32 and bf16 — the numbers issue #8's acceptance names.
@@ -148,13 +150,15 @@ def main() -> None:
             git("worktree", "remove", "--force", str(base_dir))
     rows = []
     for name, *_ in CASES:
-        b, h = median(times["base"][name]), median(times["head"][name])
-        rows.append([name, b * 1e3, h * 1e3, h / b])
+        tb, th = times["base"][name], times["head"][name]
+        b, h = median(tb), median(th)
+        paired = median([y / x for x, y in zip(tb, th, strict=True)])
+        rows.append([name, b * 1e3, h * 1e3, h / b, paired])
     info = machine_info()
     print(f"# moelab {args.base} (base) vs {head}{' + uncommitted changes' if dirty else ''} (head)")
     print(f"{info['cpu']}, {info['cores']} cores, threads {infos['head']['threads']}, torch {info['torch']}, "
           f"load {info['loadavg_1_5_15']}, parallel region {info['parallel_region_us']} us, {args.rounds} rounds\n")  # fmt: skip
-    print(md_table(["case", "base ms", "head ms", "head / base"], rows))
+    print(md_table(["case", "base ms", "head ms", "head / base", "median of per-round ratios"], rows))
     if args.json:
         write_json(args.json, {"machine": info, "base": args.base, "head": head, "dirty": dirty,
                                "workers": infos, "times_s": times, "rows": rows})  # fmt: skip
