@@ -109,6 +109,18 @@ def register(kind: str, name: str, *, paper: str, summary: str) -> Callable[[Any
     return deco
 
 
+def register_subclass(kind: str, name: str, base: type, *, paper: str, summary: str) -> Callable[[type], type]:
+    """Class decorator: register a subclass of ``base`` under ``(kind, name)`` and set its ``name``."""
+
+    def deco(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise TypeError(f"register_{kind} expects a {base.__name__} subclass, got {cls!r}")
+        cls.name = name
+        return register(kind, name, paper=paper, summary=summary)(cls)
+
+    return deco
+
+
 def get(kind: str, name: str) -> MethodInfo:
     info = _METHODS.get((kind, name))
     if info is None:

@@ -76,14 +76,7 @@ class Router(nn.Module):
 
 def register_router(name: str, *, paper: str, summary: str):
     """Class decorator: register a ``Router`` subclass under ``name``."""
-
-    def deco(cls: type[Router]) -> type[Router]:
-        if not (isinstance(cls, type) and issubclass(cls, Router)):
-            raise TypeError(f"register_router expects a Router subclass, got {cls!r}")
-        cls.name = name
-        return registry.register("router", name, paper=paper, summary=summary)(cls)
-
-    return deco
+    return registry.register_subclass("router", name, Router, paper=paper, summary=summary)
 
 
 def build_router(name: str, d_model: int, num_experts: int, **kwargs: Any) -> Router:

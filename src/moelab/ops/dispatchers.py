@@ -23,18 +23,6 @@ from moelab.core.routing import Routing
 from moelab.ops.executors import Executor
 
 
-def register_dispatcher(name: str, *, paper: str, summary: str):
-    """Class decorator: register a ``Dispatcher`` subclass under ``name``."""
-
-    def deco(cls: type[Dispatcher]) -> type[Dispatcher]:
-        if not (isinstance(cls, type) and issubclass(cls, Dispatcher)):
-            raise TypeError(f"register_dispatcher expects a Dispatcher subclass, got {cls!r}")
-        cls.name = name
-        return registry.register("dispatcher", name, paper=paper, summary=summary)(cls)
-
-    return deco
-
-
 class Dispatcher:
     """Base class: ``__call__(x, routing, bank, executor) -> y`` (see the module docstring)."""
 
@@ -50,6 +38,11 @@ class Dispatcher:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def register_dispatcher(name: str, *, paper: str, summary: str):
+    """Class decorator: register a ``Dispatcher`` subclass under ``name``."""
+    return registry.register_subclass("dispatcher", name, Dispatcher, paper=paper, summary=summary)
 
 
 def check_rows(x_TD: Tensor, routing: Routing, bank: nn.Module) -> None:

@@ -22,7 +22,12 @@ from moelab.integrations.hf.experts_impl import (
 )
 from moelab.integrations.hf.families import FAMILIES, Family, family_of, find_blocks, register_family
 from moelab.integrations.hf.layer import ContextFeeder, HFMoE
-from moelab.integrations.hf.loading import TransformersTokenizer, has_tokenizer_files, load_causal_lm, load_tokenizer
+from moelab.integrations.hf.loading import (
+    TransformersTokenizer,
+    has_tokenizer_files,
+    load_causal_lm,
+    load_tokenizer,
+)
 from moelab.integrations.hf.patch import init_router_from, patch, patched_layers
 from moelab.integrations.hf.trace import routing_from_gate_output, trace
 from moelab.integrations.hf.upcycle import dense_ffns, upcycle, upcycled_bank
