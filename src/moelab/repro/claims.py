@@ -270,12 +270,13 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                 "Knowing upcoming tokens' experts (pre-gating) lets an expert cache evict better than LRU "
                 "on the same routing."
             ),
-            # capacity 1.25 in training *and* at eval, as when the recorded row was measured
-            # (the paper settings now evaluate topk dropless)
+            # capacity 1.25 in training *and* at eval, dropping by v1's global ranking ("probs"),
+            # as when the recorded row was measured (the paper settings now evaluate topk dropless
+            # and the routers' default drop policy is batch_priority)
             arms={
                 "topk": Arm(
                     "topk",
-                    {"capacity_factor": 1.25, "eval_capacity_factor": "same"},
+                    {"capacity_factor": 1.25, "eval_capacity_factor": "same", "drop_policy": "probs"},
                     {"load_balance": 1e-2, "z": 1e-3},
                 )
             },
