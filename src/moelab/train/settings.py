@@ -107,6 +107,9 @@ def describe_arm(
 ) -> str:
     """One line for the start of a run: what the arm trains with and where it comes from."""
     name = label if label == router else f"{label} ({router})"
-    source = PAPER_SETTINGS.get(router, {}).get("source", "router defaults")
+    paper = PAPER_SETTINGS.get(router, {})
+    source = paper.get("source", "router defaults")
+    if paper and (kw != paper.get("router_kwargs", {}) or aux != paper.get("aux_losses", aux)):
+        source = f"changed from the paper settings: {source}"
     mark = "" if causal is None or causal else "; not causal at eval (*)"
     return f"{name}: router_kwargs {json.dumps(kw)}, aux_losses {json.dumps(aux)} [{source}]{mark}"
