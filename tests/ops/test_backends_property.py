@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 import moelab
 from moelab import registry
-from moelab.core import Routing
+from moelab.core import Routing, example_bank
 from moelab.kernels.grouped_mm import can_use_grouped_mm
-from moelab.ops import dispatcher_names, executor_names, get_dispatcher, get_executor
+from moelab.ops import dispatcher_names, executor_names, get_executor
 from moelab.routers import ExpertChoiceRouter, SigmoidTopKRouter, TopKRouter
 
 try:  # integrations register their banks too (gpt-oss's clamped SwiGLU bank)
@@ -47,7 +47,7 @@ def make_bank(bank_name: str, e: int, d: int, d_out: int, hidden: int, activatio
     """The MLP bank with the case's hidden width and activation; any other kind by its ``example``."""
     if bank_name == "mlp":
         return moelab.ExpertBank(e, d, hidden, activation, d_out=d_out)
-    return registry.get("bank", bank_name).obj.example(e, d, d_out)
+    return example_bank(bank_name, e, d, d_out)
 
 
 def square_only(bank_name: str) -> bool:
@@ -180,7 +180,7 @@ def check_case(combo, case, dtype, tol):
     bank, x, routing, extra = _build(case, dtype, bank_name)
     inputs = [x, *extra, *bank.parameters()]
     y_ref = moelab.ops.moe_reference(x, routing, bank)
-    y = get_dispatcher(dispatcher)(x, routing, bank, get_executor(executor))
+    y = registry.get("dispatcher", dispatcher).obj.example()(x, routing, bank, get_executor(executor))
     assert y.shape == (case["T"], bank.d_out) and y.dtype == dtype
     torch.testing.assert_close(y, y_ref, **tol)
     gy = (

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from moelab.repro.multilingual import bibles_missing, run_bilingual
+
 # Val-loss differences below this (nats/token) are treated as a tie: at the demo budget the
 # seed-to-seed spread of one arm is about 0.02-0.05 (measured: docs/reproductions.md).
 LOSS_MARGIN = 0.02
@@ -154,15 +156,7 @@ def _verdict_multilingual(r: Rows) -> tuple[bool, str]:
 
 
 def _run_multilingual(**kwargs: Any) -> Rows:
-    from moelab.repro.multilingual import run_bilingual
-
     return run_bilingual(MULTILINGUAL_ARM, MULTILINGUAL_PAIRS, **kwargs)
-
-
-def _bibles_missing() -> str | None:
-    from moelab.repro.multilingual import bibles_missing
-
-    return bibles_missing()
 
 
 # The multilingual reproduction's model: deeper than the demo's (a U over 4 layers is hard to
@@ -294,7 +288,7 @@ REPRODUCTIONS: dict[str, Reproduction] = {
             arms={"bilingual": MULTILINGUAL_ARM},
             verdict=_verdict_multilingual,
             runner=_run_multilingual,
-            requires=_bibles_missing,
+            requires=bibles_missing,
         ),
     ]
 }

@@ -74,7 +74,6 @@ class RoutingMonitor:
             self.handles.append(router.register_forward_hook(self._hook(name)))
 
     def reset(self) -> None:
-        self.load: dict[str, Tensor] = {}
         self.requested: dict[str, float] = {}
         self.assigned: dict[str, float] = {}
 
@@ -84,7 +83,6 @@ class RoutingMonitor:
                 return
             counts = routing.tokens_per_expert().detach()
             self.last[name] = counts
-            self.load[name] = counts.double() if name not in self.load else self.load[name] + counts.double()
             n = float(routing.num_assignments)
             req = float(routing.requested.sum()) if routing.requested is not None else n
             self.requested[name] = self.requested.get(name, 0.0) + req
@@ -96,10 +94,6 @@ class RoutingMonitor:
         vals = [load_stats(c)["max_over_mean"] for c in self.last.values()]
         vals = [v for v in vals if v == v]  # a layer that saw no token has NaN
         return max(vals) if vals else float("nan")
-
-    def totals(self) -> dict[str, dict[str, float | int]]:
-        """``load_stats`` of each layer's loads summed since the last ``reset()``."""
-        return {name: load_stats(c) for name, c in self.load.items()}
 
     def drop_rate(self) -> float:
         req = sum(self.requested.values())
