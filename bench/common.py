@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from moelab.train.resources import cpu_model
+
 
 # ----------------------------------------------------------------------------------- shapes
 @dataclass(frozen=True)
@@ -152,21 +154,13 @@ def parallel_region_us(n: int = 200) -> float:
 
 def machine_info() -> dict:
     """Where the numbers come from: CPU model, cores, threads, torch build, load at the time."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         load = os.getloadavg()
     except OSError:
         load = (float("nan"),) * 3
     info = {
         "host": socket.gethostname(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -8,6 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from moelab.analysis.intervals import paired_interval, standard_error, t_interval
 from moelab.cli import app
 from moelab.models import MoELM
 from moelab.train.compare import CompareSettings, run_compare
@@ -41,7 +42,9 @@ def test_compare_cli_writes_report_json_and_plots(tmp_path, texts):
         "topk,sigmoid_topk,expert_choice",
         "--steps",
         "4",
-        "--seed",
+        "--seeds",
+        "3,4",
+        "--final-eval-batches",
         "3",
         "--name",
         "smoke",
@@ -64,27 +67,82 @@ def test_compare_cli_writes_report_json_and_plots(tmp_path, texts):
         assert (out / name).is_file() and (out / name).stat().st_size > 200, name
     data = json.loads((out / "results.json").read_text())
     assert list(data["routers"]) == ["topk", "sigmoid_topk", "expert_choice"] and data["jobs"] == 3
-    for r in data["routers"].values():
-        for key in (
-            "val_loss",
-            "val_ppl",
-            "throughput",
-            "max_over_mean",
-            "drop_rate",
-            "entropy",
-            "no_expert_rate",
-        ):
+    assert data["seeds"] == [3, 4] and data["baseline"] == "topk"
+    # the table: means with intervals, paired differences from the baseline, the eval noise
+    assert "±" in res.output and "baseline" in res.output and "t-interval over 2 seeds" in res.output
+    assert "Eval noise" in res.output and "windows" in res.output
+    keys = ("val_loss", "val_ppl", "throughput", "max_over_mean", "drop_rate", "entropy", "no_expert_rate")
+    for label, r in data["routers"].items():
+        assert sorted(r["seeds"]) == ["3", "4"]
+        for key in keys:
             assert isinstance(r[key], float), key
-        assert r["step"] == 4 and len(r["history"]["loss"]) == 4 and r["history"]["eval_step"] == [2, 4]
-        assert len(r["load"]) == 2 and len(r["load"][0]) == 4
+            per_seed = [r["seeds"][s][key] for s in ("3", "4")]
+            iv = t_interval(per_seed)  # every per-seed number is kept: the statistics recompute
+            assert r[key] == pytest.approx(iv.mean) and r["stats"][key]["mean"] == pytest.approx(iv.mean)
+            assert r["stats"][key]["low"] == pytest.approx(iv.low) and r["stats"][key][
+                "high"
+            ] == pytest.approx(iv.high)
+            if label != "topk":
+                d = paired_interval(per_seed, [data["routers"]["topk"]["seeds"][s][key] for s in ("3", "4")])
+                assert r["diff"][key]["mean"] == pytest.approx(d.mean)
+                assert r["diff"][key]["high"] == pytest.approx(d.high)
+        for seed, run in r["seeds"].items():
+            assert run["seed"] == int(seed)
+            assert (
+                run["step"] == 4
+                and len(run["history"]["loss"]) == 4
+                and run["history"]["eval_step"] == [2, 4]
+            )
+            assert len(run["load"]) == 2 and len(run["load"][0]) == 4
+            # the final evaluation on 3 batches of 4 windows; its loss is their mean, its SE their spread
+            w = run["val_window_losses"]
+            assert len(w) == 12 and sum(w) / len(w) == pytest.approx(run["val_loss"], rel=1e-5)
+            assert run["val_loss_se"] == pytest.approx(standard_error(w))
+        assert r["seeds"]["3"]["history"]["loss"] != r["seeds"]["4"]["history"]["loss"]
+    assert data["eval_noise"]["windows"] == 12 and data["eval_noise"]["paired_se"]["expert_choice"] > 0
     topk, ec = data["routers"]["topk"], data["routers"]["expert_choice"]
+    assert topk["diff"] == {} and set(ec["diff"]) >= set(keys)
     # the paper's setting, evaluated dropless (causal)
     assert topk["model_config"]["router_kwargs"] == {"capacity_factor": 1.25, "eval_capacity_factor": None}
     assert ec["max_over_mean"] == pytest.approx(1.0)  # balanced by construction
     md = (out / "report.md").read_text()
     assert "| topk |" in md and "expert_choice*" in md and "![expert load](expert_load.png)" in md
-    model = MoELM.from_pretrained(out / "sigmoid_topk" / "final")
+    assert "## Paired differences from topk" in md and "| expert_choice | 4 |" in md
+    model = MoELM.from_pretrained(out / "sigmoid_topk" / "seed4" / "final")
     assert model.config.router == "sigmoid_topk"
+
+
+def test_arms_are_paired_by_seed(tmp_path, texts):
+    """Two arms with the same router and settings: on each seed they start from the same weights
+    and read the same batches, so they agree exactly and their paired difference is 0 (a tie);
+    across seeds they differ."""
+    s = CompareSettings(
+        routers=["a", "b"],
+        variants={"a": "topk", "b": "topk"},
+        name="paired",
+        out=str(tmp_path),
+        model={"d_model": 16, "n_layers": 1, "n_heads": 2, "num_experts": 4, "max_seq_len": 32},
+        train={
+            "steps": 3,
+            "batch_size": 4,
+            "seq_len": 32,
+            "eval_every": 0,
+            "eval_batches": 2,
+            "data": str(texts),
+        },
+        save_models=False,
+        seeds=[0, 1, 2],
+    )
+    summary = run_compare(s, jobs=1, progress=False)
+    a, b = summary["routers"]["a"], summary["routers"]["b"]
+    for seed in ("0", "1", "2"):
+        assert a["seeds"][seed]["history"]["loss"] == b["seeds"][seed]["history"]["loss"]
+        assert a["seeds"][seed]["val_window_losses"] == b["seeds"][seed]["val_window_losses"]
+    assert a["seeds"]["0"]["val_loss"] != a["seeds"]["1"]["val_loss"]
+    d = b["diff"]["val_loss"]
+    assert d["mean"] == 0.0 and d["low"] == 0.0 and d["high"] == 0.0 and d["reading"] == "tie"
+    assert a["stats"]["val_loss"]["high"] > a["stats"]["val_loss"]["low"]  # the seeds do vary
+    assert summary["eval_noise"]["paired_se"] == {"b": 0.0}
 
 
 def test_compare_in_process_is_deterministic_and_takes_overrides(tmp_path, texts):
@@ -110,7 +168,10 @@ def test_compare_in_process_is_deterministic_and_takes_overrides(tmp_path, texts
     b = run_compare(settings("b"), jobs=1, progress=False)
     assert a["throughput_measure"] == "wall"
     for r in ("topk", "expert_choice"):
-        assert a["routers"][r]["history"]["loss"] == b["routers"][r]["history"]["loss"]
+        assert (
+            a["routers"][r]["seeds"]["0"]["history"]["loss"]
+            == b["routers"][r]["seeds"]["0"]["history"]["loss"]
+        )
     assert a["routers"]["topk"]["drop_rate"] == 0.0  # dropless override
     assert not (tmp_path / "a" / "topk").exists()
 

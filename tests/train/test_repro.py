@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from moelab.analysis.intervals import DOES_NOT_HOLD, HOLDS, INCONCLUSIVE
 from moelab.repro.claims import LOSS_MARGIN, REPRODUCTIONS
 from moelab.repro.docs import BEGIN, END, write_docs
 from moelab.repro.runner import run_repro
@@ -22,30 +23,69 @@ def row(val_loss, max_over_mean, z=1.0, max_abs_logit=1.0):
     }
 
 
+JITTER = (-0.002, 0.0, 0.003)  # three seeds' small, independent differences
+
+
+def seeds_of(rows_for_seed):
+    """Three seeds' rows: ``rows_for_seed(jitter)`` per seed."""
+    return [rows_for_seed(j) for j in JITTER]
+
+
+def verdict(name, per_seed):
+    return REPRODUCTIONS[name].judge(per_seed)["verdict"]
+
+
 def test_load_balance_verdict():
-    v = REPRODUCTIONS["load_balance"].verdict
-    assert v({"no_aux": row(2.0, 2.5), "load_balance": row(2.0, 1.3)})[0]
-    assert not v({"no_aux": row(2.0, 2.5), "load_balance": row(2.0, 2.6)})[0]  # no better balanced
-    assert not v({"no_aux": row(2.0, 2.5), "load_balance": row(2.0 + 2 * LOSS_MARGIN, 1.3)})[0]  # worse loss
+    def case(lb_loss, lb_balance):
+        return seeds_of(
+            lambda j: {"no_aux": row(2.0 + j, 2.5), "load_balance": row(lb_loss + 2 * j, lb_balance + j)}
+        )
+
+    assert verdict("load_balance", case(2.0, 1.3)) == HOLDS
+    assert verdict("load_balance", case(2.0, 2.6)) == DOES_NOT_HOLD  # balanced worse
+    assert (
+        verdict("load_balance", case(2.0 + 2 * LOSS_MARGIN, 1.3)) == DOES_NOT_HOLD
+    )  # loss worse beyond the margin
+    assert (
+        verdict("load_balance", case(2.0 + LOSS_MARGIN, 1.3)) == INCONCLUSIVE
+    )  # the interval straddles the margin
 
 
 def test_z_verdict_reads_z_and_loss():
-    v = REPRODUCTIONS["z"].verdict
-    assert v({"lb": row(2.0, 1.2, z=10.0), "lb_z": row(2.01, 1.2, z=1.0)})[0]
-    assert not v({"lb": row(2.0, 1.2, z=1.0), "lb_z": row(2.0, 1.2, z=2.0)})[0]
+    ok = seeds_of(lambda j: {"lb": row(2.0, 1.2, z=10.0 + j), "lb_z": row(2.01 + j, 1.2, z=1.0)})
+    assert verdict("z", ok) == HOLDS
+    bad = seeds_of(lambda j: {"lb": row(2.0, 1.2, z=1.0), "lb_z": row(2.0 + j, 1.2, z=2.0 + j)})
+    assert verdict("z", bad) == DOES_NOT_HOLD
 
 
 def test_aux_free_verdict():
-    v = REPRODUCTIONS["aux_loss_free"].verdict
-    ok = {"none": row(2.0, 3.0), "aux_loss": row(2.0, 1.3), "bias": row(1.99, 1.35)}
-    assert v(ok)[0]
-    assert not v({**ok, "bias": row(1.99, 2.0)})[0]  # balances worse than the aux loss
+    def case(bias_balance):
+        return seeds_of(
+            lambda j: {
+                "none": row(2.0, 3.0),
+                "aux_loss": row(2.0 + j, 1.3),
+                "bias": row(1.99, bias_balance + j),
+            }
+        )
+
+    assert verdict("aux_loss_free", case(1.35)) == HOLDS
+    assert verdict("aux_loss_free", case(2.0)) == DOES_NOT_HOLD  # balances worse than the aux loss
 
 
 def test_expert_choice_verdict_needs_balance_and_a_real_loss_gap():
-    v = REPRODUCTIONS["expert_choice"].verdict
-    assert v({"top2": row(2.0, 1.4), "expert_choice": row(1.9, 1.0)})[0]
-    assert not v({"top2": row(2.0, 1.4), "expert_choice": row(2.0 - LOSS_MARGIN / 2, 1.0)})[0]
+    def case(ec_loss):
+        return seeds_of(lambda j: {"top2": row(2.0, 1.4), "expert_choice": row(ec_loss + j, 1.0)})
+
+    assert verdict("expert_choice", case(1.9)) == HOLDS
+    assert verdict("expert_choice", case(2.0 - LOSS_MARGIN / 2)) == INCONCLUSIVE  # inside the margin
+    assert verdict("expert_choice", case(2.1)) == DOES_NOT_HOLD
+
+
+def test_one_seed_or_noisy_seeds_are_inconclusive():
+    one = [{"top2": row(2.0, 1.4), "expert_choice": row(1.9, 1.0)}]
+    assert verdict("expert_choice", one) == INCONCLUSIVE  # no interval from one seed
+    noisy = [{"top2": row(2.0, 1.4), "expert_choice": row(x, 1.0)} for x in (1.8, 2.1, 1.9)]
+    assert verdict("expert_choice", noisy) == INCONCLUSIVE  # a mean gap of 0.067, but the seeds disagree
 
 
 def test_write_docs_merges_rows_and_keeps_the_page(tmp_path):
@@ -56,12 +96,12 @@ def test_write_docs_merges_rows_and_keeps_the_page(tmp_path):
         "paper": "p",
         "claim": "c",
         "measured": "m",
-        "holds": False,
+        "verdict": "does not hold",
         "seeds": [0],
         "steps": 3,
     }
     write_docs({"z": rec}, doc)
-    write_docs({"load_balance": {**rec, "method": "load_balance", "holds": True}}, doc)
+    write_docs({"load_balance": {**rec, "method": "load_balance", "verdict": "holds"}}, doc)
     text = doc.read_text()
     assert "intro" in text and "after" in text and "OLDROW" not in text
     assert "`z`" in text and "**does not hold**" in text and "`load_balance`" in text
@@ -81,9 +121,15 @@ def test_run_repro_tiny_budget(tmp_path):
         "eval_every": 2,
         "eval_batches": 1,
     }
-    rec = run_repro("z", seeds=[0], model=model, train=train, out=str(tmp_path), jobs=1, progress=False)
-    assert set(rec["rows"]) == {"lb", "lb_z"} and isinstance(rec["holds"], bool)
-    assert rec["rows"]["lb"]["z"] > 0
+    rec = run_repro("z", seeds=[0, 1], model=model, train=train, out=str(tmp_path), jobs=1, progress=False)
+    assert set(rec["rows"]) == {"lb", "lb_z"} and rec["verdict"] in (HOLDS, DOES_NOT_HOLD, INCONCLUSIVE)
+    assert rec["rows"]["lb"]["z"] > 0 and len(rec["per_seed"]) == 2
+    assert rec["per_seed"][0]["lb"]["val_loss"] != rec["per_seed"][1]["lb"]["val_loss"]
+    # every condition is judged on the seeds' paired values
+    z_diff = [p["lb_z"]["z"] - p["lb"]["z"] for p in rec["per_seed"]]
+    first = rec["conditions"][0]
+    assert first["condition"] == "z: lb_z - lb < 0" and first["interval"]["n"] == 2
+    assert first["interval"]["mean"] == pytest.approx(sum(z_diff) / 2)
     assert (tmp_path / "z" / "repro.json").exists()
     with pytest.raises(ValueError, match="unknown reproduction"):
         run_repro("nope", seeds=[0], model=model, train=train, out=str(tmp_path))
@@ -95,22 +141,40 @@ def loc(srp, sch_2k, lru=0.5, lookahead=0.6, val_loss=2.0):
 
 
 def test_lrc_verdicts():
-    v = REPRODUCTIONS["lrc_architecture"].verdict
-    ok = {"every_layer": loc(0.6, 0.8), "shared_expert": loc(0.5, 0.7), "every_2nd": loc(0.55, 0.75)}
-    assert v(ok)[0]
-    assert not v({**ok, "every_2nd": loc(0.65, 0.75)})[0]  # a sparser model more consistent in SRP
-    v = REPRODUCTIONS["lrc_local_balance"].verdict
-    ok = {"global": loc(0.6, 0.8), "seq_1e-2": loc(0.55, 0.75), "seq_1e-1": loc(0.5, 0.7)}
-    assert v(ok)[0]
-    assert not v({**ok, "seq_1e-1": loc(0.5, 0.76)})[0]  # SCH not monotone
+    def arch(half_srp):
+        return seeds_of(
+            lambda j: {
+                "every_layer": loc(0.6 + j, 0.8),
+                "shared_expert": loc(0.5, 0.7),
+                "every_2nd": loc(half_srp, 0.75),
+            }
+        )
+
+    assert verdict("lrc_architecture", arch(0.55)) == HOLDS
+    assert verdict("lrc_architecture", arch(0.65)) == DOES_NOT_HOLD  # a sparser model more consistent in SRP
+
+    def local(strong_sch):
+        return seeds_of(
+            lambda j: {
+                "global": loc(0.6, 0.8 + j),
+                "seq_1e-2": loc(0.55 + j, 0.75),
+                "seq_1e-1": loc(0.5, strong_sch),
+            }
+        )
+
+    assert verdict("lrc_local_balance", local(0.7)) == HOLDS
+    assert verdict("lrc_local_balance", local(0.76)) == DOES_NOT_HOLD  # SCH not monotone
 
 
 def test_lookahead_verdict_needs_a_margin():
     from moelab.repro.claims import HIT_MARGIN
 
-    v = REPRODUCTIONS["lookahead_cache"].verdict
-    assert v({"topk": loc(0.5, 0.7, lru=0.5, lookahead=0.6)})[0]
-    assert not v({"topk": loc(0.5, 0.7, lru=0.5, lookahead=0.5 + HIT_MARGIN / 2)})[0]
+    def case(gain):
+        return seeds_of(lambda j: {"topk": loc(0.5, 0.7, lru=0.5 + j, lookahead=0.5 + gain)})
+
+    assert verdict("lookahead_cache", case(0.1)) == HOLDS
+    assert verdict("lookahead_cache", case(HIT_MARGIN / 2)) == INCONCLUSIVE
+    assert verdict("lookahead_cache", case(-0.1)) == DOES_NOT_HOLD
 
 
 def test_locality_reproduction_runs_arms_with_their_own_architecture(tmp_path):
@@ -130,8 +194,8 @@ def test_locality_reproduction_runs_arms_with_their_own_architecture(tmp_path):
     for label in rec["rows"]:
         assert 0 < rec["rows"][label]["srp"] <= 1 and 0 < rec["rows"][label]["lookahead"] <= 1
     assert rec["arms"]["every_2nd"]["model"] == {"moe_every": 2}
-    summary = json.loads((tmp_path / "lrc_architecture" / "seed0" / "results.json").read_text())
-    layers = {label: len(r["locality"]) for label, r in summary["routers"].items()}
+    summary = json.loads((tmp_path / "lrc_architecture" / "results.json").read_text())
+    layers = {label: len(r["seeds"]["0"]["locality"]) for label, r in summary["routers"].items()}
     assert layers == {"every_layer": 2, "shared_expert": 2, "every_2nd": 1}
 
 
@@ -140,11 +204,15 @@ def test_multilingual_verdict_reads_a_u_over_layers():
 
     assert _u_shape_parts(8) == ([0, 1], [2, 3, 4, 5], [6, 7])
     assert _u_shape_parts(4) == ([0], [1, 2], [3])
-    v = REPRODUCTIONS["multilingual_u_shape"].verdict
     u = {"layers": 4.0, "layer0": 0.03, "layer1": 0.01, "layer2": 0.012, "layer3": 0.04, "val_loss": 2.0}
-    assert v({"bilingual": u})[0]
+    assert (
+        verdict("multilingual_u_shape", seeds_of(lambda j: {"bilingual": {**u, "layer1": 0.01 + j}})) == HOLDS
+    )
     rising = {**u, "layer0": 0.005}  # the first quarter is below the middle: no U
-    assert not v({"bilingual": rising})[0]
+    assert (
+        verdict("multilingual_u_shape", seeds_of(lambda j: {"bilingual": {**rising, "layer1": 0.01 + j}}))
+        == DOES_NOT_HOLD
+    )
 
 
 def test_multilingual_runner_on_synthetic_parallel_verses(tmp_path, monkeypatch):
@@ -174,7 +242,7 @@ def test_multilingual_runner_on_synthetic_parallel_verses(tmp_path, monkeypatch)
     )
     row = rec["rows"]["bilingual"]
     assert row["layers"] == 8 and all(0 <= row[f"layer{i}"] <= 1 for i in range(8))
-    assert isinstance(rec["holds"], bool) and "divergence by MoE layer" in rec["measured"]
+    assert rec["verdict"] == INCONCLUSIVE and "divergence by MoE layer" in rec["measured"]  # one seed
     files = sorted(p.name for p in (tmp_path / "multilingual_u_shape" / "seed0" / "data").iterdir())
     assert files[:2] == ["en_Exodus.txt", "en_Genesis.txt"] and len(files) == 8
 
@@ -192,24 +260,30 @@ def test_corpus_helpers_split_and_write(tmp_path):
         split_parallel(verses, 1)
 
 
-def test_a_claim_holds_only_on_every_seed():
+def test_stored_rows_are_rejudged_from_their_seeds():
+    """A record of the rule before intervals (``holds`` / ``seed_holds``) is judged again from its
+    per-seed rows; the old verdict is kept beside the new one."""
     from moelab.repro.docs import rejudge, verdict_text
 
-    good, tie = row(1.9, 1.0), row(2.0, 1.4)
     rec = {
         "name": "expert_choice",
-        "holds": True,
-        "rows": {"top2": row(2.0, 1.4), "expert_choice": row(1.95, 1.0)},  # the mean holds...
+        "holds": False,
+        "seed_holds": [False, True],
+        "rows": {"top2": row(2.0, 1.4), "expert_choice": row(1.95, 1.0)},
         "per_seed": [
-            {"top2": tie, "expert_choice": row(2.0, 1.0)},  # ...seed 0 is a tie
-            {"top2": tie, "expert_choice": good},
+            {"top2": row(2.0, 1.4), "expert_choice": row(2.0, 1.0)},  # a tie on seed 0
+            {"top2": row(2.0, 1.4), "expert_choice": row(1.9, 1.0)},
         ],
     }
     out = rejudge(rec)
-    assert out["seed_holds"] == [False, True] and out["holds"] is False
-    assert verdict_text(out) == "**mixed**: holds on 1 of 2 seeds"
-    assert verdict_text({"holds": True, "seed_holds": [True, True]}) == "holds"
-    assert verdict_text({"holds": False, "seed_holds": [False, False]}) == "**does not hold**"
+    assert (
+        out["previous_verdict"] == "mixed (1 of 2 seeds)" and "holds" not in out and "seed_holds" not in out
+    )
+    assert out["verdict"] == INCONCLUSIVE and verdict_text(out) == "**inconclusive**"
+    cond = out["conditions"][1]
+    assert cond["condition"] == "val loss: expert_choice - top2 < -0.02"
+    assert cond["interval"]["mean"] == pytest.approx(-0.05) and cond["verdict"] == INCONCLUSIVE
+    assert verdict_text({"verdict": "holds"}) == "holds"
     assert rejudge({"name": "unknown", "holds": True}) == {"name": "unknown", "holds": True}
 
 

@@ -13,6 +13,7 @@ from moelab.cli.options import (
     parse_aux_losses,
     parse_router_args,
     parse_routers,
+    parse_seeds,
     warn_load,
 )
 from moelab.train.settings import DEFAULT_ROUTERS, DEMO
@@ -31,7 +32,16 @@ def register(app: typer.Typer) -> None:
             ),
         ] = ",".join(DEFAULT_ROUTERS),
         steps: Annotated[int, typer.Option(help="optimizer steps per router")] = DEMO["steps"],
-        seed: Annotated[int, typer.Option(help="seed for init, data order and every RNG")] = 0,
+        seeds: Annotated[
+            str,
+            typer.Option(
+                help="seeds, e.g. 0,1,2 or 0-4: every arm trains once per seed (init, data order, every "
+                "RNG); the table shows means with 95% intervals and paired differences"
+            ),
+        ] = ",".join(map(str, DEMO["seeds"])),
+        baseline: Annotated[
+            str | None, typer.Option(help="the arm differences are taken from (default: the first)")
+        ] = None,
         name: Annotated[str, typer.Option(help="run name: outputs go to OUT/NAME/")] = "compare",
         out: Annotated[Path, typer.Option(help="output root")] = Path("runs"),
         d_model: Annotated[int, typer.Option("--d-model")] = DEMO["d_model"],
@@ -45,7 +55,12 @@ def register(app: typer.Typer) -> None:
         lr: Annotated[float, typer.Option(help="peak learning rate")] = DEMO["lr"],
         warmup: Annotated[int, typer.Option(help="warmup steps")] = DEMO["warmup"],
         eval_every: Annotated[int, typer.Option()] = DEMO["eval_every"],
-        eval_batches: Annotated[int, typer.Option()] = DEMO["eval_batches"],
+        eval_batches: Annotated[int, typer.Option(help="val batches per evaluation along the way")] = DEMO[
+            "eval_batches"
+        ],
+        final_eval_batches: Annotated[
+            int, typer.Option(help="val batches of the final evaluation, the reported one (0: --eval-batches)")
+        ] = DEMO["final_eval_batches"],
         data: Annotated[
             str, typer.Option(help="'stdlib', text files/folders (comma-separated) or hf:NAME")
         ] = "stdlib",
@@ -77,9 +92,13 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option(help="progress bars (a line per eval when not a terminal)")
         ] = True,
     ) -> None:
-        """Train the same MoELM with each router (same data, budget, seed) and compare them."""
+        """Train the same MoELM with each router on each seed (same data, budget, init per seed) and
+        compare them: means with 95% intervals over seeds, paired differences from the baseline."""
         console = make_console()
         labels, variants = parse_routers(routers)
+        seed_list = parse_seeds(seeds)
+        if baseline is not None and baseline not in labels:
+            raise typer.BadParameter(f"{baseline!r} is not among --routers {labels}", param_hint="--baseline")
         from moelab.train.compare import CompareSettings, default_jobs, print_table, run_compare
 
         settings = CompareSettings(
@@ -104,7 +123,8 @@ def register(app: typer.Typer) -> None:
                 "warmup_steps": min(warmup, steps),
                 "eval_every": eval_every,
                 "eval_batches": eval_batches,
-                "seed": seed,
+                "final_eval_batches": final_eval_batches,
+                "seed": seed_list[0],
                 "data": data,
                 "tokenizer": tokenizer,
                 "bf16": bf16,
@@ -114,6 +134,8 @@ def register(app: typer.Typer) -> None:
             router_kwargs=parse_router_args(router_arg),
             aux_overrides=parse_aux_losses(aux_loss, prefixed=True),
             save_models=save_models,
+            seeds=seed_list,
+            baseline=baseline,
         )
         unknown = sorted(set(settings.aux_overrides) - {""} - set(labels))
         if unknown:

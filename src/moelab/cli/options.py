@@ -65,6 +65,31 @@ def parse_routers(spec: str) -> tuple[list[str], dict[str, str]]:
     return labels, variants
 
 
+def parse_seeds(spec: str) -> list[int]:
+    """``"0,1,2"`` or ``"0-4"`` (a range, both ends included) or a mix -> distinct seeds in order."""
+    seeds: list[int] = []
+    try:
+        for item in (x.strip() for x in str(spec).split(",")):
+            if not item:
+                continue
+            lo, dash, hi = item.partition("-") if not item.startswith("-") else (item, "", "")
+            if dash:
+                if int(hi) < int(lo):
+                    raise ValueError
+                seeds += range(int(lo), int(hi) + 1)
+            else:
+                seeds.append(int(item))
+    except ValueError:
+        raise typer.BadParameter(
+            f"expected comma-separated integers or ranges like 0-4, got {spec!r}", param_hint="--seeds"
+        ) from None
+    if not seeds:
+        raise typer.BadParameter("name at least one seed", param_hint="--seeds")
+    if len(set(seeds)) != len(seeds):
+        raise typer.BadParameter(f"seeds must be distinct, got {seeds}", param_hint="--seeds")
+    return seeds
+
+
 def parse_router_args(items: list[str] | None, *, prefixed: bool = True) -> dict[str, dict[str, Any]]:
     """``["topk.capacity_factor=2.0", "sigmoid_topk.bias_update_rate=0"]`` -> per-router kwargs.
 

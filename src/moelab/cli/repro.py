@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from moelab.cli.options import fail, make_console, warn_load
-from moelab.train.settings import DEMO
+from moelab.cli.options import fail, make_console, parse_seeds, warn_load
+from moelab.train.settings import DEMO, REPRO
 
 
 def register(app: typer.Typer) -> None:
@@ -24,8 +24,11 @@ def register(app: typer.Typer) -> None:
         names: Annotated[
             list[str] | None, typer.Argument(help="reproductions to run (default: all; --list shows them)")
         ] = None,
-        seeds: Annotated[str, typer.Option(help="comma-separated seeds; numbers are averaged")] = "0",
-        steps: Annotated[int, typer.Option(help="optimizer steps per arm")] = DEMO["steps"],
+        seeds: Annotated[
+            str,
+            typer.Option(help="seeds, e.g. 0,1,2 or 0-4; the verdict uses paired intervals over them"),
+        ] = ",".join(map(str, REPRO["seeds"])),
+        steps: Annotated[int, typer.Option(help="optimizer steps per arm")] = REPRO["steps"],
         out: Annotated[Path, typer.Option(help="output root")] = Path("runs/repro"),
         jobs: Annotated[
             int | None, typer.Option(help="arms trained in parallel (default: all on CPU)")
@@ -47,7 +50,8 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option(help="progress bars (a line per eval when not a terminal)")
         ] = True,
     ) -> None:
-        """Check papers' claims at small scale (same model, data, budget and seed per arm)."""
+        """Check papers' claims at small scale (same model, data and budget per arm, every arm on
+        every seed); a claim holds when its paired 95% intervals over seeds clear the margin."""
         console = make_console()
         from moelab.repro.claims import REPRODUCTIONS
 
@@ -59,15 +63,8 @@ def register(app: typer.Typer) -> None:
         unknown = [n for n in chosen if n not in REPRODUCTIONS]
         if unknown:
             fail(console, f"unknown reproduction(s) {unknown}; known: {sorted(REPRODUCTIONS)}")
-        try:
-            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-        except ValueError:
-            raise typer.BadParameter(
-                f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds"
-            ) from None
-        if not seed_list:
-            raise typer.BadParameter("name at least one seed", param_hint="--seeds")
-        from moelab.repro.docs import check_docs_path, render_rows, verdict_text
+        seed_list = parse_seeds(seeds)
+        from moelab.repro.docs import check_docs_path, conditions_text, render_rows, verdict_text
         from moelab.repro.docs import write_docs as write_docs_fn
         from moelab.repro.runner import missing_prerequisites, run_repro
 
@@ -96,12 +93,13 @@ def register(app: typer.Typer) -> None:
         }
         train = {
             "steps": steps,
-            "batch_size": DEMO["batch_size"],
+            "batch_size": REPRO["batch_size"],
             "seq_len": DEMO["seq_len"],
-            "lr": DEMO["lr"],
-            "warmup_steps": min(DEMO["warmup"], steps),
-            "eval_every": DEMO["eval_every"],
-            "eval_batches": DEMO["eval_batches"],
+            "lr": REPRO["lr"],
+            "warmup_steps": min(REPRO["warmup"], steps),
+            "eval_every": REPRO["eval_every"],
+            "eval_batches": REPRO["eval_batches"],
+            "final_eval_batches": REPRO["final_eval_batches"],
             "threads": threads,
         }
         warn_load(console, jobs or 3)
@@ -124,10 +122,10 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         table = Table(title="moelab repro")
-        for col in ("reproduction", "claim", "measured", "verdict"):
+        for col in ("reproduction", "claim", "measured (mean)", "paired 95% intervals", "verdict"):
             table.add_column(col, overflow="fold")
         for name, r in records.items():
-            table.add_row(name, r["claim"], r["measured"], verdict_text(r).replace("**", ""))
+            table.add_row(name, r["claim"], r["measured"], conditions_text(r), verdict_text(r).replace("**", ""))
         console.print(table)
         if doc is not None:
             console.print(f"wrote {write_docs_fn(records, doc)}")

@@ -1,13 +1,20 @@
 """``moelab repro``: check each paper's claim at small scale, and say whether it held.
 
 A reproduction is a small ``moelab compare`` whose arms differ in exactly the thing a paper
-claims matters (a loss on or off, a balancing rule, a router), plus a rule that turns the
-measured numbers into a verdict. Every arm shares the model shape, the data, the step budget and
-the seed, and runs with the demo's model (``moelab.train.settings.DEMO``) unless overridden.
+claims matters (a loss on or off, a balancing rule, a router), plus the claim written as
+conditions on paired differences. Every arm shares the model shape, the data and the step
+budget, and runs with the demo's model (``moelab.train.settings.DEMO``) unless overridden; it
+trains once per seed, and on a seed every arm starts from the same weights and reads the same
+batches.
 
-Verdicts are ``holds`` (the rule holds on the seed mean *and* on every seed), ``mixed`` (it holds
-on some seeds only) or ``does not hold``. With a few hundred steps a small loss gap is noise: loss
-comparisons therefore allow a margin (``LOSS_MARGIN``) and each verdict says what it compared.
+A condition is a quantity measured on each seed, usually a difference between two arms (``val
+loss of B - val loss of A``), and a claimed direction with a margin. Its verdict comes from the
+95% t-interval of that quantity over seeds (``moelab.analysis.intervals``): it **holds** when the
+interval clears the margin in the claimed direction, **does not hold** when it clears it in the
+other direction, and is **inconclusive** otherwise. A claim of several conditions does not hold
+when one does not, holds when all do, and is inconclusive otherwise. Margins: a loss difference
+smaller than ``LOSS_MARGIN`` is of no practical consequence at this scale; load and locality
+metrics use 0 (any change in the claimed direction counts); hit rates ``HIT_MARGIN``.
 
 This module holds the claims (``REPRODUCTIONS``); ``moelab.repro.runner`` runs them and
 ``moelab.repro.docs`` records them in ``docs/reproductions.md`` (``--write-docs``).
@@ -19,11 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from moelab.analysis.intervals import combine, judge, t_interval
 from moelab.repro.multilingual import bibles_missing, run_bilingual
 
-# Val-loss differences below this (nats/token) are treated as a tie: at the demo budget the
-# seed-to-seed spread of one arm is about 0.02-0.05 (measured: docs/reproductions.md).
+# A val-loss difference below this (nats/token) is of no practical consequence at this scale
+# (our choice: the seed-to-seed spread of one arm at the demo budget is about 0.02-0.05).
 LOSS_MARGIN = 0.02
+# Hit-rate differences below this count as ties (ours): a few hundred val windows per layer.
+HIT_MARGIN = 0.01
 
 
 @dataclass(frozen=True)
@@ -34,7 +44,50 @@ class Arm:
     model: dict[str, Any] = field(default_factory=dict)  # MoELMConfig overrides for this arm only
 
 
-Rows = dict[str, dict[str, float]]  # arm label -> measured numbers (mean over seeds)
+Rows = dict[str, dict[str, float]]  # arm label -> measured numbers (one seed, or the mean over seeds)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One part of a claim: ``value(rows)`` measured on each seed is claimed ``"lower"`` than
+    ``threshold`` (or ``"higher"``); ``margin`` widens the band the interval must clear on both
+    sides (``moelab.analysis.intervals.judge``)."""
+
+    label: str  # what is measured, e.g. "val loss: load_balance - no_aux"
+    value: Callable[[Rows], float]
+    claim: str  # "lower" or "higher"
+    threshold: float = 0.0
+    margin: float = 0.0
+
+    def text(self) -> str:
+        sign = "<" if self.claim == "lower" else ">"
+        bound = self.threshold - self.margin if self.claim == "lower" else self.threshold + self.margin
+        return f"{self.label} {sign} {bound:+g}" if bound else f"{self.label} {sign} 0"
+
+
+def diff(metric: str, a: str, b: str, scale_b: float = 1.0) -> Callable[[Rows], float]:
+    """``rows[a][metric] - scale_b * rows[b][metric]``."""
+    return lambda r: r[a][metric] - scale_b * r[b][metric]
+
+
+def lower(metric: str, a: str, b: str, name: str | None = None) -> Condition:
+    """``a`` has a lower ``metric`` than ``b`` (any amount)."""
+    return Condition(f"{name or metric}: {a} - {b}", diff(metric, a, b), "lower")
+
+
+def higher(metric: str, a: str, b: str, name: str | None = None, margin: float = 0.0) -> Condition:
+    """``a`` has a higher ``metric`` than ``b`` (by more than ``margin``)."""
+    return Condition(f"{name or metric}: {a} - {b}", diff(metric, a, b), "higher", margin=margin)
+
+
+def no_worse_loss(a: str, b: str) -> Condition:
+    """``a``'s val loss is not worse than ``b``'s by more than ``LOSS_MARGIN`` (non-inferiority)."""
+    return Condition(f"val loss: {a} - {b}", diff("val_loss", a, b), "lower", threshold=LOSS_MARGIN)
+
+
+def lower_loss(a: str, b: str) -> Condition:
+    """``a``'s val loss is lower than ``b``'s by more than ``LOSS_MARGIN`` (superiority)."""
+    return Condition(f"val loss: {a} - {b}", diff("val_loss", a, b), "lower", margin=LOSS_MARGIN)
 
 
 @dataclass(frozen=True)
@@ -44,7 +97,8 @@ class Reproduction:
     paper: str
     claim: str
     arms: dict[str, Arm]
-    verdict: Callable[[Rows], tuple[bool, str]]  # -> (holds, what was measured)
+    conditions: tuple[Condition, ...]  # the claim; every one is judged over seeds
+    describe: Callable[[Rows], str]  # what was measured, from the mean over seeds
     model: dict[str, Any] = field(default_factory=dict)  # MoELMConfig overrides for every arm
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides, e.g. locality
     # A reproduction that is not a ``moelab compare`` (other data, other measurements):
@@ -55,81 +109,79 @@ class Reproduction:
     # (checked before anything trains; ``moelab repro`` skips it with that message).
     requires: Callable[[], str | None] | None = None
 
+    def judge(self, per_seed: list[Rows]) -> dict[str, Any]:
+        """The verdict from each seed's rows: every condition's interval and verdict, combined."""
+        parts = []
+        for c in self.conditions:
+            iv = t_interval([c.value(rows) for rows in per_seed])
+            parts.append(
+                {
+                    "condition": c.text(),
+                    "interval": iv.to_dict(),
+                    "verdict": judge(iv, c.claim, c.threshold, c.margin),
+                }
+            )
+        return {"verdict": combine([p["verdict"] for p in parts]), "conditions": parts}
+
 
 def _f(x: float) -> str:
     return f"{x:.2f}" if abs(x) >= 0.995 or x == 0 else f"{x:.3f}"
 
 
-def _loss_ok(a: float, b: float) -> bool:
-    """``a`` is no worse than ``b`` (within the noise margin)."""
-    return a <= b + LOSS_MARGIN
-
-
-def _verdict_load_balance(r: Rows) -> tuple[bool, str]:
+def _describe_load_balance(r: Rows) -> str:
     a, b = r["no_aux"], r["load_balance"]
-    holds = b["max_over_mean"] < a["max_over_mean"] and _loss_ok(b["val_loss"], a["val_loss"])
-    return holds, (
+    return (
         f"max/mean load {_f(a['max_over_mean'])} -> {_f(b['max_over_mean'])}; "
         f"val loss {a['val_loss']:.3f} -> {b['val_loss']:.3f}"
     )
 
 
-def _verdict_z(r: Rows) -> tuple[bool, str]:
+def _describe_z(r: Rows) -> str:
     a, b = r["lb"], r["lb_z"]
-    holds = b["z"] < a["z"] and _loss_ok(b["val_loss"], a["val_loss"])
-    return holds, (
+    return (
         f"z (mean lse^2) {_f(a['z'])} -> {_f(b['z'])}; max abs logit {_f(a['max_abs_logit'])} -> "
         f"{_f(b['max_abs_logit'])}; val loss {a['val_loss']:.3f} -> {b['val_loss']:.3f}"
     )
 
 
-def _verdict_aux_free(r: Rows) -> tuple[bool, str]:
+def _describe_aux_free(r: Rows) -> str:
     none, aux, bias = r["none"], r["aux_loss"], r["bias"]
-    holds = (
-        bias["max_over_mean"] < none["max_over_mean"]
-        and bias["max_over_mean"] <= 1.1 * aux["max_over_mean"]
-        and _loss_ok(bias["val_loss"], aux["val_loss"])
-    )
-    return holds, (
+    return (
         f"max/mean load: none {_f(none['max_over_mean'])}, aux loss {_f(aux['max_over_mean'])}, "
         f"bias {_f(bias['max_over_mean'])}; val loss: none {none['val_loss']:.3f}, aux loss "
         f"{aux['val_loss']:.3f}, bias {bias['val_loss']:.3f}"
     )
 
 
-def _verdict_expert_choice(r: Rows) -> tuple[bool, str]:
+def _describe_expert_choice(r: Rows) -> str:
     tc, ec = r["top2"], r["expert_choice"]
-    holds = ec["max_over_mean"] <= 1.01 and ec["val_loss"] < tc["val_loss"] - LOSS_MARGIN
-    return holds, (
+    return (
         f"max/mean load top-2 {_f(tc['max_over_mean'])} vs EC {_f(ec['max_over_mean'])}; val loss "
         f"{tc['val_loss']:.3f} vs {ec['val_loss']:.3f} (EC is non-causal: its loss sees later tokens' routing)"
     )
 
 
-def _verdict_lrc_architecture(r: Rows) -> tuple[bool, str]:
+def _describe_lrc_architecture(r: Rows) -> str:
     every, shared, half = r["every_layer"], r["shared_expert"], r["every_2nd"]
-    holds = all(every[m] > max(shared[m], half[m]) for m in ("srp", "sch_2k"))
-    return holds, (
+    return (
         "SRP(16): every layer "
         f"{every['srp']:.3f}, with a shared expert {shared['srp']:.3f}, every 2nd layer {half['srp']:.3f}; "
         f"SCH(16, 2k): {every['sch_2k']:.3f} / {shared['sch_2k']:.3f} / {half['sch_2k']:.3f}"
     )
 
 
-def _verdict_lrc_local_balance(r: Rows) -> tuple[bool, str]:
+def _describe_lrc_local_balance(r: Rows) -> str:
     g, weak, strong = r["global"], r["seq_1e-2"], r["seq_1e-1"]
-    holds = all(g[m] > weak[m] > strong[m] for m in ("srp", "sch_2k"))
-    return holds, (
+    return (
         f"SRP(16): global only {g['srp']:.3f}, + seq 1e-2 {weak['srp']:.3f}, + seq 1e-1 {strong['srp']:.3f}; "
         f"SCH(16, 2k): {g['sch_2k']:.3f} / {weak['sch_2k']:.3f} / {strong['sch_2k']:.3f}; "
         f"val loss {g['val_loss']:.3f} / {weak['val_loss']:.3f} / {strong['val_loss']:.3f}"
     )
 
 
-def _verdict_lookahead(r: Rows) -> tuple[bool, str]:
+def _describe_lookahead(r: Rows) -> str:
     a = r["topk"]
-    holds = a["lookahead"] > a["lru"] + HIT_MARGIN
-    return holds, (
+    return (
         f"hit rate with a cache of 2k = 4 of 8 experts: LRU {a['lru']:.3f}, LFU {a['lfu']:.3f}, "
         f"lookahead (8 tokens) {a['lookahead']:.3f}, Belady {a['belady']:.3f}"
     )
@@ -141,14 +193,24 @@ def _u_shape_parts(n: int) -> tuple[list[int], list[int], list[int]]:
     return list(range(q)), list(range(q, n - q)), list(range(n - q, n))
 
 
-def _verdict_multilingual(r: Rows) -> tuple[bool, str]:
+def _u_parts(r: Rows) -> tuple[list[float], float, float, float]:
     a = r["bilingual"]
     d = [a[f"layer{i}"] for i in range(int(a["layers"]))]
     first, middle, last = (
         sum(d[i] for i in idx) / len(idx) if idx else float("nan") for idx in _u_shape_parts(len(d))
     )
-    holds = middle < min(first, last)  # False when there is no middle (NaN)
-    return holds, (
+    return d, first, middle, last
+
+
+def _u_depth(r: Rows) -> float:
+    """The middle layers' divergence minus the lower of the outer quarters' (< 0: a U)."""
+    _, first, middle, last = _u_parts(r)
+    return middle - min(first, last)
+
+
+def _describe_multilingual(r: Rows) -> str:
+    d, first, middle, last = _u_parts(r)
+    return (
         "divergence by MoE layer "
         + " ".join(f"{x:.4f}" for x in d)
         + f"; first quarter {first:.4f}, middle {middle:.4f}, last quarter {last:.4f}"
@@ -165,9 +227,6 @@ def _run_multilingual(**kwargs: Any) -> Rows:
 MULTILINGUAL_ARM = Arm("topk", {}, {"load_balance": 1e-2, "z": 1e-3}, {"n_layers": 8, "max_seq_len": 256})
 MULTILINGUAL_PAIRS = 256  # held-out verse pairs (the example's default)
 
-
-# Hit-rate differences below this count as ties (ours): a few hundred val windows per layer.
-HIT_MARGIN = 0.01
 _DROPLESS = {"capacity_factor": None}
 _LOCALITY = {"locality": True}
 _LRC_PAPER = "Local routing consistency (Liang et al. 2025, ljcleo/moe-lrc)"
@@ -185,7 +244,11 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                 "load_balance": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
             },
             model={"top_k": 1},
-            verdict=_verdict_load_balance,
+            conditions=(
+                lower("max_over_mean", "load_balance", "no_aux", "max/mean"),
+                no_worse_loss("load_balance", "no_aux"),
+            ),
+            describe=_describe_load_balance,
         ),
         Reproduction(
             name="z",
@@ -196,7 +259,8 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                 "lb": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
                 "lb_z": Arm("topk", _DROPLESS, {"load_balance": 1e-2, "z": 1e-3}),
             },
-            verdict=_verdict_z,
+            conditions=(lower("z", "lb_z", "lb"), no_worse_loss("lb_z", "lb")),
+            describe=_describe_z,
         ),
         Reproduction(
             name="aux_loss_free",
@@ -211,7 +275,15 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                 "aux_loss": Arm("sigmoid_topk", {"bias_update_rate": 0.0}, {"load_balance": 1e-2}),
                 "bias": Arm("sigmoid_topk", {"bias_update_rate": 1e-3}, {}),
             },
-            verdict=_verdict_aux_free,
+            conditions=(
+                lower("max_over_mean", "bias", "none", "max/mean"),
+                # "as well as an auxiliary loss": within 10% of its max/mean (ours)
+                Condition(
+                    "max/mean: bias - 1.1 x aux_loss", diff("max_over_mean", "bias", "aux_loss", 1.1), "lower"
+                ),
+                no_worse_loss("bias", "aux_loss"),
+            ),
+            describe=_describe_aux_free,
         ),
         Reproduction(
             name="expert_choice",
@@ -222,7 +294,13 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                 "top2": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
                 "expert_choice": Arm("expert_choice", {}, {}),
             },
-            verdict=_verdict_expert_choice,
+            conditions=(
+                Condition(
+                    "max/mean: expert_choice", lambda r: r["expert_choice"]["max_over_mean"], "lower", 1.01
+                ),
+                lower_loss("expert_choice", "top2"),
+            ),
+            describe=_describe_expert_choice,
         ),
         Reproduction(
             name="lrc_architecture",
@@ -238,7 +316,12 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                 "every_2nd": Arm("topk", _DROPLESS, {"load_balance": 1e-2}, {"moe_every": 2}),
             },
             train=_LOCALITY,
-            verdict=_verdict_lrc_architecture,
+            conditions=tuple(
+                higher(m, "every_layer", other)
+                for m in ("srp", "sch_2k")
+                for other in ("shared_expert", "every_2nd")
+            ),
+            describe=_describe_lrc_architecture,
         ),
         Reproduction(
             name="lrc_local_balance",
@@ -254,7 +337,12 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                 "seq_1e-1": Arm("topk", _DROPLESS, {"load_balance": 1e-2, "load_balance_seq": 1e-1}),
             },
             train=_LOCALITY,
-            verdict=_verdict_lrc_local_balance,
+            conditions=tuple(
+                higher(m, a, b)
+                for m in ("srp", "sch_2k")
+                for a, b in (("global", "seq_1e-2"), ("seq_1e-2", "seq_1e-1"))
+            ),
+            describe=_describe_lrc_local_balance,
         ),
         Reproduction(
             name="lookahead_cache",
@@ -275,7 +363,15 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                 )
             },
             train=_LOCALITY,
-            verdict=_verdict_lookahead,
+            conditions=(
+                Condition(
+                    "hit rate: lookahead - LRU",
+                    lambda r: r["topk"]["lookahead"] - r["topk"]["lru"],
+                    "higher",
+                    margin=HIT_MARGIN,
+                ),
+            ),
+            describe=_describe_lookahead,
         ),
         Reproduction(
             name="multilingual_u_shape",
@@ -286,7 +382,8 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                 "lowest in the middle layers."
             ),
             arms={"bilingual": MULTILINGUAL_ARM},
-            verdict=_verdict_multilingual,
+            conditions=(Condition("divergence: middle - min(first, last quarter)", _u_depth, "lower"),),
+            describe=_describe_multilingual,
             runner=_run_multilingual,
             requires=bibles_missing,
         ),

@@ -44,36 +44,56 @@ BEGIN, END = "<!-- repro:begin -->", "<!-- repro:end -->"
 
 
 def rejudge(record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` with ``holds`` / ``seed_holds`` recomputed from its per-seed rows under the
-    current rule (records written before the per-seed rule existed are brought up to date)."""
+    """``record`` with ``verdict`` and ``conditions`` recomputed from its per-seed rows under the
+    current rule (paired intervals over seeds, ``Reproduction.judge``); records written under an
+    earlier rule (``holds`` / ``seed_holds``) keep those fields as ``previous_verdict``."""
     rep = REPRODUCTIONS.get(record.get("name", ""))
-    if rep is None or not record.get("per_seed") or not record.get("rows"):
+    if rep is None or not record.get("per_seed"):
         return record
-    seed_holds = [rep.verdict(p)[0] for p in record["per_seed"]]
-    return {**record, "holds": rep.verdict(record["rows"])[0] and all(seed_holds), "seed_holds": seed_holds}
+    out = {k: v for k, v in record.items() if k not in ("holds", "seed_holds")}
+    if "holds" in record and "previous_verdict" not in record:
+        out["previous_verdict"] = old_verdict_text(record)
+    return {**out, **rep.judge(record["per_seed"])}
+
+
+def old_verdict_text(record: dict[str, Any]) -> str:
+    """The verdict of the rule before intervals: ``holds`` on the seed mean and every seed,
+    ``mixed`` on some seeds, else ``does not hold``."""
+    seeds = record.get("seed_holds") or []
+    if record.get("holds"):
+        return "holds"
+    if any(seeds):
+        return f"mixed ({sum(seeds)} of {len(seeds)} seeds)"
+    return "does not hold"
 
 
 def verdict_text(record: dict[str, Any]) -> str:
-    """``holds`` (on the seed mean and on every seed), ``mixed`` (on some seeds) or ``does not hold``."""
-    seeds = record.get("seed_holds") or []
-    if record["holds"]:
-        return "holds"
-    if any(seeds):
-        return f"**mixed**: holds on {sum(seeds)} of {len(seeds)} seeds"
-    return "**does not hold**"
+    """``holds``, ``**does not hold**`` or ``**inconclusive**`` (markdown)."""
+    v = record.get("verdict") or rejudge(record).get("verdict", "inconclusive")
+    return v if v == "holds" else f"**{v}**"
+
+
+def conditions_text(record: dict[str, Any]) -> str:
+    """Each condition: the claimed inequality, the measured mean ± half-width, the verdict."""
+    parts = []
+    for c in record.get("conditions", []):
+        iv = c["interval"]
+        hw = (iv["high"] - iv["low"]) / 2 if iv["n"] > 1 else float("nan")
+        parts.append(f"{c['condition']}: {iv['mean']:+.3g} ± {hw:.2g} ({c['verdict']})")
+    return "; ".join(parts)
 
 
 def render_rows(records: dict[str, dict[str, Any]]) -> str:
     lines = [
-        "| reproduction | method | paper | claim | measured | verdict | seeds x steps |",
-        "|---|---|---|---|---|---|---|",
+        "| reproduction | method | paper | claim | measured (mean over seeds) | paired 95% intervals | verdict | seeds x steps |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in sorted(records):
         r = records[name]
-        verdict = verdict_text(r)
         lines.append(
             f"| `{name}` | [{r['method']}](methods/{r['method']}.md) | {r['paper']} | {r['claim']} | "
-            f"{r['measured']} | {verdict} | {len(r['seeds'])} x {r['steps']} |"
+            f"{r['measured']} | {conditions_text(r)} | {verdict_text(r)} | "
+            f"{len(r['seeds'])} ({', '.join(map(str, r['seeds']))}) x {r['steps']} |"
         )
     return "\n".join(lines)
 

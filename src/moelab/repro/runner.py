@@ -1,5 +1,6 @@
-"""Running reproductions: each seed of a reproduction is a small ``moelab compare`` (or its own
-runner), the rows are averaged over seeds and judged, and the record goes to ``OUT/NAME/repro.json``.
+"""Running reproductions: a reproduction's arms are trained on every seed (one ``moelab compare``
+with ``seeds``, or its own runner per seed), each seed's rows are judged by the claim's paired
+intervals (``Reproduction.judge``), and the record goes to ``OUT/NAME/repro.json``.
 """
 
 from __future__ import annotations
@@ -30,40 +31,56 @@ def missing_prerequisites(names: list[str]) -> dict[str, str]:
 METRICS = ("val_loss", "max_over_mean", "drop_rate", "entropy", "z", "max_abs_logit")
 
 
-def _arm_rows(summary: dict[str, Any]) -> Rows:
-    """Each arm's numbers; with ``TrainConfig.locality``, also the means over MoE layers of
+def run_rows(run: dict[str, Any]) -> dict[str, float]:
+    """One run's numbers; with ``TrainConfig.locality``, also the means over MoE layers of
     ``moelab.analysis.locality.KEYS`` (SRP, SCH, cache hit rates)."""
-    rows = {}
-    for label, r in summary["routers"].items():
-        rows[label] = {
-            "val_loss": float(r["val_loss"]),
-            "max_over_mean": float(r["max_over_mean"]),
-            "drop_rate": float(r["drop_rate"]),
-            "entropy": float(r["entropy"]),
-            "z": mean_of(r["routing"], "z"),
-            "max_abs_logit": mean_of(r["routing"], "max_abs_logit"),
-        }
-        if r.get("locality"):
-            rows[label].update({key: mean_of(r["locality"], key) for key in LOCALITY_KEYS})
-    return rows
+    row = {
+        "val_loss": float(run["val_loss"]),
+        "val_loss_se": float(run.get("val_loss_se", float("nan"))),
+        "max_over_mean": float(run["max_over_mean"]),
+        "drop_rate": float(run["drop_rate"]),
+        "entropy": float(run["entropy"]),
+        "z": mean_of(run["routing"], "z"),
+        "max_abs_logit": mean_of(run["routing"], "max_abs_logit"),
+    }
+    if run.get("locality"):
+        row.update({key: mean_of(run["locality"], key) for key in LOCALITY_KEYS})
+    return row
+
+
+def seed_rows(summary: dict[str, Any]) -> list[Rows]:
+    """Per seed (in order), each arm's ``run_rows`` from a ``run_compare`` summary."""
+    return [
+        {label: run_rows(r["seeds"][str(seed)]) for label, r in summary["routers"].items()}
+        for seed in summary["seeds"]
+    ]
 
 
 def settings_for(
-    rep: Reproduction, *, seed: int, model: dict[str, Any], train: dict[str, Any], out: str
+    rep: Reproduction, *, seeds: list[int], model: dict[str, Any], train: dict[str, Any], out: str
 ) -> CompareSettings:
-    """The ``CompareSettings`` of one seed of ``rep``: one labelled arm per variant."""
+    """The ``CompareSettings`` of ``rep``: one labelled arm per variant, trained on every seed."""
     return CompareSettings(
         routers=list(rep.arms),
         variants={label: arm.router for label, arm in rep.arms.items()},
-        name=f"{rep.name}/seed{seed}",
+        name=rep.name,
         out=out,
         model={**model, **rep.model},
         model_overrides={label: dict(arm.model) for label, arm in rep.arms.items() if arm.model},
-        train={**train, **rep.train, "seed": seed},
+        train={**train, **rep.train, "seed": seeds[0]},
         router_kwargs={label: dict(arm.router_kwargs) for label, arm in rep.arms.items()},
         aux_losses={label: dict(arm.aux_losses) for label, arm in rep.arms.items()},
         save_models=False,
+        seeds=list(seeds),
     )
+
+
+def mean_rows(per_seed: list[Rows]) -> Rows:
+    """Each arm's numbers averaged over seeds."""
+    return {
+        label: {m: sum(p[label][m] for p in per_seed) / len(per_seed) for m in per_seed[0][label]}
+        for label in per_seed[0]
+    }
 
 
 def run_repro(
@@ -77,7 +94,7 @@ def run_repro(
     progress: bool = True,
     console: Any = None,
 ) -> dict[str, Any]:
-    """Run every arm of reproduction ``name`` for each seed; average; judge. Returns a record.
+    """Run every arm of reproduction ``name`` on each seed; judge by paired intervals. Returns a record.
 
     ``train["threads"]``: intra-op threads per arm (0 or absent: ``DEFAULT_THREADS``). Check
     ``missing_prerequisites`` first: a reproduction whose data is absent fails here otherwise.
@@ -88,37 +105,29 @@ def run_repro(
         raise ValueError("seeds must name at least one seed")
     rep = REPRODUCTIONS[name]
     t0 = time.perf_counter()
-    per_seed = []
-    for seed in seeds:
-        if rep.runner is not None:
-            arm_out = Path(out) / rep.name / f"seed{seed}"
-            per_seed.append(
-                rep.runner(
-                    seed=seed,
-                    model={**model, **rep.model},
-                    train={**train, **rep.train},
-                    out=arm_out,
-                    progress=progress,
-                    console=console,
-                )
+    if rep.runner is not None:
+        per_seed = [
+            rep.runner(
+                seed=seed,
+                model={**model, **rep.model},
+                train={**train, **rep.train},
+                out=Path(out) / rep.name / f"seed{seed}",
+                progress=progress,
+                console=console,
             )
-            continue
-        s = settings_for(rep, seed=seed, model=model, train=train, out=out)
-        per_seed.append(_arm_rows(run_compare(s, jobs=jobs, progress=progress, console=console)))
-    rows = {
-        label: {m: sum(p[label][m] for p in per_seed) / len(per_seed) for m in per_seed[0][label]}
-        for label in rep.arms
-    }
-    holds, measured = rep.verdict(rows)
-    seed_holds = [rep.verdict(p)[0] for p in per_seed]
+            for seed in seeds
+        ]
+    else:
+        s = settings_for(rep, seeds=seeds, model=model, train=train, out=out)
+        per_seed = seed_rows(run_compare(s, jobs=jobs, progress=progress, console=console))
+    rows = mean_rows(per_seed)
     record = {
         "name": rep.name,
         "method": rep.method,
         "paper": rep.paper,
         "claim": rep.claim,
-        "holds": holds and all(seed_holds),  # on the seed mean and on every seed
-        "seed_holds": seed_holds,
-        "measured": measured,
+        **rep.judge(per_seed),
+        "measured": rep.describe(rows),
         "seeds": seeds,
         "steps": train.get("steps"),
         "arms": {

@@ -1,9 +1,12 @@
 """``moelab compare``: train the same ``MoELM`` with several routers and compare them.
 
 Every router gets the same model shape, the same data (same windows in the same order), the
-same step budget and the same seed: with one seed the initial weights are identical too (the
-routers of this comparison share one gate shape, ``[E, d]``, drawn at the same point of the
-RNG stream). Each router runs with its paper's settings (``moelab.train.settings.PAPER_SETTINGS``,
+same step budget, and is trained once per seed (``seeds``). On one seed every arm starts from the
+same initial weights (the routers of this comparison share one gate shape, ``[E, d]``, drawn at
+the same point of the RNG stream) and reads the same batches, so the arms' numbers on a seed are
+paired: the table gives each metric's mean with a t-interval over seeds, and each arm's paired
+difference from the baseline arm with its interval (``moelab.train.stats``); a difference whose
+interval holds 0 is a tie. Each router runs with its paper's settings (``moelab.train.settings.PAPER_SETTINGS``,
 the same source as ``moelab train``; overridable with ``router_kwargs``/``aux_losses``/
 ``aux_overrides``): that is the comparison a reader of the papers expects.
 
@@ -11,9 +14,10 @@ An arm whose router is not causal at evaluation (``Router.causal_at_eval`` of th
 expert choice, or a capacity limit at eval) is starred in the table: its val loss sees later
 tokens' routing.
 
-Outputs, under ``out/<name>/``: ``report.md``, ``results.json``, ``loss_curves.png``,
-``expert_load.png`` (``moelab.train.report``) and each router's final model (``<router>/final``,
-loadable with ``MoELM.from_pretrained``).
+Outputs, under ``out/<name>/``: ``report.md``, ``results.json`` (every per-seed number, window
+losses included, so any statistic can be recomputed), ``loss_curves.png`` (a band over seeds),
+``expert_load.png`` (seed 0's) (``moelab.train.report``) and each run's final model
+(``<arm>/seed<k>/final``, loadable with ``MoELM.from_pretrained``).
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ from moelab.data import Data, load_data
 from moelab.models.config import MoELMConfig
 from moelab.train.config import TrainConfig
 from moelab.train.progress import RunProgress
-from moelab.train.report import json_default, print_table, row_metrics, write_outputs
-from moelab.train.resources import available_cores, resolve_threads
+from moelab.train.report import json_default, mean_of, print_table, row_metrics, write_outputs
+from moelab.train.resources import available_cores, cpu_model, resolve_threads
 from moelab.train.settings import DEFAULT_ROUTERS, PAPER_SETTINGS, arm_settings, describe_arm
+from moelab.train.stats import arm_statistics, eval_noise
 from moelab.train.trainer import Trainer, TrainResult
 
 __all__ = [
@@ -68,6 +73,15 @@ class CompareSettings:
     # e.g. shared experts); arms with different shapes no longer share their initial weights.
     model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     save_models: bool = True
+    # Every arm trains once per seed (``train["seed"]`` is replaced); default: ``[train["seed"]]``.
+    seeds: list[int] | None = None
+    baseline: str | None = None  # the arm differences are taken from (default: the first)
+
+    def seed_list(self) -> list[int]:
+        return list(self.seeds) if self.seeds else [int(self.train.get("seed", 0))]
+
+    def baseline_arm(self) -> str:
+        return self.baseline if self.baseline is not None else self.routers[0]
 
 
 def base_router(label: str, s: CompareSettings) -> str:
@@ -87,7 +101,9 @@ def router_setup(label: str, s: CompareSettings) -> tuple[dict[str, Any], dict[s
     )
 
 
-def router_configs(label: str, s: CompareSettings, vocab_size: int) -> tuple[MoELMConfig, TrainConfig]:
+def router_configs(
+    label: str, s: CompareSettings, vocab_size: int, seed: int | None = None
+) -> tuple[MoELMConfig, TrainConfig]:
     kw, aux = router_setup(label, s)
     mcfg = MoELMConfig.from_dict(
         {
@@ -99,7 +115,8 @@ def router_configs(label: str, s: CompareSettings, vocab_size: int) -> tuple[MoE
             "vocab_size": vocab_size,
         }
     )
-    return mcfg, TrainConfig.from_dict(s.train)
+    train = s.train if seed is None else {**s.train, "seed": int(seed)}
+    return mcfg, TrainConfig.from_dict(train)
 
 
 def arm_causal_at_eval(label: str, s: CompareSettings) -> bool:
@@ -123,65 +140,72 @@ def _load(tcfg: TrainConfig) -> Data:
     return load_data(src, tcfg.tokenizer, bpe_vocab_size=tcfg.bpe_vocab_size)
 
 
+def run_dir(label: str, seed: int, s: CompareSettings) -> Path:
+    """Where run ``(label, seed)`` keeps its model: ``out/name/<label>/seed<k>``."""
+    return Path(s.out) / s.name / label / f"seed{seed}"
+
+
 def train_one(
     router: str,
     s: CompareSettings,
     data: Data,
     *,
+    seed: int | None = None,
     progress: bool = False,
     console: Any = None,
     callback: Any = None,
     description: str | None = None,
 ) -> dict[str, Any]:
-    """Train ``router``'s model of the comparison; the result as plain data."""
-    mcfg, tcfg = router_configs(router, s, data.vocab_size)
-    out = Path(s.out) / s.name / router if s.save_models else None
+    """Train arm ``router`` of the comparison on ``seed`` (default: ``train["seed"]``); the result
+    as plain data."""
+    seed = s.seed_list()[0] if seed is None else int(seed)
+    mcfg, tcfg = router_configs(router, s, data.vocab_size, seed)
+    out = run_dir(router, seed, s) if s.save_models else None
     trainer = Trainer(
         mcfg, tcfg, out, data=data, progress=progress, description=description or router, console=console
     )
     res: TrainResult = trainer.train(callback=callback)
-    return {"model_config": mcfg.to_dict(), **res.to_dict(), **row_metrics(res)}
+    return {"seed": seed, "model_config": mcfg.to_dict(), **res.to_dict(), **row_metrics(res)}
 
 
-def _worker(router: str, settings: dict[str, Any], queue: Any) -> None:
-    """One arm in its own process (``spawn``); reports via ``queue``. Threads: ``TrainConfig.threads``."""
-    try:
-        s = CompareSettings(**settings)
-        data = _load(TrainConfig.from_dict(s.train))
-        res = train_one(router, s, data, callback=lambda rep: queue.put(("progress", router, rep)))
-        queue.put(("done", router, res))
-    except BaseException:  # noqa: BLE001 - the parent re-raises with the traceback
-        queue.put(("error", router, traceback.format_exc()))
+def unit_name(label: str, seed: int, s: CompareSettings) -> str:
+    """The progress label of run ``(label, seed)``: the arm, with its seed when there are several."""
+    return label if len(s.seed_list()) == 1 else f"{label} s{seed}"
+
+
+def _worker(settings: dict[str, Any], tasks: Any, queue: Any) -> None:
+    """A worker process (``spawn``): trains the runs ``(label, seed)`` it takes from ``tasks`` until
+    ``None``, reporting via ``queue``; one process serves several runs, so the import and the data
+    loading are paid once per worker. Threads: ``TrainConfig.threads``."""
+    s = CompareSettings(**settings)
+    data = None
+    while (unit := tasks.get()) is not None:
+        key = tuple(unit)
+        try:
+            queue.put(("start", key, None))
+            data = data if data is not None else _load(TrainConfig.from_dict(s.train))
+            res = train_one(
+                key[0], s, data, seed=key[1], callback=lambda rep, key=key: queue.put(("progress", key, rep))
+            )
+            queue.put(("done", key, res))
+        except BaseException:  # noqa: BLE001 - the parent re-raises with the traceback
+            queue.put(("error", key, traceback.format_exc()))
+            return
 
 
 def default_jobs(settings: CompareSettings) -> int:
-    """Parallel worker processes: one per arm on CPU (each single-threaded), 1 on a GPU.
+    """Parallel worker processes: one per run (arm x seed) on CPU, each single-threaded, up to
+    the cores; 1 on a GPU.
 
     At least 3 on CPU even with fewer cores, so the three default arms progress together."""
     if str(settings.train.get("device", "cpu")) != "cpu":
         return 1
-    return max(1, min(len(settings.routers), max(available_cores(), 3), 8))
+    runs = len(settings.routers) * len(settings.seed_list())
+    return max(1, min(runs, max(available_cores(), 3), 8))
 
 
-def run_compare(
-    settings: CompareSettings,
-    *,
-    jobs: int | None = None,
-    progress: bool = True,
-    console: Any = None,
-    echo: bool | None = None,
-) -> dict[str, Any]:
-    """Train one model per arm; write the report, JSON and plots. Returns the results dict.
-
-    ``jobs > 1`` trains the arms in parallel worker processes with ``train["threads"]`` intra-op
-    threads each (default 1; the default on CPU): a 2-core machine then runs at full use without the
-    thread oversubscription that makes multi-threaded small-matrix PyTorch crawl on a busy machine.
-    Throughput is then measured per core (``tok/s/core``), as tokens per second of each worker's
-    CPU time, which running side by side or other load on the machine skews far less than
-    wall-clock time. ``jobs=1`` trains them one after the other in this process and reports
-    wall-clock tokens/s (``tok/s (wall)``). ``echo`` (default: ``progress``) prints each arm's
-    effective settings before training.
-    """
+def check_settings(settings: CompareSettings) -> None:
+    """Names, seeds and the baseline, checked before anything trains."""
     if not settings.routers:
         raise ValueError("routers must name at least one router")
     if len(set(settings.routers)) != len(settings.routers):
@@ -192,8 +216,44 @@ def run_compare(
     unknown = [base_router(r, settings) for r in settings.routers if base_router(r, settings) not in known]
     if unknown:
         raise ValueError(f"unknown router(s) {unknown}; registered routers: {known}")
-    jobs = default_jobs(settings) if jobs is None else max(1, min(int(jobs), len(settings.routers)))
-    tcfg = TrainConfig.from_dict(settings.train)
+    seeds = settings.seed_list()
+    if any(isinstance(x, bool) or not isinstance(x, int) for x in seeds):
+        raise TypeError(f"seeds must be integers, got {seeds}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds}")
+    if settings.baseline is not None and settings.baseline not in settings.routers:
+        raise ValueError(f"baseline must be one of the arms {settings.routers}, got {settings.baseline!r}")
+
+
+def run_compare(
+    settings: CompareSettings,
+    *,
+    jobs: int | None = None,
+    progress: bool = True,
+    console: Any = None,
+    echo: bool | None = None,
+) -> dict[str, Any]:
+    """Train one model per arm and seed; write the report, JSON and plots. Returns the results dict.
+
+    ``jobs > 1`` trains the runs (arm x seed) in parallel worker processes with ``train["threads"]``
+    intra-op threads each (default 1; the default on CPU): a 2-core machine then runs at full use
+    without the thread oversubscription that makes multi-threaded small-matrix PyTorch crawl on a
+    busy machine. Throughput is then measured per core (``tok/s/core``), as tokens per second of
+    each worker's CPU time, which running side by side or other load on the machine skews far
+    less than wall-clock time. ``jobs=1`` trains them one after the other in this process and
+    reports wall-clock tokens/s (``tok/s (wall)``). ``echo`` (default: ``progress``) prints each
+    arm's effective settings before training.
+
+    The result: ``routers[label]`` holds the arm's mean over seeds of every table metric,
+    ``stats`` (mean and interval per metric), ``diff`` (paired difference from the baseline) and
+    ``seeds`` (each seed's full result, keyed by the seed as a string); ``eval_noise`` says how
+    much of the val loss is window noise (``moelab.train.stats``).
+    """
+    check_settings(settings)
+    seeds = settings.seed_list()
+    units = [(r, seed) for seed in seeds for r in settings.routers]
+    jobs = default_jobs(settings) if jobs is None else max(1, min(int(jobs), len(units)))
+    tcfg = TrainConfig.from_dict({**settings.train, "seed": seeds[0]})
     causal = {r: arm_causal_at_eval(r, settings) for r in settings.routers}  # bad configs fail here
     display = RunProgress(console, enabled=progress, throughput="tok/s/core" if jobs > 1 else "tok/s (wall)")
     echo = progress if echo is None else echo
@@ -212,27 +272,35 @@ def run_compare(
     data = _load(tcfg)  # also trains and caches a BPE once, before workers look for it
     if echo:
         display.console.print(
-            f"set-up: {data.corpus.describe()}, loaded in {time.perf_counter() - t0:.1f} s",
+            f"set-up: {data.corpus.describe()}, loaded in {time.perf_counter() - t0:.1f} s; "
+            f"{len(settings.routers)} arm(s) x {len(seeds)} seed(s) = {len(units)} run(s), {jobs} at a time",
             highlight=False,
             markup=False,
             soft_wrap=True,
         )
     if jobs == 1:
         results = {}
-        for i, r in enumerate(settings.routers):
-            label = r if len(settings.routers) == 1 else f"{r} ({i + 1}/{len(settings.routers)})"
-            results[r] = train_one(
-                r, settings, data, progress=progress, console=display.console, description=label
+        for i, (r, seed) in enumerate(units):
+            name = unit_name(r, seed, settings)
+            label = name if len(units) == 1 else f"{name} ({i + 1}/{len(units)})"
+            results[(r, seed)] = train_one(
+                r, settings, data, seed=seed, progress=progress, console=display.console, description=label
             )
     else:
-        results = _run_parallel(settings, jobs, display)
+        results = _run_parallel(settings, units, jobs, display)
     throughput = "cpu" if jobs > 1 else "wall"
-    for r in results.values():
-        r["throughput"] = r["tokens_per_cpu_s"] if throughput == "cpu" else r["tokens_per_s"]
+    for res in results.values():
+        res["throughput"] = res["tokens_per_cpu_s"] if throughput == "cpu" else res["tokens_per_s"]
+    runs = {r: {seed: results[(r, seed)] for seed in seeds} for r in settings.routers}
+    baseline = settings.baseline_arm()
+    statistics = arm_statistics(runs, seeds, baseline)
+    first = results[units[0]]
     summary = {
         "name": settings.name,
         "settings": asdict(settings),
         "train_config": asdict(tcfg),
+        "seeds": seeds,
+        "baseline": baseline,
         "jobs": jobs,
         "throughput_measure": throughput,
         "data": data.corpus.describe(),
@@ -244,10 +312,12 @@ def run_compare(
             "torch": torch.__version__,
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
-            "threads": next(iter(results.values()))["threads"] if results else resolve_threads(tcfg.threads),
+            "cpu": cpu_model(),
+            "threads": first["threads"],
             "machine": platform.machine(),
         },
-        "routers": {r: results[r] for r in settings.routers},
+        "eval_noise": eval_noise(runs, seeds, baseline),
+        "routers": {r: arm_record(runs[r], seeds, statistics[r]) for r in settings.routers},
     }
     write_outputs(summary, out_dir)
     summary["wall_time_s"] = time.perf_counter() - t0
@@ -255,48 +325,90 @@ def run_compare(
     return summary
 
 
-def _run_parallel(settings: CompareSettings, jobs: int, display: RunProgress) -> dict[str, Any]:
+# what an arm's record shows at top level: the mean over seeds (the full runs are under "seeds")
+MEAN_KEYS = (
+    "val_loss",
+    "val_ppl",
+    "val_loss_se",
+    "throughput",
+    "max_over_mean",
+    "worst_layer_max_over_mean",
+    "drop_rate",
+    "no_expert_rate",
+    "entropy",
+    "train_drop_rate",
+    "train_time_s",
+    "train_cpu_time_s",
+)
+
+
+def arm_record(by_seed: dict[int, dict[str, Any]], seeds: list[int], statistics: dict[str, Any]) -> dict[str, Any]:
+    """One arm of the summary: means over seeds, the seed-independent facts (config, params,
+    causality), the statistics, and every seed's result."""
+    first = by_seed[seeds[0]]
+    rec: dict[str, Any] = {k: mean_of([by_seed[s] for s in seeds], k) for k in MEAN_KEYS}
+    rec.update(
+        {
+            "model_config": first["model_config"],
+            "params": first["params"],
+            "active_params": first["active_params"],
+            "causal_at_eval": first["causal_at_eval"],
+            "threads": first["threads"],
+            **statistics,
+            "seeds": {str(s): by_seed[s] for s in seeds},
+        }
+    )
+    return rec
+
+
+def _run_parallel(
+    settings: CompareSettings, units: list[tuple[str, int]], jobs: int, display: RunProgress
+) -> dict[tuple[str, int], Any]:
     import multiprocessing as mp
     import queue as queue_mod
 
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    pending = list(settings.routers)
-    running: dict[str, Any] = {}
-    results: dict[str, Any] = {}
+    q, tasks = ctx.Queue(), ctx.Queue()
+    for unit in units:
+        tasks.put(unit)
+    for _ in range(jobs):
+        tasks.put(None)
+    results: dict[tuple[str, int], Any] = {}
     steps = int(settings.train.get("steps", TrainConfig().steps))
     sd = asdict(settings)
     sd["train"] = {**sd["train"], "threads": resolve_threads(sd["train"].get("threads", 0))}
+    names = {u: unit_name(*u, settings) for u in units}
+    workers = [ctx.Process(target=_worker, args=(sd, tasks, q), daemon=True) for _ in range(jobs)]
     try:
         with display:
-            while pending or running:
-                while pending and len(running) < jobs:
-                    r = pending.pop(0)
-                    p = ctx.Process(target=_worker, args=(r, sd, q), daemon=True)
-                    p.start()
-                    running[r] = p
-                    display.add(r, steps)
+            for p in workers:
+                p.start()
+            while len(results) < len(units):
                 try:
-                    kind, r, payload = q.get(timeout=1.0)
+                    kind, key, payload = q.get(timeout=1.0)
                 except queue_mod.Empty:
-                    dead = [r for r, p in running.items() if not p.is_alive() and p.exitcode not in (0, None)]
+                    dead = [p for p in workers if not p.is_alive() and p.exitcode not in (0, None)]
                     if dead:
-                        code = running[dead[0]].exitcode
-                        raise RuntimeError(
-                            f"compare worker for {dead[0]!r} died (exit code {code})"
-                        ) from None
+                        raise RuntimeError(f"a compare worker died (exit code {dead[0].exitcode})") from None
+                    if not any(p.is_alive() for p in workers):
+                        raise RuntimeError("the compare workers ended before every run finished") from None
                     continue
-                if kind == "progress":
+                unit = tuple(key)
+                if kind == "start":
+                    display.add(names[unit], steps)
+                elif kind == "progress":
                     # one core per worker: its CPU-time throughput is the comparable number
-                    display.update(r, {**payload, "tokens_per_s": payload.get("tokens_per_cpu_s")})
+                    display.update(names[unit], {**payload, "tokens_per_s": payload.get("tokens_per_cpu_s")})
                 elif kind == "done":
-                    results[r] = payload
-                    running.pop(r).join()
-                    display.finish(r, payload["val_loss"])
+                    results[unit] = payload
+                    display.finish(names[unit], payload["val_loss"])
                 else:
-                    raise RuntimeError(f"compare worker for {r!r} failed:\n{payload}")
+                    raise RuntimeError(f"compare worker for {names[unit]!r} failed:\n{payload}")
+            for p in workers:
+                p.join()
     finally:
-        for p in running.values():
-            p.terminate()
-            p.join()
+        for p in workers:
+            if p.is_alive():
+                p.terminate()
+                p.join()
     return results

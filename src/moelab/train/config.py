@@ -13,6 +13,7 @@ RESUME_MAY_CHANGE = frozenset(
         "steps",
         "eval_every",
         "eval_batches",
+        "final_eval_batches",
         "ckpt_every",
         "keep_checkpoints",
         "log_every",
@@ -38,6 +39,10 @@ class TrainConfig:
         bf16: run forward/backward under bf16 autocast (weights and optimizer stay fp32).
         eval_every: evaluate every N steps (0: only at the end); always at the last step.
         eval_batches: val batches per evaluation (global, spread over ranks).
+        final_eval_batches: val batches of the final evaluation, the one the result reports
+            (0: ``eval_batches``). More windows make the final val loss's standard error
+            smaller without slowing the evaluations along the way; the loss curve keeps the
+            ``eval_batches`` windows at every point, the last one included.
         ckpt_every: write a checkpoint every N steps (0: none); ``keep_checkpoints`` newest kept.
         seed: seeds model init, data order and every RNG.
         data: ``"stdlib"``, text files/folders (comma separated), or ``"hf:NAME"``.
@@ -67,6 +72,7 @@ class TrainConfig:
     bf16: bool = False
     eval_every: int = 100
     eval_batches: int = 8
+    final_eval_batches: int = 0
     ckpt_every: int = 0
     keep_checkpoints: int = 2
     seed: int = 0
@@ -83,7 +89,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")
-        for name in ("warmup_steps", "eval_every", "ckpt_every", "seed", "threads"):
+        for name in ("warmup_steps", "eval_every", "final_eval_batches", "ckpt_every", "seed", "threads"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import inspect
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -64,6 +65,15 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     if is_distributed() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t
+
+
+def all_gather_floats(values: list[float]) -> list[float]:
+    """Every rank's ``values`` concatenated in rank order (``values`` itself without a group)."""
+    if not (is_distributed() and dist.get_world_size() > 1):
+        return list(values)
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, [float(v) for v in values])
+    return [v for part in parts for v in part]
 
 
 def check_replicas(model: nn.Module) -> None:

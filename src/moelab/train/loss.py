@@ -6,7 +6,9 @@
   loss (default: ``loss``);
 - ``aux_loss``: the auxiliary (routing) losses, logged;
 - ``count``: the weight of this batch in the val mean (default: its number of rows);
-- ``tokens``: what throughput counts (default: its number of rows).
+- ``tokens``: what throughput counts (default: its number of rows);
+- ``row_loss``: ``[rows]``, each row's own task loss (evaluation only, optional): the trainer
+  reports the val loss's standard error over rows from it (``val_loss_se``).
 
 A ``loss_fn`` that takes a ``step`` keyword gets the optimizer step (schedules, ``RoutingContext``).
 """
@@ -39,8 +41,10 @@ def lm_loss(model: nn.Module, batch: Tensor, *, step: int | None = None) -> tupl
 
     Metrics: ``task_loss`` (``.ce_loss`` when the output has it, the next-token cross-entropy
     without auxiliary losses), ``aux_loss``, ``count`` (the ``B * (S - 1)`` predicted tokens
-    that weight the val mean) and ``tokens`` (``B * S``, for throughput). A model whose
-    ``forward`` takes ``ctx`` gets ``RoutingContext(step=step)``.
+    that weight the val mean), ``tokens`` (``B * S``, for throughput) and, in eval mode,
+    ``row_loss`` (``[B]``: each window's mean next-token cross-entropy, from ``.logits``; the
+    val loss is their mean, and their spread its standard error). A model whose ``forward``
+    takes ``ctx`` gets ``RoutingContext(step=step)``.
     """
     if not isinstance(batch, Tensor) or batch.dim() != 2:
         got = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
@@ -64,6 +68,12 @@ def lm_loss(model: nn.Module, batch: Tensor, *, step: int | None = None) -> tupl
     aux = getattr(out, "aux_loss", None)
     if aux is not None:
         metrics["aux_loss"] = aux
+    logits = getattr(out, "logits", None)
+    if not inner.training and isinstance(logits, Tensor) and logits.shape[:2] == (b, s) and s > 1:
+        # one cross-entropy per window (windows are equally long, so their mean is the val loss)
+        metrics["row_loss"] = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), batch[:, 1:], reduction="none"
+        ).mean(1)
     return loss, metrics
 
 

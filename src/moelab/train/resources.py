@@ -13,6 +13,7 @@ run uses ``DEFAULT_THREADS`` per process unless told otherwise (``--threads``,
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,3 +75,20 @@ def load_warning(workers: int = 1) -> str | None:
         f"warning: load average {load:.1f} exceeds the {cores} core(s) before starting {workers} "
         "training process(es): other work is running, so this run will be slower and its timings noisy"
     )
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its widest vector extensions (results depend on them)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "neon") if f in flags]
+    return f"{name} ({', '.join(ext)})" if ext else name

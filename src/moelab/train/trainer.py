@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from moelab.analysis.intervals import standard_error
 from moelab.core.routed import routed_layers
 from moelab.core.router import step_end
 from moelab.core.tracing import trace
@@ -46,6 +47,7 @@ from moelab.train import checkpoint as ckpt
 from moelab.train.checkpoint import CKPT_DIRNAME, LATEST, latest_checkpoint  # noqa: F401 - re-exported
 from moelab.train.config import TrainConfig, lr_at
 from moelab.train.distributed import (
+    all_gather_floats,
     all_reduce_sum,
     check_replicas,
     init_distributed,
@@ -87,6 +89,10 @@ class TrainResult:
     params: int = 0
     active_params: int = 0
     causal_at_eval: bool = True  # every router routes each token by itself in eval mode
+    # With a loss that reports ``row_loss`` (``lm_loss``): the standard error of ``val_loss`` over
+    # val windows, and each window's loss (``Trainer.evaluate``); NaN / empty otherwise.
+    val_loss_se: float = float("nan")
+    val_window_losses: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,10 +195,14 @@ class Trainer:
             self.batches: Batches | TensorBatches = Batches(
                 data.train_tokens, cfg.seq_len, cfg.batch_size, seed=cfg.seed, **shard
             )
-            self.val = eval_batches(data.val_tokens, cfg.seq_len, cfg.batch_size, cfg.eval_batches, **shard)
+            val_of = lambda n: eval_batches(data.val_tokens, cfg.seq_len, cfg.batch_size, n, **shard)  # noqa: E731
         else:
             self.batches = TensorBatches(data, cfg.batch_size, seed=cfg.seed, **shard)
-            self.val = data.eval_batches(cfg.batch_size, cfg.eval_batches, **shard)
+            val_of = lambda n: data.eval_batches(cfg.batch_size, n, **shard)  # noqa: E731
+        self.val = val_of(cfg.eval_batches)
+        # the final evaluation's windows (``final_eval_batches``), when they differ from ``val``'s
+        more = cfg.final_eval_batches not in (0, cfg.eval_batches)
+        self.final_val = val_of(cfg.final_eval_batches) if more else None
         self.step = 0
         self.history: dict[str, list[float]] = {
             k: [] for k in ("step", "loss", "aux_loss", "lr", "eval_step", "val_loss")
@@ -258,16 +268,25 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, with_trace: bool = False) -> dict[str, Any]:
+    def evaluate(self, with_trace: bool = False, *, final: bool = False) -> dict[str, Any]:
         """Mean val task loss (per ``count``; nats/token for ``lm_loss``) and its exp (perplexity);
-        with ``with_trace``, routing statistics of the routed layers too."""
+        with ``with_trace``, routing statistics of the routed layers too. ``final`` evaluates on
+        the ``final_eval_batches`` windows (``TrainConfig``).
+
+        When the loss function reports ``row_loss`` (``lm_loss`` does), also each val window's
+        loss (``val_window_losses``, in the same order for every run of the same val set, so two
+        runs can be compared window by window) and the standard error of their mean,
+        ``val_loss_se = sd / sqrt(windows)``: how much the val loss would move on another draw of
+        windows from the same text.
+        """
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64)
         layers = dict(routed_layers(self.model))
         tr_ctx = trace(self.model) if with_trace and layers else nullcontext()
         lengths: list[int] = []  # the val windows, in trace order
+        rows: list[float] | None = []
         with tr_ctx as tr:
-            for batch in self.val:
+            for batch in self.final_val if final and self.final_val is not None else self.val:
                 batch = to_device(batch, self.device)
                 if isinstance(batch, Tensor) and batch.dim() == 2:
                     lengths += [batch.shape[1]] * batch.shape[0]
@@ -275,9 +294,18 @@ class Trainer:
                     loss, metrics = self.compute_loss(self.model, batch)
                 n = scalar(metrics.get("count", batch_len(batch)))
                 total += torch.tensor([scalar(metrics.get("task_loss", loss)) * n, n], dtype=torch.float64)
+                row = metrics.get("row_loss")
+                if rows is not None and isinstance(row, Tensor):
+                    rows += row.detach().double().flatten().tolist()
+                else:
+                    rows = None
         all_reduce_sum(total)
         loss = float(total[0] / total[1])
         res: dict[str, Any] = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        if rows is not None:
+            rows = all_gather_floats(rows)
+            res["val_window_losses"] = rows
+            res["val_loss_se"] = standard_error(rows)
         if tr is not None:
             res.update(val_routing(tr, lengths, layers, locality=self.cfg.locality))
         self.model.train()
@@ -386,9 +414,10 @@ class Trainer:
                     self._report(display, report, callback)
                 final = self.step == cfg.steps
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or final:
-                    last_eval = self.evaluate(with_trace=final)
+                    last_eval = self.evaluate(with_trace=final, final=final)
+                    curve = self.evaluate() if final and self.final_val is not None else last_eval
                     self.history["eval_step"].append(self.step)
-                    self.history["val_loss"].append(last_eval["val_loss"])
+                    self.history["val_loss"].append(curve["val_loss"])
                     self._report(display, {**report, "val_loss": last_eval["val_loss"]}, callback)
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.out_dir is not None:
                     self.save_checkpoint()
@@ -398,7 +427,7 @@ class Trainer:
                 final_dir = ckpt.save_weights(self.model, self.out_dir / "final")
                 ckpt.save_tokenizer(getattr(self.data, "tokenizer", None), final_dir)
             if not last_eval:
-                last_eval = self.evaluate(with_trace=True)
+                last_eval = self.evaluate(with_trace=True, final=True)
             display.finish(self.description, last_eval["val_loss"])
         active = self.model.num_parameters(active=True) if isinstance(self.model, MoELM) else None
         params = sum(p.numel() for p in self.model.parameters())
@@ -420,6 +449,8 @@ class Trainer:
             params=params,
             active_params=params if active is None else active,
             causal_at_eval=causal_at_eval(self.model),
+            val_loss_se=last_eval.get("val_loss_se", float("nan")),
+            val_window_losses=last_eval.get("val_window_losses", []),
         )
 
     def _report(self, display: RunProgress, report: dict[str, Any], callback: Callable | None) -> None:
