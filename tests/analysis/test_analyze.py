@@ -186,6 +186,7 @@ def test_default_out_dir_is_named_after_the_parent_directories(tmp_path):
 
     (tmp_path / "runs" / "demo" / "topk" / "final").mkdir(parents=True)
     assert default_out_dir(tmp_path / "runs/demo/topk/final") == Path("runs/analyze/demo-topk-final")
+    assert default_out_dir(tmp_path / "runs/demo/topk/seed0/final") == Path("runs/analyze/demo-topk-seed0-final")
     assert default_out_dir(tmp_path / "runs/demo/sinkhorn/final") == Path("runs/analyze/demo-sinkhorn-final")
     (tmp_path / "runs" / "x.safetensors").write_bytes(b"")
     assert default_out_dir(tmp_path / "runs" / "x.safetensors") == Path("runs/analyze/x")

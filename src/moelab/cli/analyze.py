@@ -11,6 +11,7 @@ Targets (``load_target``): a ``MoELM`` checkpoint directory (``config.json`` +
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,15 +151,18 @@ def _override_tokenizer(spec: str, vocab_size: int) -> Any:
 # --------------------------------------------------------------------------------------------------
 def default_out_dir(target: str | Path) -> Path:
     """``runs/analyze/<name>``, ``<name>`` the target's last three path components (a file without
-    its suffix) joined by ``-``, counted after the last ``runs`` directory when there is one:
-    ``runs/demo/topk/final`` -> ``runs/analyze/demo-topk-final``. Checkpoints that are all named
-    ``final`` so get distinct reports."""
+    its suffix) joined by ``-``, counted after the last ``runs`` directory when there is one, and
+    one more when a ``seed<k>`` folder (``moelab compare``'s layout) is among them:
+    ``runs/demo/topk/final`` -> ``runs/analyze/demo-topk-final``, ``runs/demo/topk/seed0/final`` ->
+    ``runs/analyze/demo-topk-seed0-final``. Checkpoints that are all named ``final`` so get
+    distinct reports."""
     p = Path(target).resolve()
     dirs = list(p.parent.parts)
     if "runs" in dirs:
         dirs = dirs[len(dirs) - dirs[::-1].index("runs") :]
-    parts = [d for d in dirs if d != p.anchor][-2:] + [p.stem if p.is_file() else p.name]
-    return Path("runs") / "analyze" / "-".join(parts[-3:])
+    parts = [d for d in dirs if d != p.anchor][-3:] + [p.stem if p.is_file() else p.name]
+    keep = 4 if any(re.fullmatch(r"seed\d+", x) for x in parts[-3:]) else 3
+    return Path("runs") / "analyze" / "-".join(parts[-keep:])
 
 
 def prepare_out_dir(out_dir: Path, force: bool) -> None:

@@ -10,6 +10,7 @@ contradicts the checkpoint is an error naming it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ TRAIN_FLAGS = {
     "warmup": "warmup_steps",
     "eval_every": "eval_every",
     "eval_batches": "eval_batches",
+    "final_eval_batches": "final_eval_batches",
     "ckpt_every": "ckpt_every",
     "seed": "seed",
     "data": "data",
@@ -160,6 +162,9 @@ def register(app: typer.Typer) -> None:
         warmup: Annotated[int, typer.Option()] = 50,
         eval_every: Annotated[int, typer.Option()] = 100,
         eval_batches: Annotated[int, typer.Option()] = 8,
+        final_eval_batches: Annotated[
+            int, typer.Option(help="val batches of the final evaluation (0: --eval-batches)")
+        ] = 0,
         ckpt_every: Annotated[int, typer.Option(help="checkpoint interval in steps (0: none)")] = 100,
         resume: Annotated[
             bool,
@@ -248,7 +253,10 @@ def _train(console: Any, mcfg: Any, tcfg: Any, run_dir: Path, ckpt: Path | None,
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "result.json").write_text(json.dumps(res.to_dict(), indent=1) + "\n")
         console.print(
-            f"step {res.step}: val loss {res.val_loss:.4f} (ppl {res.val_ppl:.2f}), "
+            f"step {res.step}: val loss {res.val_loss:.4f}"
+            + (f" (standard error {res.val_loss_se:.4f} over {len(res.val_window_losses)} windows)"
+               if math.isfinite(res.val_loss_se) else "")
+            + f", ppl {res.val_ppl:.2f}, "
             f"{res.tokens_per_s:,.0f} tok/s (wall); final model in {run_dir / 'final'}",
             highlight=False,
         )

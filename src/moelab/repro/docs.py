@@ -79,7 +79,7 @@ def conditions_text(record: dict[str, Any]) -> str:
     for c in record.get("conditions", []):
         iv = c["interval"]
         hw = (iv["high"] - iv["low"]) / 2 if iv["n"] > 1 else float("nan")
-        parts.append(f"{c['condition']}: {iv['mean']:+.3g} ± {hw:.2g} ({c['verdict']})")
+        parts.append(f"{c['condition']}: {iv['mean']:+#.3g} ± {hw:#.2g} ({c['verdict']})")
     return "; ".join(parts)
 
 
