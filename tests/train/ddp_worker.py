@@ -50,7 +50,12 @@ def main() -> None:
     trainer = Trainer(mcfg, tcfg, out, progress=False)
     res = trainer.train()  # raises if the replicas diverge
     state = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}
-    save_file(state, f"{out}/rank{trainer.rank}.safetensors", metadata={"val_loss": repr(res.val_loss)})
+    meta = {
+        "val_loss": repr(res.val_loss),
+        "val_loss_se": repr(res.val_loss_se),
+        "windows": repr(sorted(res.val_window_losses)),  # every rank's windows, gathered
+    }
+    save_file(state, f"{out}/rank{trainer.rank}.safetensors", metadata=meta)
     trainer.close()  # before destroying the group: see Trainer.close
     if dist.is_initialized():
         dist.destroy_process_group()

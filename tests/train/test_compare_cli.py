@@ -112,14 +112,11 @@ def test_compare_cli_writes_report_json_and_plots(tmp_path, texts):
     assert model.config.router == "sigmoid_topk"
 
 
-def test_arms_are_paired_by_seed(tmp_path, texts):
-    """Two arms with the same router and settings: on each seed they start from the same weights
-    and read the same batches, so they agree exactly and their paired difference is 0 (a tie);
-    across seeds they differ."""
-    s = CompareSettings(
-        routers=["a", "b"],
-        variants={"a": "topk", "b": "topk"},
-        name="paired",
+def tiny_settings(tmp_path, texts, name, routers, *, eval_batches=1, **kwargs):
+    """A 3-step comparison of a one-layer model on the test texts, writing no models."""
+    return CompareSettings(
+        routers=routers,
+        name=name,
         out=str(tmp_path),
         model={"d_model": 16, "n_layers": 1, "n_heads": 2, "num_experts": 4, "max_seq_len": 32},
         train={
@@ -127,10 +124,25 @@ def test_arms_are_paired_by_seed(tmp_path, texts):
             "batch_size": 4,
             "seq_len": 32,
             "eval_every": 0,
-            "eval_batches": 2,
+            "eval_batches": eval_batches,
             "data": str(texts),
         },
         save_models=False,
+        **kwargs,
+    )
+
+
+def test_arms_are_paired_by_seed(tmp_path, texts):
+    """Two arms with the same router and settings: on each seed they start from the same weights
+    and read the same batches, so they agree exactly and their paired difference is 0 (a tie);
+    across seeds they differ."""
+    s = tiny_settings(
+        tmp_path,
+        texts,
+        "paired",
+        ["a", "b"],
+        eval_batches=2,
+        variants={"a": "topk", "b": "topk"},
         seeds=[0, 1, 2],
     )
     summary = run_compare(s, jobs=1, progress=False)
@@ -147,21 +159,12 @@ def test_arms_are_paired_by_seed(tmp_path, texts):
 
 def test_compare_in_process_is_deterministic_and_takes_overrides(tmp_path, texts):
     def settings(name):
-        return CompareSettings(
-            routers=["topk", "expert_choice"],
-            name=name,
-            out=str(tmp_path),
-            model={"d_model": 16, "n_layers": 1, "n_heads": 2, "num_experts": 4, "max_seq_len": 32},
-            train={
-                "steps": 3,
-                "batch_size": 4,
-                "seq_len": 32,
-                "eval_every": 0,
-                "eval_batches": 1,
-                "data": str(texts),
-            },
+        return tiny_settings(
+            tmp_path,
+            texts,
+            name,
+            ["topk", "expert_choice"],
             router_kwargs={"topk": {"capacity_factor": None}},
-            save_models=False,
         )
 
     a = run_compare(settings("a"), jobs=1, progress=False)

@@ -58,5 +58,12 @@ def test_torchrun_two_processes_match_one_process(tmp_path, texts):
     for k in s:
         torch.testing.assert_close(r0[k], s[k], rtol=1e-4, atol=1e-5, msg=k)
     with safe_open(str(out / "rank0.safetensors"), "pt") as f:
-        ddp_val = float(f.metadata()["val_loss"])
-    assert abs(ddp_val - res.val_loss) < 1e-4
+        meta = f.metadata()
+    assert abs(float(meta["val_loss"]) - res.val_loss) < 1e-4
+    # the ranks' val windows are gathered: the same windows and standard error as one process
+    windows = [float(x) for x in meta["windows"].strip("[]").split(",")]
+    assert len(windows) == len(res.val_window_losses) == 16
+    torch.testing.assert_close(
+        torch.tensor(windows), torch.tensor(sorted(res.val_window_losses)), atol=1e-4, rtol=0
+    )
+    assert abs(float(meta["val_loss_se"]) - res.val_loss_se) < 1e-5
