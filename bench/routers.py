@@ -6,7 +6,8 @@ For the coarse (d=1024, E=8, k=2) and fine (d=1024, E=64, k=8) configurations of
 ``bench/moe_layer.py``, each router in ``moelab.list_methods("router")`` is built by name with its
 defaults and timed on the same ``T`` tokens: forward (the ``Routing``) and forward + backward (a
 scalar of the combine weights and the router's own aux terms, back to the router's parameters).
-The denominator is a whole ``moelab.MoE`` layer with the ``topk`` router and ``backend="auto"``,
+The denominators are a whole ``moelab.MoE`` layer with the ``topk`` router and ``backend="auto"``,
+and the ``topk`` router itself (``x topk``: each router's forward + backward time over topk's),
 timed in the same interleaved rounds. New routers appear here as soon as they are registered; one
 that cannot be built with defaults, or fails, gets a row saying why instead of a time.
 """
@@ -98,6 +99,7 @@ def bench_config(name: str, tokens: int, rounds: int, log=print) -> list[dict]:
     times = interleaved(fns, rounds)
     lay_f = median([t[0] for t in times["moe_layer"]])
     lay_fb = median([t[1] for t in times["moe_layer"]])
+    topk_fb = median([t[1] for t in times["topk"]]) if "topk" in times else float("nan")
     for rname, ts in times.items():
         if rname == "moe_layer":
             continue
@@ -111,6 +113,7 @@ def bench_config(name: str, tokens: int, rounds: int, log=print) -> list[dict]:
                 "fwdbwd_ms_per_1k": round(fb * 1e3 * 1000 / tokens, 4),
                 "fwd_fraction_of_layer": round(f / lay_f, 4),
                 "fwdbwd_fraction_of_layer": round(fb / lay_fb, 4),
+                "fwdbwd_over_topk": round(fb / topk_fb, 3),
                 "layer_fwd_ms": round(lay_f * 1e3, 2),
                 "layer_fwdbwd_ms": round(lay_fb * 1e3, 2),
             }
@@ -124,11 +127,12 @@ def format_rows(rows: list[dict], failed: list[dict] | None = None) -> str:
         [
             r["config"], r["router"], r["fwd_ms_per_1k"], r["fwdbwd_ms_per_1k"],
             f"{100 * r['fwd_fraction_of_layer']:.2f}%", f"{100 * r['fwdbwd_fraction_of_layer']:.2f}%",
+            f"{r['fwdbwd_over_topk']:.2f}",
         ]
         for r in rows
         if "error" not in r
     ]  # fmt: skip
-    body += [[r["config"], r["router"], "-", "-", r["error"], ""] for r in (failed or [])]
+    body += [[r["config"], r["router"], "-", "-", r["error"], "", ""] for r in (failed or [])]
     header = [
         "config",
         "router",
@@ -136,6 +140,7 @@ def format_rows(rows: list[dict], failed: list[dict] | None = None) -> str:
         "fwd+bwd ms / 1k tok",
         "% of layer fwd",
         "% of layer fwd+bwd",
+        "fwd+bwd x topk",
     ]
     return md_table(header, body)
 

@@ -7,6 +7,7 @@ Routing:
     sigmoid_topk, group_limited_mask,        DeepSeek-V3 (``sigmoid_topk``)
     bias_update
     expert_choice, expert_choice_capacity    Expert choice (``expert_choice``)
+    sinkhorn, sinkhorn_topk                  Sinkhorn balancing (``sinkhorn``, ``ssr``)
     expert_capacity, capacity_keep_mask,     capacity and drop policies of token-choice routers
     token_choice_routing
 Losses:
@@ -24,6 +25,7 @@ from moelab.ops.rows import combine, dispatch
 from moelab.routers.capacity import capacity_keep_mask, expert_capacity, token_choice_routing
 from moelab.routers.expert_choice import expert_choice, expert_choice_capacity
 from moelab.routers.sigmoid_topk import bias_update, group_limited_mask, sigmoid_topk
+from moelab.routers.sinkhorn import sinkhorn, sinkhorn_topk
 from moelab.routers.topk import sample_second_expert, softmax_topk
 
 __all__ = [
@@ -42,6 +44,8 @@ __all__ = [
     "load_balance_seq_loss",
     "sample_second_expert",
     "sigmoid_topk",
+    "sinkhorn",
+    "sinkhorn_topk",
     "softmax_topk",
     "token_choice_routing",
     "z_loss",

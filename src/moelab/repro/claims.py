@@ -179,6 +179,20 @@ def _describe_lrc_local_balance(r: Rows) -> str:
     )
 
 
+def _describe_balancing_router(arm: str) -> Callable[[Rows], str]:
+    """What a row comparing a balancing router ``arm`` with top-k without and with the Switch loss measured."""
+
+    def describe(r: Rows) -> str:
+        none, lb, x = r["no_aux"], r["load_balance"], r[arm]
+        return (
+            f"max/mean load: top-k {_f(none['max_over_mean'])}, top-k + LB {_f(lb['max_over_mean'])}, "
+            f"{arm} {_f(x['max_over_mean'])}; val loss {none['val_loss']:.3f} / {lb['val_loss']:.3f} / "
+            f"{x['val_loss']:.3f}"
+        )
+
+    return describe
+
+
 def _describe_lookahead(r: Rows) -> str:
     a = r["topk"]
     return (
@@ -301,6 +315,45 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                 lower_loss("expert_choice", "top2"),
             ),
             describe=_describe_expert_choice,
+        ),
+        Reproduction(
+            name="sinkhorn",
+            method="sinkhorn",
+            paper="S-BASE (Clark et al. 2022); Megatron-LM sinkhorn load balancing",
+            claim=(
+                "Selecting experts by the Sinkhorn-balanced plan balances expert load without an auxiliary "
+                "loss, and trains as well as top-k with the load-balancing loss."
+            ),
+            arms={
+                "no_aux": Arm("topk", _DROPLESS, {}),
+                "load_balance": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
+                "sinkhorn": Arm("sinkhorn", {}, {}),
+            },
+            conditions=(
+                lower("max_over_mean", "sinkhorn", "no_aux", "max/mean"),
+                no_worse_loss("sinkhorn", "load_balance"),
+            ),
+            describe=_describe_balancing_router("sinkhorn"),
+        ),
+        Reproduction(
+            name="ssr",
+            method="ssr",
+            paper="Selective Sinkhorn Routing (SSR, v2)",
+            claim=(
+                "Sinkhorn routing on a small fraction of training steps (p = 0.005), with no auxiliary loss, "
+                "balances load better than plain softmax top-k and trains as well as top-k with the "
+                "load-balancing loss."
+            ),
+            arms={
+                "no_aux": Arm("topk", _DROPLESS, {}),
+                "load_balance": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
+                "ssr": Arm("ssr", {"p": 0.005}, {}),
+            },
+            conditions=(
+                lower("max_over_mean", "ssr", "no_aux", "max/mean"),
+                no_worse_loss("ssr", "load_balance"),
+            ),
+            describe=_describe_balancing_router("ssr"),
         ),
         Reproduction(
             name="lrc_architecture",

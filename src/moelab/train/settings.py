@@ -64,6 +64,18 @@ PAPER_SETTINGS: dict[str, dict[str, Any]] = {
         "aux_losses": {"load_balance_seq": 1e-4},
         "source": "DeepSeek-V3 (bias balancing, sequence-wise loss 1e-4, dropless)",
     },
+    "sinkhorn": {
+        # Megatron-LM's Sinkhorn load balancing: selection by the balanced plan, no aux loss.
+        "router_kwargs": {},
+        "aux_losses": {},
+        "source": "Megatron-LM sinkhorn load balancing / S-BASE (no auxiliary loss)",
+    },
+    "ssr": {
+        # Selective Sinkhorn Routing: Sinkhorn on a fraction p of training steps, no aux loss.
+        "router_kwargs": {},
+        "aux_losses": {},
+        "source": "Selective Sinkhorn Routing (p = 0.005, xi = 0.5, no auxiliary loss)",
+    },
     "expert_choice": {
         # Expert choice: capacity factor c = 2 (= top_k), balanced by construction, no aux loss.
         "router_kwargs": {},
