@@ -193,6 +193,25 @@ def _describe_balancing_router(arm: str) -> Callable[[Rows], str]:
     return describe
 
 
+def balancing_router(name: str, arm: Arm, *, paper: str, claim: str) -> Reproduction:
+    """A router that balances without an auxiliary loss, against dropless top-k without and with
+    the Switch load-balancing loss: lower max/mean than the first, val loss no worse than the
+    second (within ``LOSS_MARGIN``)."""
+    return Reproduction(
+        name=name,
+        method=name,
+        paper=paper,
+        claim=claim,
+        arms={
+            "no_aux": Arm("topk", _DROPLESS, {}),
+            "load_balance": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
+            name: arm,
+        },
+        conditions=(lower("max_over_mean", name, "no_aux", "max/mean"), no_worse_loss(name, "load_balance")),
+        describe=_describe_balancing_router(name),
+    )
+
+
 def _describe_lookahead(r: Rows) -> str:
     a = r["topk"]
     return (
@@ -316,44 +335,24 @@ REPRODUCTIONS: dict[str, Reproduction] = {
             ),
             describe=_describe_expert_choice,
         ),
-        Reproduction(
-            name="sinkhorn",
-            method="sinkhorn",
+        balancing_router(
+            "sinkhorn",
+            Arm("sinkhorn", {}, {}),
             paper="S-BASE (Clark et al. 2022); Megatron-LM sinkhorn load balancing",
             claim=(
                 "Selecting experts by the Sinkhorn-balanced plan balances expert load without an auxiliary "
                 "loss, and trains as well as top-k with the load-balancing loss."
             ),
-            arms={
-                "no_aux": Arm("topk", _DROPLESS, {}),
-                "load_balance": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
-                "sinkhorn": Arm("sinkhorn", {}, {}),
-            },
-            conditions=(
-                lower("max_over_mean", "sinkhorn", "no_aux", "max/mean"),
-                no_worse_loss("sinkhorn", "load_balance"),
-            ),
-            describe=_describe_balancing_router("sinkhorn"),
         ),
-        Reproduction(
-            name="ssr",
-            method="ssr",
+        balancing_router(
+            "ssr",
+            Arm("ssr", {"p": 0.005}, {}),
             paper="Selective Sinkhorn Routing (SSR, v2)",
             claim=(
                 "Sinkhorn routing on a small fraction of training steps (p = 0.005), with no auxiliary loss, "
                 "balances load better than plain softmax top-k and trains as well as top-k with the "
                 "load-balancing loss."
             ),
-            arms={
-                "no_aux": Arm("topk", _DROPLESS, {}),
-                "load_balance": Arm("topk", _DROPLESS, {"load_balance": 1e-2}),
-                "ssr": Arm("ssr", {"p": 0.005}, {}),
-            },
-            conditions=(
-                lower("max_over_mean", "ssr", "no_aux", "max/mean"),
-                no_worse_loss("ssr", "load_balance"),
-            ),
-            describe=_describe_balancing_router("ssr"),
         ),
         Reproduction(
             name="lrc_architecture",
