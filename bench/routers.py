@@ -29,10 +29,11 @@ CONFIGS = {"coarse": dict(d=1024, h=2816, E=8, k=2), "fine": dict(d=1024, h=512,
 
 
 def _ctx(t: int, seq: int, g: torch.Generator) -> RoutingContext:
+    """The context of ``t`` tokens in sequences of ``seq`` (``seq`` must divide ``t``)."""
     return RoutingContext(
+        batch_shape=(t // seq, seq),
         layer_index=0,
         token_ids=torch.randint(0, 256, (t,), generator=g),
-        seq_len=seq,
         step=0,
     )
 
