@@ -217,3 +217,18 @@ def test_train_cli_checkpoints_and_resumes(tmp_path, texts):
         MoELM.from_pretrained(out / "final").embed.weight,
         MoELM.from_pretrained(out / "checkpoints" / "step_0000004").embed.weight,
     )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--seeds", "1,x"], "comma-separated integers"),
+        (["--seeds", "3,3"], "distinct"),
+        (["--seeds", "4-2"], "ranges"),
+        (["--baseline", "nope"], "not among --routers"),
+    ],
+)
+def test_compare_rejects_bad_seeds_and_baseline(tmp_path, args, message):
+    res = CliRunner().invoke(app, ["compare", "--routers", "topk,expert_choice", "--out", str(tmp_path), *args])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not (tmp_path / "compare").exists()  # nothing trained
