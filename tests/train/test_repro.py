@@ -24,6 +24,8 @@ def row(val_loss, max_over_mean, z=1.0, max_abs_logit=1.0):
     }
 
 
+# two steps of a tiny model: enough to exercise a reproduction end to end
+TINY_TRAIN = {"steps": 2, "batch_size": 2, "seq_len": 32, "warmup_steps": 1, "eval_every": 2, "eval_batches": 1}
 JITTER = (-0.002, 0.0, 0.003)  # three seeds' small, independent differences
 
 
@@ -114,14 +116,7 @@ def test_write_docs_merges_rows_and_keeps_the_page(tmp_path):
 
 def test_run_repro_tiny_budget(tmp_path):
     model = {"d_model": 32, "n_layers": 1, "n_heads": 2, "num_experts": 4, "top_k": 2, "max_seq_len": 32}
-    train = {
-        "steps": 2,
-        "batch_size": 2,
-        "seq_len": 32,
-        "warmup_steps": 1,
-        "eval_every": 2,
-        "eval_batches": 1,
-    }
+    train = dict(TINY_TRAIN)
     rec = run_repro("z", seeds=[0, 1], model=model, train=train, out=str(tmp_path), jobs=1, progress=False)
     assert set(rec["rows"]) == {"lb", "lb_z"} and rec["verdict"] in (HOLDS, DOES_NOT_HOLD, INCONCLUSIVE)
     assert rec["rows"]["lb"]["z"] > 0 and len(rec["per_seed"]) == 2
@@ -180,14 +175,7 @@ def test_lookahead_verdict_needs_a_margin():
 
 def test_locality_reproduction_runs_arms_with_their_own_architecture(tmp_path):
     model = {"d_model": 32, "n_layers": 2, "n_heads": 2, "num_experts": 4, "top_k": 2, "max_seq_len": 32}
-    train = {
-        "steps": 2,
-        "batch_size": 2,
-        "seq_len": 32,
-        "warmup_steps": 1,
-        "eval_every": 2,
-        "eval_batches": 1,
-    }
+    train = dict(TINY_TRAIN)
     rec = run_repro(
         "lrc_architecture", seeds=[0], model=model, train=train, out=str(tmp_path), jobs=1, progress=False
     )
@@ -230,14 +218,7 @@ def test_multilingual_runner_on_synthetic_parallel_verses(tmp_path, monkeypatch)
                            f"la {words_es[i]} y la {words_es[i - 1]}"))  # fmt: skip
     monkeypatch.setattr(cl, "parallel_verses", lambda *a, **k: verses)
     model = {"d_model": 32, "n_heads": 2, "num_experts": 4, "top_k": 2}
-    train = {
-        "steps": 2,
-        "batch_size": 2,
-        "seq_len": 32,
-        "warmup_steps": 1,
-        "eval_every": 2,
-        "eval_batches": 1,
-    }
+    train = dict(TINY_TRAIN)
     rec = run_repro(
         "multilingual_u_shape", seeds=[0], model=model, train=train, out=str(tmp_path), progress=False
     )

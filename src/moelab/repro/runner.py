@@ -28,9 +28,6 @@ def missing_prerequisites(names: list[str]) -> dict[str, str]:
     return out
 
 
-METRICS = ("val_loss", "max_over_mean", "drop_rate", "entropy", "z", "max_abs_logit")
-
-
 def run_rows(run: dict[str, Any]) -> dict[str, float]:
     """One run's numbers; with ``TrainConfig.locality``, also the means over MoE layers of
     ``moelab.analysis.locality.KEYS`` (SRP, SCH, cache hit rates)."""
