@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "Trace": "moelab.core.tracing",
     "aux_loss": "moelab.core.routed",
     "build_router": "moelab.core.router",
+    "link_routers": "moelab.core.router",
     "override_routing": "moelab.core.routed",
     "register_router": "moelab.core.router",
     "routing_stats": "moelab.core.stats",
@@ -111,6 +112,7 @@ __all__ = [
     "Trace",
     "aux_loss",
     "build_router",
+    "link_routers",
     "list_methods",
     "override_routing",
     "register_router",
@@ -123,7 +125,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from moelab.core.bank import Bank
     from moelab.core.context import RoutingContext, Session
     from moelab.core.routed import RoutedLayer, RoutingSite, aux_loss, override_routing
-    from moelab.core.router import Router, build_router, register_router, step_end
+    from moelab.core.router import Router, build_router, link_routers, register_router, step_end
     from moelab.core.routing import ExpertOrder, Routing
     from moelab.core.stats import routing_stats
     from moelab.core.tracing import Trace, trace

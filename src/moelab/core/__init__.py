@@ -11,7 +11,15 @@ from moelab.core.routed import (
     override_routing,
     routed_layers,
 )
-from moelab.core.router import Router, build_router, register_router, router_arguments, step_end
+from moelab.core.router import (
+    Router,
+    build_router,
+    link_routers,
+    register_router,
+    router_arguments,
+    share,
+    step_end,
+)
 from moelab.core.routing import MAX_DENSE_ELEMENTS, ExpertOrder, Routing, cat_routings
 from moelab.core.stats import load_stats, logit_stats, router_entropy, routing_stats
 from moelab.core.tracing import Trace, Tracer, register_tracer, trace
@@ -35,6 +43,7 @@ __all__ = [
     "check_bank",
     "check_context",
     "example_bank",
+    "link_routers",
     "load_stats",
     "logit_stats",
     "override_routing",
@@ -44,6 +53,7 @@ __all__ = [
     "router_arguments",
     "router_entropy",
     "routing_stats",
+    "share",
     "step_end",
     "trace",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -70,6 +71,15 @@ class Router(nn.Module):
         Routers with state updated outside autograd (DeepSeek's expert bias) override it.
         """
 
+    def link(self, position: int, layers: Sequence[nn.Module]) -> None:
+        """Called once by a model that stacks routed layers (``link_routers``), before training.
+
+        ``layers`` are the model's routed layers in depth order and ``layers[position]`` is this
+        router's own. Routers whose state spans layers take it here: RMoE's GRU cell shared by
+        every layer, Read-ME's pre-gate run once per forward, ReXMoE's pool of adjacent layers'
+        experts. Default: nothing. An unlinked router behaves as the only routed layer.
+        """
+
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, num_experts={self.num_experts}"
 
@@ -107,6 +117,34 @@ def router_arguments(cls: type[Router]) -> list[str] | None:
         if p.kind is not p.VAR_POSITIONAL and p.name not in ("self", "d_model", "num_experts"):
             out.append(p.name)
     return out
+
+
+def link_routers(layers: Sequence[nn.Module]) -> None:
+    """Call ``Router.link(position, layers)`` for the router of each routed layer, in depth order.
+
+    A model calls it once after building its layers (``MoELM`` does). Layers without a ``router``
+    attribute that is a ``Router`` are skipped but keep their position.
+    """
+    layers = list(layers)
+    for i, layer in enumerate(layers):
+        router = getattr(layer, "router", None)
+        if isinstance(router, Router):
+            router.link(i, layers)
+
+
+def share(owner: nn.Module, name: str, module: nn.Module) -> None:
+    """Make ``owner.name`` refer to ``module``, owned by another module, without registering it.
+
+    Cross-layer state (a GRU cell shared by every layer's router, another layer's experts) is
+    owned, saved and counted once, by its first owner; later users hold a plain reference, so
+    ``parameters()`` and ``state_dict()`` see it once and ``safetensors`` never sees a shared
+    tensor twice. ``model.to(...)`` moves it through its owner.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"share: module must be an nn.Module, got {type(module).__name__}")
+    if name in owner._modules or name in owner._parameters:
+        raise ValueError(f"share: {type(owner).__name__}.{name} is a registered submodule or parameter")
+    object.__setattr__(owner, name, module)
 
 
 def step_end(model: nn.Module) -> None:

@@ -15,7 +15,7 @@ from moelab.core.router import Router, build_router
 from moelab.core.routing import Routing
 from moelab.experts.bank import ExpertBank
 from moelab.experts.shared import SharedExperts
-from moelab.losses.registry import check_aux_losses, get_loss
+from moelab.losses.registry import check_aux_loss_kwargs, check_aux_losses, get_loss
 from moelab.ops.dispatchers import Dispatcher, get_dispatcher
 from moelab.ops.executors import check_backend_name, resolve_executor
 
@@ -39,6 +39,8 @@ class MoE(RoutedLayer):
             module; 0 for none.
         shared_gate: scale the shared output by ``sigmoid(w . x)`` (Qwen2-MoE).
         aux_losses: ``{"load_balance": 1e-2, "z": 1e-3}``: losses by name and their coefficients.
+        aux_loss_kwargs: parameters of those losses, ``{"erc": {"alpha": 0.5}}`` (default: the
+            papers' values, in each loss's signature).
         backend: the executor, ``"auto"`` or a registered name (``moelab list --kind executor``).
         dispatcher: a registered dispatcher name (default ``"local"``) or a ``Dispatcher``.
         check_finite: raise on NaN/Inf inputs (one reduction over ``x``).
@@ -65,6 +67,7 @@ class MoE(RoutedLayer):
         shared_hidden: int | None = None,
         shared_gate: bool = False,
         aux_losses: dict[str, float] | None = None,
+        aux_loss_kwargs: dict[str, dict] | None = None,
         backend: str = "auto",
         dispatcher: str | Dispatcher = "local",
         check_finite: bool = True,
@@ -90,6 +93,7 @@ class MoE(RoutedLayer):
         self.d_out = experts.d_out
         self.shared_experts = _shared(shared_experts, shared_hidden, shared_gate, experts, activation, d_model)
         self.aux_coefficients = check_aux_losses(aux_losses)
+        self.aux_loss_kwargs = check_aux_loss_kwargs(aux_loss_kwargs, self.aux_coefficients)
         self.backend = check_backend_name(backend)
         self.dispatcher = get_dispatcher(dispatcher)
         self.check_finite = bool(check_finite)
@@ -125,7 +129,10 @@ class MoE(RoutedLayer):
         return self.dispatcher(x_TD, routing, self.experts, executor)
 
     def _aux(self, routing: Routing, ctx: RoutingContext) -> None:
-        terms = {name: get_loss(name)(routing, ctx=ctx, layer=self) for name in self.aux_coefficients}
+        terms = {
+            name: get_loss(name)(routing, ctx=ctx, layer=self, **self.aux_loss_kwargs.get(name, {}))
+            for name in self.aux_coefficients
+        }
         terms.update(routing.aux)
         total = routing.weight.new_zeros(()).float()
         for name, value in terms.items():

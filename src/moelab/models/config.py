@@ -30,9 +30,11 @@ class MoELMConfig:
         expert_hidden: each expert's hidden width; None: ``moelab.MoE``'s default ``4 d / k``.
         dense_hidden: the dense FFN's hidden width; None: ``4 d`` (the same active width as an
             MoE layer with the default expert width).
-        router: a registered router name (``moelab list``).
+        router: a registered router name (``moelab list``), or a registered routed layer that
+            replaces the whole MoE layer (``"soft"``: Soft MoE).
         router_kwargs: extra router arguments (``capacity_factor``, ``bias_update_rate``, ...).
         aux_losses: auxiliary losses by name and coefficient, for every MoE layer.
+        aux_loss_kwargs: parameters of those losses by name (``{"erc": {"alpha": 0.5}}``).
         shared_experts: always-on shared experts per MoE layer (DeepSeekMoE); 0 for none.
         backend: expert execution backend, ``"auto"`` or a name from ``moelab.ops.backend_names()``.
         rope_theta: RoPE base.
@@ -52,6 +54,7 @@ class MoELMConfig:
     router: str = "topk"
     router_kwargs: dict[str, Any] = field(default_factory=dict)
     aux_losses: dict[str, float] = field(default_factory=_default_aux_losses)
+    aux_loss_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     shared_experts: int = 0
     backend: str = "auto"
     rope_theta: float = 10000.0
@@ -91,6 +94,10 @@ class MoELMConfig:
         if not isinstance(self.aux_losses, dict):
             raise TypeError(
                 f"aux_losses must be a dict name -> coefficient, got {type(self.aux_losses).__name__}"
+            )
+        if not isinstance(self.aux_loss_kwargs, dict):
+            raise TypeError(
+                f"aux_loss_kwargs must be a dict loss name -> parameters, got {type(self.aux_loss_kwargs).__name__}"
             )
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")

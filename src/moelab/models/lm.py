@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from moelab import registry
 from moelab.core.context import RoutingContext, check_context
 from moelab.core.io import save_safetensors
+from moelab.core.router import link_routers
 from moelab.layers.moe import MoE
 from moelab.models.config import MoELMConfig
 
@@ -99,6 +101,32 @@ class DenseFFN(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+def routed_ffn(cfg: MoELMConfig) -> nn.Module:
+    """The routed FFN of an MoE block: a ``moelab.MoE`` with ``cfg.router``, or, when ``cfg.router``
+    names a registered routed layer other than ``moe`` (``"soft"``), that layer, built with the
+    same arguments (its options in ``router_kwargs``)."""
+    kwargs = dict(
+        shared_experts=cfg.shared_experts,
+        aux_losses=dict(cfg.aux_losses),
+        aux_loss_kwargs={k: dict(v) for k, v in cfg.aux_loss_kwargs.items()},
+        backend=cfg.backend,
+    )
+    if cfg.router != "moe" and cfg.router in registry.names("layer"):
+        layer_cls = registry.get("layer", cfg.router).obj
+        return layer_cls(
+            cfg.d_model, cfg.num_experts, cfg.top_k, cfg.expert_hidden, router_kwargs=dict(cfg.router_kwargs), **kwargs
+        )
+    return MoE(
+        cfg.d_model,
+        cfg.num_experts,
+        cfg.top_k,
+        cfg.expert_hidden,
+        router=cfg.router,
+        router_kwargs=dict(cfg.router_kwargs),
+        **kwargs,
+    )
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: attention, then a dense or MoE FFN."""
 
@@ -110,17 +138,7 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
         self.is_moe = cfg.is_moe_layer(index)
         if self.is_moe:
-            self.ffn: nn.Module = MoE(
-                cfg.d_model,
-                cfg.num_experts,
-                cfg.top_k,
-                cfg.expert_hidden,
-                router=cfg.router,
-                router_kwargs=dict(cfg.router_kwargs),
-                shared_experts=cfg.shared_experts,
-                aux_losses=dict(cfg.aux_losses),
-                backend=cfg.backend,
-            )
+            self.ffn: nn.Module = routed_ffn(cfg)
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.dense_hidden or 4 * cfg.d_model)
 
@@ -135,9 +153,11 @@ class Block(nn.Module):
 class MoELM(nn.Module):
     """Decoder-only LM with MoE FFNs. See the module docstring.
 
-    ``forward(input_ids [B, S] long, labels=None, ctx=None) -> MoELMOutput``. ``labels`` follow
-    the transformers convention: the same positions as ``input_ids`` (usually ``labels=input_ids``),
-    shifted inside the model so position ``t`` predicts ``t + 1``; ``-100`` is ignored.
+    ``forward(input_ids [B, S] long, labels=None, ctx=None, token_types=None) -> MoELMOutput``.
+    ``labels`` follow the transformers convention: the same positions as ``input_ids`` (usually
+    ``labels=input_ids``), shifted inside the model so position ``t`` predicts ``t + 1``; ``-100``
+    is ignored. ``token_types`` ``[B, S]`` long (text / image, ``moelab.data.mixed``) reach the
+    routers as ``ctx.token_types`` (MoMa, ProMoE read them).
     """
 
     def __init__(self, config: MoELMConfig) -> None:
@@ -155,6 +175,8 @@ class MoELM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights()
+        # routers whose state spans layers (RMoE's shared GRU, Read-ME's pre-gate) take it now
+        link_routers([m for _, m in self.moe_layers()])
 
     def _init_weights(self) -> None:
         """GPT-2 style: N(0, 0.02), residual output projections scaled by ``1/sqrt(2 n_layers)``.
@@ -189,12 +211,24 @@ class MoELM(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(
-        self, input_ids: Tensor, labels: Tensor | None = None, ctx: RoutingContext | None = None
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        ctx: RoutingContext | None = None,
+        token_types: Tensor | None = None,
     ) -> MoELMOutput:
         ids = self._check_ids(input_ids, "input_ids")
         b, s = ids.shape
         ctx = check_context(ctx)
-        ctx = ctx.replace(batch_shape=(b, s), token_ids=ids.reshape(-1) if ctx.token_ids is None else ctx.token_ids)
+        changes = {"batch_shape": (b, s)}
+        if ctx.token_ids is None:
+            changes["token_ids"] = ids.reshape(-1)
+        if token_types is not None:
+            if not isinstance(token_types, Tensor) or token_types.shape != ids.shape or token_types.is_floating_point():
+                got = tuple(token_types.shape) if isinstance(token_types, Tensor) else type(token_types).__name__
+                raise ValueError(f"token_types must be an integer tensor of input_ids' shape {tuple(ids.shape)}, got {got}")
+            changes["token_types"] = token_types.reshape(-1).long()
+        ctx = ctx.replace(**changes)
         cos, sin = self.rope_cos[:s], self.rope_sin[:s]
         x = self.embed(ids)
         for blk in self.blocks:
