@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
             int, typer.Option(help="val batches of the final evaluation, the reported one (0: --eval-batches)")
         ] = DEMO["final_eval_batches"],
         data: Annotated[
-            str, typer.Option(help="'stdlib', text files/folders (comma-separated) or hf:NAME")
+            str, typer.Option(help="'stdlib', text files/folders (comma-separated), hf:NAME, or 'mixed' (Fashion-MNIST or digits patches with class names; token types)")
         ] = "stdlib",
         tokenizer: Annotated[str, typer.Option(help="bytes or bpe")] = "bytes",
         router_arg: Annotated[

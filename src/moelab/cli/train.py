@@ -174,7 +174,7 @@ def register(app: typer.Typer) -> None:
         ] = False,
         seed: Annotated[int, typer.Option()] = 0,
         data: Annotated[
-            str, typer.Option(help="'stdlib', text files/folders (comma-separated) or hf:NAME")
+            str, typer.Option(help="'stdlib', text files/folders (comma-separated), hf:NAME, or 'mixed' (image patches + class names, with token types)")
         ] = "stdlib",
         tokenizer: Annotated[str, typer.Option(help="bytes or bpe")] = "bytes",
         bf16: Annotated[bool, typer.Option()] = False,

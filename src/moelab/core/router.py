@@ -71,6 +71,11 @@ class Router(nn.Module):
         Routers with state updated outside autograd (DeepSeek's expert bias) override it.
         """
 
+    def metrics(self) -> dict[str, float]:
+        """Numbers about this router for reports, by name (a dynamic-k router's mean active experts
+        in its last forward, ...). ``moelab compare`` records their mean over layers. Default: none."""
+        return {}
+
     def link(self, position: int, layers: Sequence[nn.Module]) -> None:
         """Called once by a model that stacks routed layers (``link_routers``), before training.
 

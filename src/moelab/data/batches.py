@@ -71,6 +71,9 @@ class _EpochOrder:
 class Batches(_EpochOrder):
     """Deterministic, resumable ``[batch_size, seq_len]`` batches of token windows.
 
+    With ``types`` (one token type per token: the mixed-modality corpus), each batch is the pair
+    ``(ids, types)`` of two ``[batch_size, seq_len]`` long tensors of the same windows.
+
     The stream is cut into ``n = len(tokens) // seq_len`` non-overlapping windows; epoch ``e``
     visits them in the order ``default_rng([seed, e]).permutation(n)``. A global batch is the
     next ``batch_size * world_size`` windows; rank ``r`` takes windows ``[r*b, (r+1)*b)`` of it.
@@ -86,8 +89,10 @@ class Batches(_EpochOrder):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        types: np.ndarray | None = None,
     ) -> None:
         self.tokens = np.asarray(tokens)
+        self.types = _check_types(types, self.tokens)
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
         n = len(self.tokens) // self.seq_len
         if n < 1:
@@ -100,15 +105,39 @@ class Batches(_EpochOrder):
     def num_windows(self) -> int:
         return self.num_items
 
-    def next(self) -> Tensor:
-        """The next ``[batch_size, seq_len]`` long tensor of this rank."""
-        rows = [self.tokens[w * self.seq_len : (w + 1) * self.seq_len] for w in self._mine(self.batch_size)]
-        return torch.from_numpy(np.stack(rows).astype(np.int64))
+    def next(self) -> Tensor | tuple[Tensor, Tensor]:
+        """The next ``[batch_size, seq_len]`` long tensor of this rank (with types: ``(ids, types)``)."""
+        return _windows(self.tokens, self.types, self._mine(self.batch_size), self.seq_len)
+
+
+def _check_types(types: np.ndarray | None, tokens: np.ndarray) -> np.ndarray | None:
+    if types is None:
+        return None
+    types = np.asarray(types)
+    if types.shape != tokens.shape:
+        raise ValueError(f"types must have one entry per token {tokens.shape}, got {types.shape}")
+    return types
+
+
+def _windows(
+    tokens: np.ndarray, types: np.ndarray | None, starts: list[int] | np.ndarray, seq_len: int
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Windows ``starts`` (in units of ``seq_len``) as a ``[len(starts), seq_len]`` long tensor,
+    or ``(ids, types)`` when the stream has token types."""
+    cut = lambda a: torch.from_numpy(np.stack([a[w * seq_len : (w + 1) * seq_len] for w in starts]).astype(np.int64))  # noqa: E731
+    return cut(tokens) if types is None else (cut(tokens), cut(types))
 
 
 def eval_batches(
-    tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int, *, rank: int = 0, world_size: int = 1
-) -> list[Tensor]:
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    types: np.ndarray | None = None,
+) -> list[Tensor] | list[tuple[Tensor, Tensor]]:
     """Fixed validation batches: ``max_batches`` global batches of windows spread evenly over the
     val stream (so a short budget still sees all of it), in order, no randomness.
 
@@ -125,19 +154,21 @@ def eval_batches(
     for i in range(0, len(starts), global_bs):
         mine = starts[i : i + global_bs][rank * batch_size : (rank + 1) * batch_size]
         if len(mine):
-            rows = [tokens[s * seq_len : (s + 1) * seq_len] for s in mine]
-            batches.append(torch.from_numpy(np.stack(rows).astype(np.int64)))
+            batches.append(_windows(tokens, _check_types(types, np.asarray(tokens)), mine, seq_len))
     return batches
 
 
 @dataclass
 class Data:
-    """A corpus tokenised: train and val streams plus the tokenizer."""
+    """A corpus tokenised: train and val streams plus the tokenizer, and, for a mixed-modality
+    corpus (``moelab.data.mixed``), each token's type."""
 
     corpus: Corpus
     tokenizer: object
     train_tokens: np.ndarray
     val_tokens: np.ndarray
+    train_types: np.ndarray | None = None
+    val_types: np.ndarray | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -152,7 +183,17 @@ def load_data(
     bpe_vocab_size: int = 4096,
     include_tests: bool = False,
 ) -> Data:
-    """Load, split and tokenise a corpus (see ``load_corpus`` and ``get_tokenizer``)."""
+    """Load, split and tokenise a corpus (see ``load_corpus`` and ``get_tokenizer``).
+
+    ``"mixed"``, ``"mixed:fashion"``, ``"mixed:digits"``: the mixed-modality corpus of
+    ``moelab.data.mixed`` (its own tokenizer; ``tokenizer`` must be ``"bytes"``, the default).
+    """
+    if isinstance(source, str) and source.split(":")[0] == "mixed":
+        from moelab.data.mixed import load_mixed
+
+        if tokenizer != "bytes":
+            raise ValueError(f"the mixed corpus has its own tokenizer (bytes + 16 grey levels); got tokenizer={tokenizer!r}")
+        return load_mixed(source)
     corpus = load_corpus(source, val_fraction=val_fraction, include_tests=include_tests)
     tok = get_tokenizer(tokenizer, corpus, bpe_vocab_size)
     return Data(corpus, tok, tok.encode_docs(corpus.train), tok.encode_docs(corpus.val))

@@ -43,6 +43,7 @@ class Corpus:
     name: str
     train: list[tuple[str, bytes]] = field(default_factory=list)
     val: list[tuple[str, bytes]] = field(default_factory=list)
+    summary: str | None = None  # what ``describe`` says, for corpora that are not text files
 
     @property
     def fingerprint(self) -> str:
@@ -53,6 +54,8 @@ class Corpus:
         return h.hexdigest()[:16]
 
     def describe(self) -> str:
+        if self.summary is not None:
+            return self.summary
         mb = lambda docs: sum(len(d) for _, d in docs) / 1e6
         return (
             f"{self.name}: {len(self.train)} train files ({mb(self.train):.1f} MB), "

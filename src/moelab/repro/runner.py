@@ -30,7 +30,8 @@ def missing_prerequisites(names: list[str]) -> dict[str, str]:
 
 def run_rows(run: dict[str, Any]) -> dict[str, float]:
     """One run's numbers; with ``TrainConfig.locality``, also the means over MoE layers of
-    ``moelab.analysis.locality.KEYS`` (SRP, SCH, cache hit rates)."""
+    ``moelab.analysis.locality.KEYS`` (SRP, SCH, cache hit rates); the routers' own metrics
+    (``router_metrics``); with token types, ``val_loss_<type>`` (``val_loss_text``, ...)."""
     row = {
         "val_loss": float(run["val_loss"]),
         "val_loss_se": float(run.get("val_loss_se", float("nan"))),
@@ -42,6 +43,8 @@ def run_rows(run: dict[str, Any]) -> dict[str, float]:
     }
     if run.get("locality"):
         row.update({key: mean_of(run["locality"], key) for key in LOCALITY_KEYS})
+    row.update({key: float(v) for key, v in run.get("router_metrics", {}).items()})
+    row.update({f"val_loss_{kind}": float(v) for kind, v in run.get("val_loss_by_type", {}).items()})
     return row
 
 

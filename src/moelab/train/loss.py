@@ -8,7 +8,9 @@
 - ``count``: the weight of this batch in the val mean (default: its number of rows);
 - ``tokens``: what throughput counts (default: its number of rows);
 - ``row_loss``: ``[rows]``, each row's own task loss (evaluation only, optional): the trainer
-  reports the val loss's standard error over rows from it (``val_loss_se``).
+  reports the val loss's standard error over rows from it (``val_loss_se``);
+- ``type_loss``: ``[types, 2]``, the summed task loss and the count of predicted tokens of each
+  token type (evaluation only, with token types): the trainer reports ``val_loss_by_type``.
 
 A ``loss_fn`` that takes a ``step`` keyword gets the optimizer step (schedules, ``RoutingContext``).
 """
@@ -35,9 +37,13 @@ def accepts(fn: Callable, name: str) -> bool:
         return False
 
 
-def lm_loss(model: nn.Module, batch: Tensor, *, step: int | None = None) -> tuple[Tensor, dict[str, Any]]:
+def lm_loss(
+    model: nn.Module, batch: Tensor | tuple[Tensor, Tensor], *, step: int | None = None
+) -> tuple[Tensor, dict[str, Any]]:
     """The default loss: a language model called as ``model(ids, labels=ids)`` that returns an
-    object with ``.loss`` (``MoELM``; a transformers causal LM). ``batch``: ``[B, S]`` token ids.
+    object with ``.loss`` (``MoELM``; a transformers causal LM). ``batch``: ``[B, S]`` token ids,
+    or ``(ids, types)`` from a corpus with token types (``moelab.data.mixed``), passed on as
+    ``model(..., token_types=types)``.
 
     Metrics: ``task_loss`` (``.ce_loss`` when the output has it, the next-token cross-entropy
     without auxiliary losses), ``aux_loss``, ``count`` (the ``B * (S - 1)`` predicted tokens
@@ -46,11 +52,18 @@ def lm_loss(model: nn.Module, batch: Tensor, *, step: int | None = None) -> tupl
     val loss is their mean, and their spread its standard error). A model whose ``forward``
     takes ``ctx`` gets ``RoutingContext(step=step)``.
     """
+    types = None
+    if _typed_ids(batch):
+        batch, types = batch
     if not isinstance(batch, Tensor) or batch.dim() != 2:
         got = tuple(batch.shape) if isinstance(batch, Tensor) else type(batch).__name__
         raise TypeError(f"lm_loss (the default loss_fn) takes [B, S] token ids, got {got}; pass loss_fn=")
     inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model
-    kwargs = {"ctx": RoutingContext(step=step)} if accepts(inner.forward, "ctx") else {}
+    kwargs: dict[str, Any] = {"ctx": RoutingContext(step=step)} if accepts(inner.forward, "ctx") else {}
+    if types is not None:
+        if not accepts(inner.forward, "token_types"):
+            raise TypeError(f"the data has token types but {type(inner).__name__}.forward takes no token_types")
+        kwargs["token_types"] = types
     out = model(batch, labels=batch, **kwargs)
     loss = getattr(out, "loss", None)
     if not isinstance(loss, Tensor):
@@ -71,10 +84,30 @@ def lm_loss(model: nn.Module, batch: Tensor, *, step: int | None = None) -> tupl
     logits = getattr(out, "logits", None)
     if not inner.training and isinstance(logits, Tensor) and logits.shape[:2] == (b, s) and s > 1:
         # one cross-entropy per window (windows are equally long, so their mean is the val loss)
-        metrics["row_loss"] = torch.nn.functional.cross_entropy(
+        ce_BS = torch.nn.functional.cross_entropy(
             logits[:, :-1].float().transpose(1, 2), batch[:, 1:], reduction="none"
-        ).mean(1)
+        )
+        metrics["row_loss"] = ce_BS.mean(1)
+        if types is not None:
+            # per token type of the *predicted* token: [types, 2] = (sum of CE, count)
+            target_types = types[:, 1:].reshape(-1).long()
+            n = int(target_types.max()) + 1 if target_types.numel() else 0
+            sums = torch.zeros(n, dtype=torch.float64, device=ce_BS.device).index_add_(
+                0, target_types, ce_BS.reshape(-1).double()
+            )
+            counts = torch.bincount(target_types, minlength=n).double()
+            metrics["type_loss"] = torch.stack([sums, counts], dim=1)
     return loss, metrics
+
+
+def _typed_ids(batch: Any) -> bool:
+    """Whether ``batch`` is ``(ids, types)``: two integer ``[B, S]`` tensors of one shape."""
+    return (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 2
+        and all(isinstance(t, Tensor) and t.dim() == 2 and not t.is_floating_point() for t in batch)
+        and batch[0].shape == batch[1].shape
+    )
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -103,3 +103,24 @@ class RoutingMonitor:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def router_metrics(model: nn.Module) -> dict[str, float]:
+    """The mean over routed layers of each number the layers report: ``Router.metrics()`` and the
+    ``diagnostics(layer)`` of each auxiliary loss that has one (ERC's coupling dominance). A name
+    reported by only some layers is averaged over those."""
+    from moelab.losses.registry import get_loss
+
+    sums: dict[str, list[float]] = {}
+    for _, layer in routed_layers(model):
+        found: dict[str, float] = {}
+        router = getattr(layer, "router", None)
+        if isinstance(router, Router):
+            found.update(router.metrics())
+        for name in getattr(layer, "aux_coefficients", {}):
+            diagnose = getattr(get_loss(name), "diagnostics", None)
+            if diagnose is not None:
+                found.update(diagnose(layer))
+        for key, value in found.items():
+            sums.setdefault(key, []).append(float(value))
+    return {key: sum(v) / len(v) for key, v in sums.items()}

@@ -57,7 +57,10 @@ from moelab.train.distributed import (
     wrap_ddp,
 )
 from moelab.train.loss import LossFn, accepts, batch_len, lm_loss, scalar, to_device
-from moelab.train.monitor import RoutingMonitor, causal_at_eval, val_routing
+from moelab.train.monitor import RoutingMonitor, causal_at_eval, router_metrics, val_routing
+
+MAX_TOKEN_TYPES = 8  # token types whose val loss is reported separately
+TOKEN_TYPE_NAMES = {0: "text", 1: "image"}  # moelab.data.mixed's TEXT and IMAGE
 from moelab.train.progress import RunProgress
 from moelab.train.resources import torch_threads
 
@@ -93,6 +96,10 @@ class TrainResult:
     # val windows, and each window's loss (``Trainer.evaluate``); NaN / empty otherwise.
     val_loss_se: float = float("nan")
     val_window_losses: list[float] = field(default_factory=list)
+    # Means over routed layers of ``Router.metrics()`` and loss diagnostics (``monitor.router_metrics``).
+    router_metrics: dict[str, float] = field(default_factory=dict)
+    # With token types (``moelab.data.mixed``): the val loss of the tokens of each type, by name.
+    val_loss_by_type: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,11 +198,14 @@ class Trainer:
             eps=cfg.eps,
         )
         shard = {"rank": self.rank, "world_size": self.world_size}
+        self._token_data = isinstance(data, Data)  # batches are ids, or (ids, types)
         if isinstance(data, Data):
             self.batches: Batches | TensorBatches = Batches(
-                data.train_tokens, cfg.seq_len, cfg.batch_size, seed=cfg.seed, **shard
+                data.train_tokens, cfg.seq_len, cfg.batch_size, seed=cfg.seed, types=data.train_types, **shard
             )
-            val_of = lambda n: eval_batches(data.val_tokens, cfg.seq_len, cfg.batch_size, n, **shard)  # noqa: E731
+            val_of = lambda n: eval_batches(  # noqa: E731
+                data.val_tokens, cfg.seq_len, cfg.batch_size, n, types=data.val_types, **shard
+            )
         else:
             self.batches = TensorBatches(data, cfg.batch_size, seed=cfg.seed, **shard)
             val_of = lambda n: data.eval_batches(cfg.batch_size, n, **shard)  # noqa: E731
@@ -285,11 +295,13 @@ class Trainer:
         tr_ctx = trace(self.model) if with_trace and layers else nullcontext()
         lengths: list[int] = []  # the val windows, in trace order
         rows: list[float] | None = []
+        by_type = torch.zeros(MAX_TOKEN_TYPES, 2, dtype=torch.float64)
         with tr_ctx as tr:
             for batch in self.final_val if final and self.final_val is not None else self.val:
                 batch = to_device(batch, self.device)
-                if isinstance(batch, Tensor) and batch.dim() == 2:
-                    lengths += [batch.shape[1]] * batch.shape[0]
+                ids = batch[0] if isinstance(batch, tuple) and self._token_data else batch
+                if isinstance(ids, Tensor) and ids.dim() == 2:
+                    lengths += [ids.shape[1]] * ids.shape[0]
                 with self._autocast():
                     loss, metrics = self.compute_loss(self.model, batch)
                 n = scalar(metrics.get("count", batch_len(batch)))
@@ -299,13 +311,23 @@ class Trainer:
                     rows += row.detach().double().flatten().tolist()
                 else:
                     rows = None
+                typed = metrics.get("type_loss")
+                if isinstance(typed, Tensor):
+                    by_type[: typed.shape[0]] += typed.detach().cpu().double()[:MAX_TOKEN_TYPES]
         all_reduce_sum(total)
+        all_reduce_sum(by_type)
         loss = float(total[0] / total[1])
         res: dict[str, Any] = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
         if rows is not None:
             rows = all_gather_floats(rows)
             res["val_window_losses"] = rows
             res["val_loss_se"] = standard_error(rows)
+        if by_type[:, 1].sum() > 0:
+            res["val_loss_by_type"] = {
+                TOKEN_TYPE_NAMES.get(i, f"type{i}"): float(by_type[i, 0] / by_type[i, 1])
+                for i in range(MAX_TOKEN_TYPES)
+                if by_type[i, 1] > 0
+            }
         if tr is not None:
             res.update(val_routing(tr, lengths, layers, locality=self.cfg.locality))
         self.model.train()
@@ -451,6 +473,8 @@ class Trainer:
             causal_at_eval=causal_at_eval(self.model),
             val_loss_se=last_eval.get("val_loss_se", float("nan")),
             val_window_losses=last_eval.get("val_window_losses", []),
+            router_metrics=router_metrics(self.model),
+            val_loss_by_type=last_eval.get("val_loss_by_type", {}),
         )
 
     def _report(self, display: RunProgress, report: dict[str, Any], callback: Callable | None) -> None:
