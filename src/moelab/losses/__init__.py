@@ -1,4 +1,5 @@
-"""Auxiliary losses over a ``Routing``, by name (``aux_losses={"load_balance": 1e-2, "z": 1e-3}``)."""
+"""Auxiliary losses over a ``Routing``, by name (``aux_losses={"load_balance": 1e-2, "z": 1e-3}``);
+parameters by ``aux_loss_kwargs={"erc": {"alpha": 0.5}}``."""
 
 from moelab.losses.balance import (
     load_balance,
@@ -9,10 +10,29 @@ from moelab.losses.balance import (
     z,
     z_loss,
 )
-from moelab.losses.registry import check_aux_losses, get_loss, register_loss
+from moelab.losses.erc import (
+    erc,
+    erc_coupling,
+    erc_diag_dominance,
+    erc_diagnostics,
+    erc_epsilon,
+    erc_loss,
+    erc_proxy_tokens,
+    expert_gate_weight,
+)
+from moelab.losses.registry import check_aux_loss_kwargs, check_aux_losses, get_loss, register_loss
 
 __all__ = [
+    "check_aux_loss_kwargs",
     "check_aux_losses",
+    "erc",
+    "erc_coupling",
+    "erc_diag_dominance",
+    "erc_diagnostics",
+    "erc_epsilon",
+    "erc_loss",
+    "erc_proxy_tokens",
+    "expert_gate_weight",
     "get_loss",
     "load_balance",
     "load_balance_loss",

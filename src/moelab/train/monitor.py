@@ -107,20 +107,26 @@ class RoutingMonitor:
 
 def router_metrics(model: nn.Module) -> dict[str, float]:
     """The mean over routed layers of each number the layers report: ``Router.metrics()`` and the
-    ``diagnostics(layer)`` of each auxiliary loss that has one (ERC's coupling dominance). A name
-    reported by only some layers is averaged over those."""
-    from moelab.losses.registry import get_loss
+    ``diagnostics(layer)`` of every registered loss that has one (ERC's coupling dominance), on
+    every layer it applies to, whether or not the layer trains with that loss (so that a run
+    without the loss has the same numbers to compare). A name reported by only some layers is
+    averaged over those."""
+    from moelab import registry
 
+    diagnostics = [
+        fn for fn in (getattr(info.obj, "diagnostics", None) for info in registry.list_methods("loss")) if fn
+    ]
     sums: dict[str, list[float]] = {}
     for _, layer in routed_layers(model):
         found: dict[str, float] = {}
         router = getattr(layer, "router", None)
         if isinstance(router, Router):
             found.update(router.metrics())
-        for name in getattr(layer, "aux_coefficients", {}):
-            diagnose = getattr(get_loss(name), "diagnostics", None)
-            if diagnose is not None:
+        for diagnose in diagnostics:
+            try:
                 found.update(diagnose(layer))
+            except (TypeError, ValueError):  # the loss does not apply to this layer's router or bank
+                pass
         for key, value in found.items():
             sums.setdefault(key, []).append(float(value))
     return {key: sum(v) / len(v) for key, v in sums.items()}

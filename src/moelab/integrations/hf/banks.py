@@ -127,6 +127,12 @@ class ClampedSwiGLUExpertBank(ExpertBank):
     def activate(self, h_in: Tensor) -> Tensor:
         return clamped_swiglu(h_in, self.alpha, self.limit)
 
+    @property
+    def gate_weight(self) -> Tensor:
+        """``[E, h, d]``: the gate columns (even) of the interleaved ``gate_up_proj``, transposed
+        (the ERC loss couples router rows with each expert's gate projection)."""
+        return self.gate_up_proj[..., ::2].transpose(1, 2)
+
     def expert_forward(self, e: int, x_ND: Tensor) -> Tensor:
         h = x_ND @ self.gate_up_proj[e] + self.gate_up_proj_bias[e]
         return self.activate(h) @ self.down_proj[e] + self.down_proj_bias[e]
