@@ -29,13 +29,24 @@ CONFIGS = {"coarse": dict(d=1024, h=2816, E=8, k=2), "fine": dict(d=1024, h=512,
 
 
 def _ctx(t: int, seq: int, g: torch.Generator) -> RoutingContext:
-    """The context of ``t`` tokens in sequences of ``seq`` (``seq`` must divide ``t``)."""
+    """The context of ``t`` tokens in sequences of ``seq`` (``seq`` must divide ``t``), with token
+    ids (pre-gating) and two token types (modality routers)."""
     return RoutingContext(
         batch_shape=(t // seq, seq),
         layer_index=0,
         token_ids=torch.randint(0, 256, (t,), generator=g),
+        token_types=torch.randint(0, 2, (t,), generator=g),
         step=0,
     )
+
+
+def _linked_router(name: str, d: int, e: int, k: int):
+    """Router ``name`` as the first of two linked MoE layers (what it is inside ``MoELM``): RMoE
+    owns the shared GRU, Read-ME runs its pre-gate, ReXMoE scores both layers' pools. The layers'
+    experts are tiny: only the router is timed."""
+    layers = [moelab.MoE(d, e, k, hidden=8, router=name) for _ in range(2)]
+    moelab.link_routers(layers)
+    return layers[0].router
 
 
 def _router_step(router, x, ctx_fn, train: bool):
@@ -84,10 +95,9 @@ def bench_config(name: str, tokens: int, rounds: int, log=print) -> list[dict]:
     fns = {"moe_layer": layer_once}
     rows, failed = [], []
     for info in moelab.list_methods("router"):
-        kwargs = {"top_k": k} if info.name != "expert_choice" else {}
         try:
             torch.manual_seed(0)
-            router = moelab.build_router(info.name, d_model=d, num_experts=e, **kwargs)
+            router = _linked_router(info.name, d, e, k)
             router.train()
             fn = _router_step(router, x, ctx_fn, train=True)
             fn()  # warm-up, and proof that it runs with defaults

@@ -8,10 +8,26 @@ Routing:
     bias_update
     expert_choice, expert_choice_capacity    Expert choice (``expert_choice``)
     sinkhorn, sinkhorn_topk                  Sinkhorn balancing (``sinkhorn``, ``ssr``)
+    gru_cell, rnn_cell,                      RMoE's layerwise recurrence (``rmoe``)
+    recurrent_router_logits
+    reuse_group, psr_num_unmasked,           ReXMoE's reuse groups and progressive scaling (``rexmoe``)
+    psr_unmask_rank, psr_allowed,
+    masked_softmax_topk, split_expert_order
+    capacity_schedule, schedule_shape,       DynaMoE's per-token k and layer capacities (``dynamoe``)
+    dynamic_topk
+    tsallis_topp                             DynMoLE's top-p / broadcast decision (``tsallis_topp``)
+    modality_expert_choice, gumbel_sigmoid,  MoMa: expert choice per modality group (``moma``)
+    predictor_bce, predicted_selection
+    prototype_scores, prototype_gates        ProMoE's prototypical routing (``promoe``)
+    pregate_gate, rope_rotate                Read-ME's pre-gate over token ids (``pregate``)
     expert_capacity, capacity_keep_mask,     capacity and drop policies of token-choice routers
     token_choice_routing
 Losses:
     load_balance_loss, load_balance_seq_loss, z_loss
+    erc_epsilon, erc_proxy_tokens,           expert-router coupling (``erc``)
+    erc_coupling, erc_loss, erc_diag_dominance
+    tsallis_entropy, tsallis_entropy_loss    DynMoLE's entropy (``tsallis_entropy``)
+    routing_contrastive_loss                 ProMoE's routing contrastive loss (``rcl``)
 Execution:
     dispatch, combine                        rows into expert-sorted order and back
     grouped_mm                               grouped GEMM over expert-sorted rows
@@ -19,34 +35,80 @@ Execution:
 """
 
 from moelab.core.activations import activation_backward, activation_forward
+from moelab.experts.union import split_expert_order
 from moelab.kernels.grouped_mm import grouped_mm
 from moelab.losses.balance import load_balance_loss, load_balance_seq_loss, z_loss
+from moelab.losses.entropy import tsallis_entropy, tsallis_entropy_loss
+from moelab.losses.erc import erc_coupling, erc_diag_dominance, erc_epsilon, erc_loss, erc_proxy_tokens
+from moelab.losses.rcl import routing_contrastive_loss
 from moelab.ops.rows import combine, dispatch
 from moelab.routers.capacity import capacity_keep_mask, expert_capacity, token_choice_routing
+from moelab.routers.dynamoe import capacity_schedule, dynamic_topk, schedule_shape
 from moelab.routers.expert_choice import expert_choice, expert_choice_capacity
+from moelab.routers.moma import gumbel_sigmoid, modality_expert_choice, predicted_selection, predictor_bce
+from moelab.routers.pregate import pregate_gate, rope_rotate
+from moelab.routers.promoe import prototype_gates, prototype_scores
+from moelab.routers.recurrent import gru_cell, recurrent_router_logits, rnn_cell
+from moelab.routers.rexmoe import (
+    masked_softmax_topk,
+    psr_allowed,
+    psr_num_unmasked,
+    psr_unmask_rank,
+    reuse_group,
+)
 from moelab.routers.sigmoid_topk import bias_update, group_limited_mask, sigmoid_topk
 from moelab.routers.sinkhorn import sinkhorn, sinkhorn_topk
 from moelab.routers.topk import sample_second_expert, softmax_topk
+from moelab.routers.tsallis import tsallis_topp
 
 __all__ = [
     "activation_backward",
     "activation_forward",
     "bias_update",
     "capacity_keep_mask",
+    "capacity_schedule",
     "combine",
     "dispatch",
+    "dynamic_topk",
+    "erc_coupling",
+    "erc_diag_dominance",
+    "erc_epsilon",
+    "erc_loss",
+    "erc_proxy_tokens",
     "expert_capacity",
     "expert_choice",
     "expert_choice_capacity",
-    "grouped_mm",
     "group_limited_mask",
+    "grouped_mm",
+    "gru_cell",
+    "gumbel_sigmoid",
     "load_balance_loss",
     "load_balance_seq_loss",
+    "masked_softmax_topk",
+    "modality_expert_choice",
+    "predicted_selection",
+    "predictor_bce",
+    "pregate_gate",
+    "prototype_gates",
+    "prototype_scores",
+    "psr_allowed",
+    "psr_num_unmasked",
+    "psr_unmask_rank",
+    "recurrent_router_logits",
+    "reuse_group",
+    "rnn_cell",
+    "rope_rotate",
+    "routing_contrastive_loss",
     "sample_second_expert",
+    "schedule_shape",
     "sigmoid_topk",
     "sinkhorn",
     "sinkhorn_topk",
     "softmax_topk",
+    "split_expert_order",
     "token_choice_routing",
+    "tsallis_entropy",
+    "tsallis_entropy_loss",
+    "tsallis_topp",
     "z_loss",
 ]

@@ -68,6 +68,12 @@ from moelab.analysis.metrics import (
     trace_metrics,
 )
 from moelab.analysis.plots import plot_coactivation, plot_load, plot_mutual_information
+from moelab.analysis.pregate import (
+    find_pregate_router,
+    pregate_decisions,
+    pregate_lookahead_hit_rate,
+    pregate_topk_index,
+)
 from moelab.analysis.sequences import split_sequences, topk_mask
 from moelab.analysis.stats import CI, bootstrap_ci
 from moelab.registry import register
@@ -140,6 +146,7 @@ __all__ = [
     "default_cache_sizes",
     "difference_label",
     "expert_load",
+    "find_pregate_router",
     "hit_rate_curve",
     "js_divergence",
     "judge",
@@ -155,6 +162,9 @@ __all__ = [
     "plot_coactivation",
     "plot_load",
     "plot_mutual_information",
+    "pregate_decisions",
+    "pregate_lookahead_hit_rate",
+    "pregate_topk_index",
     "read_bible",
     "router_entropy",
     "routing_mutual_information",

@@ -65,6 +65,12 @@ class Router(nn.Module):
         """
         return True
 
+    @property
+    def needs_token_types(self) -> bool:
+        """Whether this router reads ``ctx.token_types`` (modality routers: MoMa, ProMoE). A run
+        on data without token types fails before training (``moelab compare`` checks it)."""
+        return False
+
     def step_end(self) -> None:
         """Called once after each optimizer step (``moelab.step_end(model)``). Default: nothing.
 

@@ -193,7 +193,8 @@ def load_data(
 
         if tokenizer != "bytes":
             raise ValueError(f"the mixed corpus has its own tokenizer (bytes + 16 grey levels); got tokenizer={tokenizer!r}")
-        return load_mixed(source)
+        corpus, tok, train, val, train_types, val_types = load_mixed(source)
+        return Data(corpus, tok, train, val, train_types=train_types, val_types=val_types)
     corpus = load_corpus(source, val_fraction=val_fraction, include_tests=include_tests)
     tok = get_tokenizer(tokenizer, corpus, bpe_vocab_size)
     return Data(corpus, tok, tok.encode_docs(corpus.train), tok.encode_docs(corpus.val))

@@ -143,10 +143,9 @@ def load_digits_images() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarra
     return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
 
 
-def load_mixed(source: str = MIXED):
-    """The mixed corpus as ``moelab.data.Data`` with ``train_types`` / ``val_types`` (module docstring)."""
-    from moelab.data.batches import Data
-
+def load_mixed(source: str = MIXED) -> tuple[Corpus, MixedTokenizer, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The mixed corpus (module docstring): ``(corpus, tokenizer, train_tokens, val_tokens,
+    train_types, val_types)``; ``moelab.data.load_data("mixed")`` wraps it in a ``Data``."""
     if source not in SOURCES:
         raise ValueError(f"mixed data source must be one of {SOURCES}, got {source!r}")
     kind = source.partition(":")[2] or ("fashion" if fashion_available() else "digits")
@@ -170,4 +169,4 @@ def load_mixed(source: str = MIXED):
         f"with class names; {len(train_tokens)} train / {len(val_tokens)} val tokens, "
         f"{train_types.mean():.0%} image"
     )
-    return Data(corpus, tok, train_tokens, val_tokens, train_types=train_types, val_types=val_types)
+    return corpus, tok, train_tokens, val_tokens, train_types, val_types

@@ -10,6 +10,7 @@ from moelab.losses.balance import (
     z,
     z_loss,
 )
+from moelab.losses.entropy import tsallis_entropy, tsallis_entropy_aux, tsallis_entropy_loss
 from moelab.losses.erc import (
     erc,
     erc_coupling,
@@ -20,6 +21,7 @@ from moelab.losses.erc import (
     erc_proxy_tokens,
     expert_gate_weight,
 )
+from moelab.losses.rcl import rcl, routing_contrastive_loss
 from moelab.losses.registry import check_aux_loss_kwargs, check_aux_losses, get_loss, register_loss
 
 __all__ = [
@@ -39,7 +41,12 @@ __all__ = [
     "load_balance_seq",
     "load_balance_seq_loss",
     "load_balance_seq_unbiased",
+    "rcl",
     "register_loss",
+    "routing_contrastive_loss",
+    "tsallis_entropy",
+    "tsallis_entropy_aux",
+    "tsallis_entropy_loss",
     "z",
     "z_loss",
 ]

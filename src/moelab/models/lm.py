@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from moelab import registry
 from moelab.core.context import RoutingContext, check_context
 from moelab.core.io import save_safetensors
-from moelab.core.router import link_routers
+from moelab.core.router import link_routers, router_arguments
 from moelab.layers.moe import MoE
 from moelab.models.config import MoELMConfig
 
@@ -104,7 +104,14 @@ class DenseFFN(nn.Module):
 def routed_ffn(cfg: MoELMConfig) -> nn.Module:
     """The routed FFN of an MoE block: a ``moelab.MoE`` with ``cfg.router``, or, when ``cfg.router``
     names a registered routed layer other than ``moe`` (``"soft"``), that layer, built with the
-    same arguments (its options in ``router_kwargs``)."""
+    same arguments (its options in ``router_kwargs``). A router that takes ``vocab_size`` gets the
+    model's."""
+    router_kwargs = dict(cfg.router_kwargs)
+    if cfg.router in registry.names("router") and "vocab_size" not in router_kwargs:
+        # routers over token ids (Read-ME's pre-gate) embed the model's vocabulary
+        accepted = router_arguments(registry.get("router", cfg.router).obj)
+        if accepted is not None and "vocab_size" in accepted:
+            router_kwargs["vocab_size"] = cfg.vocab_size
     kwargs = dict(
         shared_experts=cfg.shared_experts,
         aux_losses=dict(cfg.aux_losses),
@@ -114,7 +121,7 @@ def routed_ffn(cfg: MoELMConfig) -> nn.Module:
     if cfg.router != "moe" and cfg.router in registry.names("layer"):
         layer_cls = registry.get("layer", cfg.router).obj
         return layer_cls(
-            cfg.d_model, cfg.num_experts, cfg.top_k, cfg.expert_hidden, router_kwargs=dict(cfg.router_kwargs), **kwargs
+            cfg.d_model, cfg.num_experts, cfg.top_k, cfg.expert_hidden, router_kwargs=router_kwargs, **kwargs
         )
     return MoE(
         cfg.d_model,
@@ -122,7 +129,7 @@ def routed_ffn(cfg: MoELMConfig) -> nn.Module:
         cfg.top_k,
         cfg.expert_hidden,
         router=cfg.router,
-        router_kwargs=dict(cfg.router_kwargs),
+        router_kwargs=router_kwargs,
         **kwargs,
     )
 

@@ -38,6 +38,8 @@ def run_rows(run: dict[str, Any]) -> dict[str, float]:
         "max_over_mean": float(run["max_over_mean"]),
         "drop_rate": float(run["drop_rate"]),
         "entropy": float(run["entropy"]),
+        "experts_per_token": float(run.get("experts_per_token", float("nan"))),
+        "nmi_consecutive": float(run.get("nmi_consecutive", float("nan"))),
         "z": mean_of(run["routing"], "z"),
         "max_abs_logit": mean_of(run["routing"], "max_abs_logit"),
     }

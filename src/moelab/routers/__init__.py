@@ -4,6 +4,14 @@
 - ``sigmoid_topk``: DeepSeek-V3's sigmoid scores, aux-loss-free bias, group-limited routing;
 - ``expert_choice``: each expert takes its top-C tokens;
 - ``sinkhorn``, ``ssr``: Sinkhorn-balanced selection (Megatron / S-BASE; Selective Sinkhorn Routing);
+- ``rmoe``: RMoE's layerwise recurrent router (one GRU cell shared by every layer);
+- ``rexmoe``: ReXMoE, routing over the union of adjacent layers' experts, with progressive scaling;
+- ``dynamoe``: DynaMoE, a per-token number of experts under a per-layer capacity schedule;
+- ``tsallis_topp``: DynMoLE's top-p router, all experts for uncertain tokens (Tsallis entropy);
+- ``moma``: MoMa, expert choice inside modality groups of experts (token types), causal predictor;
+- ``promoe``: ProMoE, an unconditional expert by token type and prototypical (cosine) routing;
+- ``pregate``: Read-ME's pre-gate, a small causal transformer over token ids whose decision every
+  layer uses (routing known before the backbone runs);
 - ``capacity``: expert capacity and drop policies shared by the token-choice routers.
 """
 
@@ -14,29 +22,101 @@ from moelab.routers.capacity import (
     expert_capacity,
     token_choice_routing,
 )
+from moelab.routers.dynamoe import (
+    RULES,
+    SCHEDULES,
+    DynaMoERouter,
+    capacity_schedule,
+    dynamic_topk,
+    mask_routing,
+    schedule_shape,
+)
 from moelab.routers.expert_choice import ExpertChoiceRouter, expert_choice, expert_choice_capacity
+from moelab.routers.moma import (
+    MoMaRouter,
+    gumbel_sigmoid,
+    modality_expert_choice,
+    predicted_selection,
+    predictor_bce,
+    require_token_types,
+)
+from moelab.routers.pregate import PreGate, PreGateDecision, PreGateRouter, pregate_gate, rope_rotate
+from moelab.routers.promoe import ProMoERouter, expert_label_purity, prototype_gates, prototype_scores
+from moelab.routers.recurrent import (
+    CELL_TYPES,
+    RecurrentCell,
+    RecurrentRouter,
+    gru_cell,
+    recurrent_router_logits,
+    rnn_cell,
+)
+from moelab.routers.rexmoe import (
+    ReXMoERouter,
+    masked_softmax_topk,
+    psr_allowed,
+    psr_num_unmasked,
+    psr_unmask_rank,
+    reuse_group,
+)
 from moelab.routers.sigmoid_topk import SigmoidTopKRouter, bias_update, group_limited_mask, sigmoid_topk
 from moelab.routers.sinkhorn import SelectiveSinkhornRouter, SinkhornRouter, sinkhorn, sinkhorn_topk
 from moelab.routers.topk import TopKRouter, sample_second_expert, softmax_topk
+from moelab.routers.tsallis import TsallisTopPRouter, tsallis_topp
 
 __all__ = [
-    "DROP_POLICIES",
+    "CELL_TYPES",
     "Capacity",
+    "DROP_POLICIES",
+    "DynaMoERouter",
     "ExpertChoiceRouter",
+    "MoMaRouter",
+    "PreGate",
+    "PreGateDecision",
+    "PreGateRouter",
+    "ProMoERouter",
+    "RULES",
+    "ReXMoERouter",
+    "RecurrentCell",
+    "RecurrentRouter",
+    "SCHEDULES",
     "SelectiveSinkhornRouter",
     "SigmoidTopKRouter",
     "SinkhornRouter",
     "TopKRouter",
+    "TsallisTopPRouter",
     "bias_update",
     "capacity_keep_mask",
+    "capacity_schedule",
+    "dynamic_topk",
     "expert_capacity",
     "expert_choice",
     "expert_choice_capacity",
+    "expert_label_purity",
     "group_limited_mask",
+    "gru_cell",
+    "gumbel_sigmoid",
+    "mask_routing",
+    "masked_softmax_topk",
+    "modality_expert_choice",
+    "predicted_selection",
+    "predictor_bce",
+    "pregate_gate",
+    "prototype_gates",
+    "prototype_scores",
+    "psr_allowed",
+    "psr_num_unmasked",
+    "psr_unmask_rank",
+    "recurrent_router_logits",
+    "require_token_types",
+    "reuse_group",
+    "rnn_cell",
+    "rope_rotate",
     "sample_second_expert",
+    "schedule_shape",
     "sigmoid_topk",
     "sinkhorn",
     "sinkhorn_topk",
     "softmax_topk",
     "token_choice_routing",
+    "tsallis_topp",
 ]

@@ -121,7 +121,8 @@ def router_configs(
 
 def arm_causal_at_eval(label: str, s: CompareSettings) -> bool:
     """``causal_at_eval`` of the router the arm builds (the router is built to ask it, so bad
-    router kwargs fail here, before any training)."""
+    router kwargs fail here, before any training, and so does a router that needs token types on
+    data without them)."""
     from moelab.core.router import build_router
 
     mcfg, _ = router_configs(label, s, 256)
@@ -132,7 +133,17 @@ def arm_causal_at_eval(label: str, s: CompareSettings) -> bool:
             num_experts=mcfg.num_experts,
             **{"top_k": mcfg.top_k, **mcfg.router_kwargs},
         )
+    if getattr(router, "needs_token_types", False) and not _typed_data(s.train.get("data", "stdlib")):
+        raise ValueError(
+            f"arm {label!r}: router {mcfg.router!r} routes by token type; train it on data with token "
+            "types (--data mixed)"
+        )
     return bool(router.causal_at_eval)
+
+
+def _typed_data(source: object) -> bool:
+    """Whether ``TrainConfig.data`` names a corpus whose tokens carry types (``moelab.data.mixed``)."""
+    return isinstance(source, str) and source.split(":")[0] == "mixed"
 
 
 def _load(tcfg: TrainConfig) -> Data:

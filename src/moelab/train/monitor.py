@@ -31,7 +31,8 @@ def val_routing(
     tr: Any, lengths: list[int], layers: dict[str, nn.Module], *, locality: bool = False
 ) -> dict[str, Any]:
     """What a trainer reports of a val-set ``Trace``: ``routing`` (``Trace.summary``, i.e.
-    ``moelab.core.stats.routing_stats`` per layer), ``load`` (``[layers][E]`` load / mean load),
+    ``moelab.core.stats.routing_stats`` per layer, and from the second layer on ``nmi_set``, the
+    normalised mutual information of its expert sets with the previous layer's), ``load`` (``[layers][E]`` load / mean load),
     ``no_expert_rate`` (share of tokens no expert processed) and, with ``locality``, each layer's
     ``moelab.analysis.locality.layer_locality`` on the val windows of ``lengths`` tokens."""
     load, no_expert, ntok = [], 0, 0
@@ -41,7 +42,15 @@ def val_routing(
         load.append((counts / counts.mean().clamp_min(1e-12)).tolist())
         no_expert += int((r.experts_per_token() == 0).sum())
         ntok += r.num_tokens
-    res: dict[str, Any] = {"routing": tr.summary(), "load": load, "no_expert_rate": no_expert / max(ntok, 1)}
+    summary = tr.summary()
+    # how much a layer's choice tells about the next layer's (RMoE's claim): NMI of the expert sets
+    from moelab.analysis.metrics import routing_mutual_information
+
+    for row, prev, name in zip(summary[1:], tr.layers[:-1], tr.layers[1:], strict=True):
+        a, b = tr.routing(prev), tr.routing(name)
+        if a.num_tokens == b.num_tokens and a.num_tokens:
+            row["nmi_set"] = routing_mutual_information(a, b, "set")["nmi"]
+    res: dict[str, Any] = {"routing": summary, "load": load, "no_expert_rate": no_expert / max(ntok, 1)}
     if locality:
         from moelab.analysis.locality import layer_locality
 

@@ -35,6 +35,12 @@ def row_metrics(res: Any) -> dict[str, float]:
         ),
         "drop_rate": mean_of(res.routing, "drop_rate"),
         "entropy": mean_of(res.routing, "entropy"),
+        # dynamic-k routers (DynaMoE, Tsallis top-p) and expert choice vary it; top-k fixes it at k
+        "experts_per_token": mean_of(
+            [{"v": r["assignments"] / r["tokens"]} for r in res.routing if r.get("tokens")], "v"
+        ),
+        # consecutive layers' expert sets: normalised mutual information (RMoE raises it)
+        "nmi_consecutive": mean_of(res.routing, "nmi_set"),
     }
 
 

@@ -76,6 +76,49 @@ PAPER_SETTINGS: dict[str, dict[str, Any]] = {
         "aux_losses": {},
         "source": "Selective Sinkhorn Routing (p = 0.005, xi = 0.5, no auxiliary loss)",
     },
+    "rmoe": {
+        # RMoE's code: Mixtral load balance 1e-3 computed once over all layers (= k when balanced);
+        # ours is summed per layer (= 1 each), so the same pull is 1e-3 * k / L = 5e-4 at k=2, L=4.
+        "router_kwargs": {"hidden_size": 32},
+        "aux_losses": {"load_balance": 5e-4},
+        "source": "RMoE (qiuzh20/RMoE: GRU, Mixtral LB 1e-3 over all layers = 5e-4 per layer here; "
+        "p = 32 keeps the router's share of parameters near the paper's, ours)",
+    },
+    "rexmoe": {
+        # ReXMoE: r = 2 adjacent layers, progressive scaling; the schedule is sized for 250 steps.
+        "router_kwargs": {"group_size": 2, "psr": True, "psr_local_steps": 50, "psr_full_steps": 150},
+        "aux_losses": {"load_balance": 1e-2},
+        "source": "ReXMoE (r = 2 with PSR; schedule steps and Switch LB 1e-2 ours)",
+    },
+    "dynamoe": {
+        "router_kwargs": {},
+        "aux_losses": {"load_balance": 1e-2, "z": 1e-3},
+        "source": "DynaMoE (uniform schedule, k_max = top_k, threshold 1/E; losses ours: the paper's not found)",
+    },
+    "tsallis_topp": {
+        "router_kwargs": {},
+        "aux_losses": {"tsallis_entropy": 1e-2, "load_balance": 1e-3},
+        "source": "DynMoLE code (top_p 0.75, keep_top_k 2, threshold 0.9, q 1.1; entropy loss 1e-2, balance 1e-3)",
+    },
+    "moma": {
+        # MoMa: expert choice inside each modality's group, sigmoid scores, capacity c = top_k as
+        # expert_choice; the causal predictor's BCE rides in routing.aux. Needs token types.
+        "router_kwargs": {},
+        "aux_losses": {},
+        "source": "MoMa (modality groups, sigmoid expert choice, Gumbel noise in training, causal predictor; no balance loss)",
+    },
+    "promoe": {
+        # ProMoE's configs: top-1 prototypical routing, identity gates, RCL lambda 1, no balance loss.
+        "router_kwargs": {"top_k": 1},
+        "aux_losses": {"rcl": 1.0},
+        "source": "ProMoE configs (top-1, identity gates, RCL 1.0 with tau 0.07, LB 0; text tokens = the unconditional expert, ours)",
+    },
+    "pregate": {
+        "router_kwargs": {},
+        "aux_losses": {"load_balance": 1e-2},
+        "source": "Read-ME pre-gate (2-layer 2-head causal transformer over ids, d 64, one decision for every layer); "
+        "gate = the chosen expert's probability and Switch LB 1e-2 (ours: Read-ME distils a dense model's clusters)",
+    },
     "expert_choice": {
         # Expert choice: capacity factor c = 2 (= top_k), balanced by construction, no aux loss.
         "router_kwargs": {},

@@ -33,6 +33,8 @@ METRICS: dict[str, bool | None] = {
     "drop_rate": None,
     "no_expert_rate": None,
     "entropy": None,
+    "experts_per_token": None,
+    "nmi_consecutive": None,
     "train_drop_rate": None,
 }
 
