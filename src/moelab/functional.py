@@ -20,6 +20,12 @@ Routing:
     predictor_bce, predicted_selection
     prototype_scores, prototype_gates        ProMoE's prototypical routing (``promoe``)
     pregate_gate, rope_rotate                Read-ME's pre-gate over token ids (``pregate``)
+    kmeans_l1, cluster_median,               MixER's gate refit (``mixer``)
+    greedy_assignment, lstsq_gate,
+    expert_loss_estimate, mixer_gate_update,
+    prefix_mean
+    soft_moe, soft_moe_logits,               Soft MoE: slots, dispatch and combine softmaxes (``soft``)
+    soft_moe_weights, token_expert_routing
     expert_capacity, capacity_keep_mask,     capacity and drop policies of token-choice routers
     token_choice_routing
 Losses:
@@ -37,6 +43,7 @@ Execution:
 from moelab.core.activations import activation_backward, activation_forward
 from moelab.experts.union import split_expert_order
 from moelab.kernels.grouped_mm import grouped_mm
+from moelab.layers.soft_moe import soft_moe, soft_moe_logits, soft_moe_weights, token_expert_routing
 from moelab.losses.balance import load_balance_loss, load_balance_seq_loss, z_loss
 from moelab.losses.entropy import tsallis_entropy, tsallis_entropy_loss
 from moelab.losses.erc import erc_coupling, erc_diag_dominance, erc_epsilon, erc_loss, erc_proxy_tokens
@@ -45,6 +52,15 @@ from moelab.ops.rows import combine, dispatch
 from moelab.routers.capacity import capacity_keep_mask, expert_capacity, token_choice_routing
 from moelab.routers.dynamoe import capacity_schedule, dynamic_topk, schedule_shape
 from moelab.routers.expert_choice import expert_choice, expert_choice_capacity
+from moelab.routers.mixer import (
+    cluster_median,
+    expert_loss_estimate,
+    greedy_assignment,
+    kmeans_l1,
+    lstsq_gate,
+    mixer_gate_update,
+    prefix_mean,
+)
 from moelab.routers.moma import gumbel_sigmoid, modality_expert_choice, predicted_selection, predictor_bce
 from moelab.routers.pregate import pregate_gate, rope_rotate
 from moelab.routers.promoe import prototype_gates, prototype_scores
@@ -67,6 +83,7 @@ __all__ = [
     "bias_update",
     "capacity_keep_mask",
     "capacity_schedule",
+    "cluster_median",
     "combine",
     "dispatch",
     "dynamic_topk",
@@ -78,16 +95,22 @@ __all__ = [
     "expert_capacity",
     "expert_choice",
     "expert_choice_capacity",
+    "expert_loss_estimate",
+    "greedy_assignment",
     "group_limited_mask",
     "grouped_mm",
     "gru_cell",
     "gumbel_sigmoid",
+    "kmeans_l1",
     "load_balance_loss",
     "load_balance_seq_loss",
+    "lstsq_gate",
     "masked_softmax_topk",
+    "mixer_gate_update",
     "modality_expert_choice",
     "predicted_selection",
     "predictor_bce",
+    "prefix_mean",
     "pregate_gate",
     "prototype_gates",
     "prototype_scores",
@@ -104,9 +127,13 @@ __all__ = [
     "sigmoid_topk",
     "sinkhorn",
     "sinkhorn_topk",
+    "soft_moe",
+    "soft_moe_logits",
+    "soft_moe_weights",
     "softmax_topk",
     "split_expert_order",
     "token_choice_routing",
+    "token_expert_routing",
     "tsallis_entropy",
     "tsallis_entropy_loss",
     "tsallis_topp",

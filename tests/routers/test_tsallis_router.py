@@ -13,8 +13,8 @@ import torch
 
 import moelab
 from moelab.core.context import RoutingContext
-from moelab.models import MoELM, MoELMConfig
 from moelab.losses.entropy import tsallis_entropy, tsallis_entropy_loss
+from moelab.models import MoELM, MoELMConfig
 from moelab.routers.tsallis import TsallisTopPRouter, tsallis_topp
 
 

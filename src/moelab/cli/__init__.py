@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 
 import typer
+from rich.markup import escape
 
 from moelab import registry
 
@@ -61,7 +62,7 @@ def list_cmd(
         table.add_column("paper", overflow="fold", ratio=1)
         table.add_column("summary", overflow="fold", ratio=1)
         for m in rows:
-            table.add_row(m.name, m.paper, m.summary)
+            table.add_row(escape(m.name), escape(m.paper), escape(m.summary))  # '[k_min, k_max]' is text
         console.print(table)
 
 

@@ -1,7 +1,9 @@
-"""Routed layers built on the contract, one family per file (``moe.py``: the MoE layer)."""
+"""Routed layers built on the contract, one family per file (``moe.py``: the MoE layer;
+``soft_moe.py``: Soft MoE, registered as ``soft``)."""
 
 from moelab import registry
 from moelab.layers.moe import MoE
+from moelab.layers.soft_moe import SoftMoE, SoftRouter
 
 registry.register(
     "layer",
@@ -10,4 +12,4 @@ registry.register(
     summary="Router -> Routing -> dispatcher -> executor(bank) -> combine, plus optional shared experts",
 )(MoE)
 
-__all__ = ["MoE"]
+__all__ = ["MoE", "SoftMoE", "SoftRouter"]

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from typing import Any
 
 from moelab.repro.multilingual import bibles_missing, run_bilingual
-
 from moelab.repro.rules import (  # noqa: F401  (re-exported: the claims' vocabulary)
     HIT_MARGIN,
     LOSS_MARGIN,

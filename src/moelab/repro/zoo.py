@@ -100,6 +100,39 @@ def _describe_pregate(r: Rows) -> str:
     )
 
 
+def _describe_mixer(r: Rows) -> str:
+    sw, fr, mx = r["switch"], r["frozen"], r["mixer"]
+    updates, skips = mx.get("mixer_gate_updates", float("nan")), mx.get("mixer_gate_skips", float("nan"))
+    return (
+        f"val loss: top-1 with gradient gate + LB {sw['val_loss']:.3f}, MixER gate never refit "
+        f"{fr['val_loss']:.3f}, MixER refit every 5 steps {mx['val_loss']:.3f} ({updates:.0f} refits, "
+        f"{skips:.0f} skipped per layer); max/mean load {_f(sw['max_over_mean'])} / "
+        f"{_f(fr['max_over_mean'])} / {_f(mx['max_over_mean'])}"
+    )
+
+
+def _describe_soft(r: Rows) -> str:
+    data = "Fashion-MNIST" if r["_data"]["fashion"] >= 0.5 else "digits (Fashion-MNIST not installed)"
+    parts = ", ".join(
+        f"{name} {r[label]['val_loss']:.3f} / {100 * r[label]['val_acc']:.1f}%"
+        for label, name in (("top2", "top-2"), ("ec", "expert choice"), ("soft", "Soft MoE"))
+    )
+    return f"{data}, whole test split, val loss / accuracy: {parts}"
+
+
+def _run_soft(**kwargs) -> Rows:
+    from moelab.repro.vision import run_patch_classifiers
+
+    return run_patch_classifiers(_SOFT_ARMS, **kwargs)
+
+
+# Soft MoE at the expert compute of top-2: 49 patch tokens x 2 / 8 experts = 12 slots per expert
+# (expert choice with c = 2 takes the same 12 tokens per expert).
+_SOFT_ARMS = {
+    "top2": Arm("topk", {"capacity_factor": None}, {"load_balance": 1e-2}),
+    "ec": Arm("expert_choice", {}, {}),
+    "soft": Arm("soft", {"slots_per_expert": 12}, {}),
+}
 _MIXED = {"data": "mixed"}
 _RMOE = PAPER_SETTINGS["rmoe"]
 _REX = PAPER_SETTINGS["rexmoe"]["router_kwargs"]
@@ -266,5 +299,37 @@ ZOO: list[Reproduction] = [
             ),
         ),
         describe=_describe_pregate,
+    ),
+    Reproduction(
+        name="mixer",
+        method="mixer",
+        paper="MixER (Nzoyem et al. 2025), PAPERS.md sec. 13 adapted to an LM (top-1, token contexts)",
+        claim=(
+            "Refitting a hard top-1 gate by K-means and least squares (every 5 steps) beats the same gate "
+            "never refit, and is no worse than a gradient-trained top-1 gate with the Switch loss."
+        ),
+        arms={
+            "switch": Arm("topk", _DROPLESS, _LB),
+            "frozen": Arm("mixer", {"update_every": 10**9}, {}),
+            "mixer": Arm("mixer", {}, {}),
+        },
+        model={"top_k": 1},
+        conditions=(lower_loss("mixer", "frozen"), no_worse_loss("mixer", "switch")),
+        describe=_describe_mixer,
+    ),
+    Reproduction(
+        name="soft",
+        method="soft",
+        paper="Soft MoE (Puigcerver et al. 2023), image classification at small scale (not causal: no LM row)",
+        claim=(
+            "At the expert compute of top-2 routing, Soft MoE classifies images better (lower val loss) "
+            "than token-choice top-2 and than expert choice."
+        ),
+        arms=_SOFT_ARMS,
+        model={"n_layers": 2},
+        train={"batch_size": 64},
+        conditions=(lower_loss("soft", "top2"), lower_loss("soft", "ec")),
+        describe=_describe_soft,
+        runner=_run_soft,
     ),
 ]

@@ -10,6 +10,7 @@
 - ``tsallis_topp``: DynMoLE's top-p router, all experts for uncertain tokens (Tsallis entropy);
 - ``moma``: MoMa, expert choice inside modality groups of experts (token types), causal predictor;
 - ``promoe``: ProMoE, an unconditional expert by token type and prototypical (cosine) routing;
+- ``mixer``: MixER, hard top-1 whose gate is refit by K-means + least squares every n steps;
 - ``pregate``: Read-ME's pre-gate, a small causal transformer over token ids whose decision every
   layer uses (routing known before the backbone runs);
 - ``capacity``: expert capacity and drop policies shared by the token-choice routers.
@@ -32,6 +33,17 @@ from moelab.routers.dynamoe import (
     schedule_shape,
 )
 from moelab.routers.expert_choice import ExpertChoiceRouter, expert_choice, expert_choice_capacity
+from moelab.routers.mixer import (
+    KMeansResult,
+    MixERRouter,
+    cluster_median,
+    expert_loss_estimate,
+    greedy_assignment,
+    kmeans_l1,
+    lstsq_gate,
+    mixer_gate_update,
+    prefix_mean,
+)
 from moelab.routers.moma import (
     MoMaRouter,
     gumbel_sigmoid,
@@ -69,6 +81,8 @@ __all__ = [
     "DROP_POLICIES",
     "DynaMoERouter",
     "ExpertChoiceRouter",
+    "KMeansResult",
+    "MixERRouter",
     "MoMaRouter",
     "PreGate",
     "PreGateDecision",
@@ -87,19 +101,26 @@ __all__ = [
     "bias_update",
     "capacity_keep_mask",
     "capacity_schedule",
+    "cluster_median",
     "dynamic_topk",
     "expert_capacity",
     "expert_choice",
     "expert_choice_capacity",
     "expert_label_purity",
+    "expert_loss_estimate",
+    "greedy_assignment",
     "group_limited_mask",
     "gru_cell",
     "gumbel_sigmoid",
+    "kmeans_l1",
+    "lstsq_gate",
     "mask_routing",
     "masked_softmax_topk",
+    "mixer_gate_update",
     "modality_expert_choice",
     "predicted_selection",
     "predictor_bce",
+    "prefix_mean",
     "pregate_gate",
     "prototype_gates",
     "prototype_scores",

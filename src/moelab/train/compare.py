@@ -123,16 +123,21 @@ def arm_causal_at_eval(label: str, s: CompareSettings) -> bool:
     """``causal_at_eval`` of the router the arm builds (the router is built to ask it, so bad
     router kwargs fail here, before any training, and so does a router that needs token types on
     data without them)."""
+    from moelab import registry
     from moelab.core.router import build_router
+    from moelab.models.lm import routed_ffn
 
     mcfg, _ = router_configs(label, s, 256)
     with torch.random.fork_rng(devices=[]):  # leaves the RNG stream of the runs untouched
-        router = build_router(
-            mcfg.router,
-            d_model=mcfg.d_model,
-            num_experts=mcfg.num_experts,
-            **{"top_k": mcfg.top_k, **mcfg.router_kwargs},
-        )
+        if mcfg.router != "moe" and mcfg.router in registry.names("layer"):
+            router = routed_ffn(mcfg).router  # a routed layer (Soft MoE): its router answers
+        else:
+            router = build_router(
+                mcfg.router,
+                d_model=mcfg.d_model,
+                num_experts=mcfg.num_experts,
+                **{"top_k": mcfg.top_k, **mcfg.router_kwargs},
+            )
     if getattr(router, "needs_token_types", False) and not _typed_data(s.train.get("data", "stdlib")):
         raise ValueError(
             f"arm {label!r}: router {mcfg.router!r} routes by token type; train it on data with token "
@@ -223,7 +228,7 @@ def check_settings(settings: CompareSettings) -> None:
         raise ValueError(f"routers must be distinct, got {settings.routers}")
     from moelab import registry
 
-    known = registry.names("router")
+    known = registry.names("router") + [n for n in registry.names("layer") if n != "moe"]
     unknown = [base_router(r, settings) for r in settings.routers if base_router(r, settings) not in known]
     if unknown:
         raise ValueError(f"unknown router(s) {unknown}; registered routers: {known}")

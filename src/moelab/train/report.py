@@ -87,6 +87,8 @@ FORMATS = {
     "drop_rate": (".1f", 100.0),
     "no_expert_rate": (".1f", 100.0),
     "entropy": (".3f", 1.0),
+    "experts_per_token": (".2f", 1.0),
+    "nmi_consecutive": (".3f", 1.0),
     "train_drop_rate": (".1f", 100.0),
 }
 

@@ -119,6 +119,19 @@ PAPER_SETTINGS: dict[str, dict[str, Any]] = {
         "source": "Read-ME pre-gate (2-layer 2-head causal transformer over ids, d 64, one decision for every layer); "
         "gate = the chosen expert's probability and Switch LB 1e-2 (ours: Read-ME distils a dense model's clusters)",
     },
+    "mixer": {
+        # MixER's code: hard top-1 (the model's top_k must be 1), gate refit every 5 steps, no aux loss.
+        "router_kwargs": {},
+        "aux_losses": {},
+        "source": "MixER (ddrous/MixER: hard top-1, refit every 5 steps, K-means 20 it, tol 1e-4, lstsq noise 1e-4, "
+        "no aux loss); token contexts and proximal first-order expert losses ours",
+    },
+    "soft": {
+        "router_kwargs": {},
+        "aux_losses": {},
+        "source": "Soft MoE (Puigcerver et al. 2023: l2-normalised logits with a learned scale, no aux loss; "
+        "slots per expert = top_k, ours); not causal",
+    },
     "expert_choice": {
         # Expert choice: capacity factor c = 2 (= top_k), balanced by construction, no aux loss.
         "router_kwargs": {},

@@ -58,11 +58,11 @@ from moelab.train.distributed import (
 )
 from moelab.train.loss import LossFn, accepts, batch_len, lm_loss, scalar, to_device
 from moelab.train.monitor import RoutingMonitor, causal_at_eval, router_metrics, val_routing
+from moelab.train.progress import RunProgress
+from moelab.train.resources import torch_threads
 
 MAX_TOKEN_TYPES = 8  # token types whose val loss is reported separately
 TOKEN_TYPE_NAMES = {0: "text", 1: "image"}  # moelab.data.mixed's TEXT and IMAGE
-from moelab.train.progress import RunProgress
-from moelab.train.resources import torch_threads
 
 __all__ = ["LossFn", "TrainConfig", "TrainResult", "Trainer", "latest_checkpoint", "lm_loss", "lr_at"]
 
