@@ -250,3 +250,19 @@ def test_patch_bad_input():
         mh.patch(model, router="nope")
     with pytest.raises(TypeError, match="router_kwargs"):
         mh.patch(model, router_kwargs=[1])
+
+
+def test_a_replacing_router_with_cross_layer_state_is_linked_across_patched_layers():
+    model = tiny_model("qwen3_moe")
+    mh.patch(model, router="rmoe", router_kwargs={"hidden_size": 8})
+    routers = [layer.router for _, layer in mh.patched_layers(model)]
+    assert len(routers) >= 2
+    assert [r.depth for r in routers] == list(range(len(routers)))
+    assert all(r.cell is routers[0].cell for r in routers)  # one GRU cell, owned by the first
+    assert sum(".cell." in n for n, _ in model.named_parameters()) == sum(
+        1 for _ in routers[0].cell.parameters()
+    )
+    ids = tiny_ids(batch=2, seq=10)
+    out = model(ids)
+    out.logits.float().square().mean().backward()
+    assert routers[0].in_proj.grad is not None and torch.isfinite(out.logits).all()

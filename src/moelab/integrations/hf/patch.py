@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from moelab.core.router import Router, build_router
+from moelab.core.router import Router, build_router, link_routers
 from moelab.integrations.hf.common import backend_name, replace_module
 from moelab.integrations.hf.families import FAMILIES, Family, find_blocks
 from moelab.integrations.hf.layer import HFMoE, feeder_of
@@ -87,7 +87,8 @@ def patch(
             ``moelab.aux_loss(model)``. transformers' own ``output_router_logits`` loss keeps working.
         check_finite: each layer raises on NaN/Inf inputs (one reduction per layer).
 
-    Returns ``model``. Token ids reach the routers through a forward pre-hook on ``model``. With
+    A replacing router is linked across the model's patched layers in depth order
+    (``moelab.core.router.link_routers``), as ``MoELM`` links its own. Returns ``model``. Token ids reach the routers through a forward pre-hook on ``model``. With
     the model's own routing the state dict keeps the unpatched key names (``save_pretrained``
     writes a checkpoint the original class loads); a replaced router saves under moelab's names
     (``...mlp.router.weight``).
@@ -132,6 +133,8 @@ def patch(
                 },
             )
             layer.router.train(layer.training)
+    if router is not None:  # routers with state across layers (rmoe, pregate, rexmoe) take it now
+        link_routers([layer for _, layer in patched_layers(model)])
     return model
 
 
