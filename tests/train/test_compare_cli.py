@@ -232,3 +232,20 @@ def test_compare_rejects_bad_seeds_and_baseline(tmp_path, args, message):
     res = CliRunner().invoke(app, ["compare", "--routers", "topk,expert_choice", "--out", str(tmp_path), *args])
     assert res.exit_code == 2 and message in res.output, res.output
     assert not (tmp_path / "compare").exists()  # nothing trained
+
+
+def test_report_gives_loss_by_token_type_and_router_metrics_as_means_over_seeds():
+    from moelab.train.report import by_type_section
+
+    summary = {
+        "routers": {
+            "a": {"seeds": {"0": {"val_loss_by_type": {"text": 1.0, "image": 3.0}, "router_metrics": {"m": 2.0}},
+                            "1": {"val_loss_by_type": {"text": 2.0, "image": 5.0}, "router_metrics": {"m": 4.0}}}},
+            "b": {"seeds": {"0": {"val_loss_by_type": {"text": 0.5, "image": 1.0}}, "1": {}}},
+        }
+    }  # fmt: skip
+    text = "\n".join(by_type_section(summary))
+    assert "| a | 4.0000 | 1.5000 |" in text  # image, text: sorted names
+    assert "| b | 1.0000 | 0.5000 |" in text  # a seed without the number is left out of the mean
+    assert "- `a`: m 3" in text and "`b`:" not in text
+    assert by_type_section({"routers": {"a": {"seeds": {"0": {}}}}}) == []

@@ -276,6 +276,29 @@ def loss_ylim(curves: list[Sequence[float]], pad: float = 0.04) -> tuple[float, 
     return lo - margin, hi + margin
 
 
+def by_type_section(summary: dict[str, Any]) -> list[str]:
+    """With token types (``--data mixed``): each arm's val loss on each type of predicted token,
+    mean over seeds (and the router's own metrics, ``Router.metrics``, mean over layers and seeds)."""
+    runs = {label: seed_runs(r) for label, r in summary["routers"].items()}
+    kinds = sorted({k for rs in runs.values() for run in rs for k in run.get("val_loss_by_type", {})})
+    out: list[str] = []
+    if kinds:
+        out += ["", "## Val loss by token type (mean over seeds)", "", "| arm | " + " | ".join(kinds) + " |"]
+        out.append("|---|" + "---:|" * len(kinds))
+        for label, rs in runs.items():
+            cells = [mean_of([run.get("val_loss_by_type", {}) for run in rs], k) for k in kinds]
+            out.append(f"| {label} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
+    metrics = {label: [run.get("router_metrics", {}) for run in rs] for label, rs in runs.items()}
+    own = {label: sorted({k for m in ms for k in m}) for label, ms in metrics.items()}
+    if any(own.values()):
+        out += ["", "## Router metrics (mean over layers and seeds)", ""]
+        for label, keys in own.items():
+            if keys:
+                vals = ", ".join(f"{k} {mean_of(metrics[label], k):.4g}" for k in keys)
+                out.append(f"- `{label}`: {vals}")
+    return out
+
+
 def seed_runs(r: dict[str, Any]) -> list[dict[str, Any]]:
     """An arm's per-seed results, in seed order (a one-run record is its own single seed)."""
     return list(r["seeds"].values()) if "seeds" in r else [r]
@@ -419,6 +442,7 @@ def render_report(summary: dict[str, Any]) -> str:
                 f"{run.get('val_loss_se', float('nan')):.4f} | {run['max_over_mean']:.2f} | "
                 f"{100 * run['drop_rate']:.1f} | {run['entropy']:.3f} |"
             )
+    lines += by_type_section(summary)
     lines += ["", "## Router settings", ""]
     for router, r in summary["routers"].items():
         m = r["model_config"]
