@@ -105,16 +105,7 @@ class MoE(RoutedLayer):
 
     def forward_routed(self, x: Tensor, ctx: RoutingContext | None = None) -> tuple[Tensor, Routing]:
         """``(y, routing)``: the output and the routing that ran (after any routing transform)."""
-        hidden_states(x, self.d_model, name="x")
-        ref = next(self.experts.parameters(), None)
-        if ref is not None:
-            same_device_dtype(x, ref, name="x", what="the MoE layer's parameters")
-        if self.check_finite:
-            finite(x, "x")
-        ctx = _layer_context(check_context(ctx), x)
-        x_TD = x.reshape(-1, self.d_model)
-        if not x_TD.is_contiguous():
-            x_TD = x_TD.contiguous()
+        x_TD, ctx = layer_input(self, x, ctx)
         routing = self.router(x_TD, ctx)
         self._aux(routing, ctx)  # the router's own routing trains the router
         routing = self.routed(routing, ctx, x_TD)
@@ -129,16 +120,7 @@ class MoE(RoutedLayer):
         return self.dispatcher(x_TD, routing, self.experts, executor)
 
     def _aux(self, routing: Routing, ctx: RoutingContext) -> None:
-        terms = {
-            name: get_loss(name)(routing, ctx=ctx, layer=self, **self.aux_loss_kwargs.get(name, {}))
-            for name in self.aux_coefficients
-        }
-        terms.update(routing.aux)
-        total = routing.weight.new_zeros(()).float()
-        for name, value in terms.items():
-            total = total + self.aux_coefficients.get(name, 1.0) * value
-        self.aux_terms = terms
-        self.aux_loss = total
+        self.aux_terms, self.aux_loss = aux_losses_of(self, routing, ctx)
 
     def extra_repr(self) -> str:
         out = f", d_out={self.d_out}" if self.d_out != self.d_model else ""
@@ -146,6 +128,36 @@ class MoE(RoutedLayer):
             f"d_model={self.d_model}{out}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"backend={self.backend!r}, dispatcher={self.dispatcher.name!r}"
         )
+
+
+def layer_input(layer: nn.Module, x: Tensor, ctx: RoutingContext | None) -> tuple[Tensor, RoutingContext]:
+    """A routed layer's checked input: ``(x_TD, ctx)``, ``x`` flattened to contiguous ``[T, d]`` and
+    the context carrying its batch shape. Checks the width, the device and dtype of the layer's
+    experts and, with ``layer.check_finite``, NaN/Inf (shared by ``MoE`` and Soft MoE)."""
+    hidden_states(x, layer.d_model, name="x")
+    ref = next(layer.experts.parameters(), None)
+    if ref is not None:
+        same_device_dtype(x, ref, name="x", what=f"the {type(layer).__name__} layer's parameters")
+    if layer.check_finite:
+        finite(x, "x")
+    ctx = _layer_context(check_context(ctx), x)
+    x_TD = x.reshape(-1, layer.d_model)
+    return (x_TD if x_TD.is_contiguous() else x_TD.contiguous()), ctx
+
+
+def aux_losses_of(layer: nn.Module, routing: Routing, ctx: RoutingContext) -> tuple[dict[str, Tensor], Tensor]:
+    """``(terms, total)``: each of ``layer.aux_coefficients``' losses on ``routing`` (with
+    ``layer.aux_loss_kwargs``) plus the router's own ``routing.aux`` terms (coefficient 1 unless
+    named in ``aux_coefficients``), and their weighted sum."""
+    terms = {
+        name: get_loss(name)(routing, ctx=ctx, layer=layer, **layer.aux_loss_kwargs.get(name, {}))
+        for name in layer.aux_coefficients
+    }
+    terms.update(routing.aux)
+    total = routing.weight.new_zeros(()).float()
+    for name, value in terms.items():
+        total = total + layer.aux_coefficients.get(name, 1.0) * value
+    return terms, total
 
 
 def _router(router: object, router_kwargs: dict | None, d_model: int, num_experts: int, top_k: int) -> Router:

@@ -28,20 +28,18 @@ from torch import Tensor, nn
 from moelab import registry
 from moelab.core.bank import check_bank
 from moelab.core.checks import (
-    finite,
     float_in,
-    hidden_states,
     positive_int,
-    same_device_dtype,
     top_k_in_range,
 )
-from moelab.core.context import RoutingContext, check_context
+from moelab.core.context import RoutingContext
 from moelab.core.routed import RoutedLayer
 from moelab.core.router import Router
 from moelab.core.routing import Routing
 from moelab.experts.bank import ExpertBank
 from moelab.experts.shared import SharedExperts
-from moelab.losses.registry import check_aux_loss_kwargs, check_aux_losses, get_loss
+from moelab.layers.moe import aux_losses_of, layer_input
+from moelab.losses.registry import check_aux_loss_kwargs, check_aux_losses
 from moelab.ops.dispatchers import Dispatcher, get_dispatcher
 from moelab.ops.executors import check_backend_name, resolve_executor
 
@@ -294,20 +292,7 @@ class SoftMoE(RoutedLayer):
 
     def forward_routed(self, x: Tensor, ctx: RoutingContext | None = None) -> tuple[Tensor, Routing]:
         """``(y, routing)``: the output and the token -> expert routing (``token_expert_routing``)."""
-        hidden_states(x, self.d_model, name="x")
-        ref = next(self.experts.parameters(), None)
-        if ref is not None:
-            same_device_dtype(x, ref, name="x", what="the Soft MoE layer's parameters")
-        if self.check_finite:
-            finite(x, "x")
-        ctx = check_context(ctx)
-        if x.dim() == 3:
-            shape = (x.shape[0], x.shape[1])
-            if ctx.batch_shape != shape:
-                ctx = ctx.replace(batch_shape=shape)
-        elif ctx.batch_shape is not None and ctx.batch_shape[0] * ctx.batch_shape[1] != x.shape[0]:
-            ctx = ctx.replace(batch_shape=None)  # a flat input not aligned with the caller's batch
-        x_TD = x.reshape(-1, self.d_model)
+        x_TD, ctx = layer_input(self, x, ctx)
         routing = self.router(x_TD, ctx)
         logits = ctx.slot(self.router).pop("logits")
         self._aux(routing, ctx)
@@ -327,15 +312,7 @@ class SoftMoE(RoutedLayer):
         return y.view(*x.shape[:-1], self.d_out), routing
 
     def _aux(self, routing: Routing, ctx: RoutingContext) -> None:
-        terms = {
-            name: get_loss(name)(routing, ctx=ctx, layer=self, **self.aux_loss_kwargs.get(name, {}))
-            for name in self.aux_coefficients
-        }
-        total = routing.weight.new_zeros(()).float()
-        for name, value in terms.items():
-            total = total + self.aux_coefficients[name] * value
-        self.aux_terms = terms
-        self.aux_loss = total
+        self.aux_terms, self.aux_loss = aux_losses_of(self, routing, ctx)
 
     def extra_repr(self) -> str:
         return (
