@@ -82,23 +82,14 @@ class MoE(RoutedLayer):
         if experts is None:
             experts = ExpertBank(num_experts, d_model, hidden, activation, d_out=d_out)
         check_bank(experts)
-        if experts.num_experts != num_experts or experts.d_in != d_model:
-            raise ValueError(
-                f"experts has num_experts={experts.num_experts}, d_in={experts.d_in}; "
-                f"the layer has num_experts={num_experts}, d_model={d_model}"
-            )
         if d_out is not None and experts.d_out != d_out:
             raise ValueError(f"d_out={d_out} but the experts' d_out is {experts.d_out}")
-        self.experts = experts
-        self.d_out = experts.d_out
-        self.shared_experts = _shared(shared_experts, shared_hidden, shared_gate, experts, activation, d_model)
-        self.aux_coefficients = check_aux_losses(aux_losses)
-        self.aux_loss_kwargs = check_aux_loss_kwargs(aux_loss_kwargs, self.aux_coefficients)
-        self.backend = check_backend_name(backend)
-        self.dispatcher = get_dispatcher(dispatcher)
-        self.check_finite = bool(check_finite)
-        self.aux_loss: Tensor = torch.zeros(())
-        self.aux_terms: dict[str, Tensor] = {}
+        shared = build_shared_experts(
+            shared_experts, shared_hidden, shared_gate, experts, activation, d_model
+        )
+        setup_experts_and_losses(
+            self, experts, shared, aux_losses, aux_loss_kwargs, backend, dispatcher, check_finite
+        )
 
     def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:
         return self.forward_routed(x, ctx)[0]
@@ -130,6 +121,37 @@ class MoE(RoutedLayer):
         )
 
 
+def setup_experts_and_losses(
+    layer: nn.Module,
+    experts: nn.Module,
+    shared_experts: nn.Module | None,
+    aux_losses: dict[str, float] | None,
+    aux_loss_kwargs: dict[str, dict] | None,
+    backend: str,
+    dispatcher: str | Dispatcher,
+    check_finite: bool,
+) -> None:
+    """What every routed FFN layer holds besides its router (shared by ``MoE`` and Soft MoE): the
+    bank (checked against ``layer.num_experts`` and ``layer.d_model``), shared experts, the
+    auxiliary losses and their parameters, the executor and dispatcher, and the loss state."""
+    check_bank(experts)
+    if experts.num_experts != layer.num_experts or experts.d_in != layer.d_model:
+        raise ValueError(
+            f"experts has num_experts={experts.num_experts}, d_in={experts.d_in}; "
+            f"the layer has num_experts={layer.num_experts}, d_model={layer.d_model}"
+        )
+    layer.experts = experts
+    layer.d_out = experts.d_out
+    layer.shared_experts = shared_experts
+    layer.aux_coefficients = check_aux_losses(aux_losses)
+    layer.aux_loss_kwargs = check_aux_loss_kwargs(aux_loss_kwargs, layer.aux_coefficients)
+    layer.backend = check_backend_name(backend)
+    layer.dispatcher = get_dispatcher(dispatcher)
+    layer.check_finite = bool(check_finite)
+    layer.aux_loss = torch.zeros(())
+    layer.aux_terms = {}
+
+
 def layer_input(layer: nn.Module, x: Tensor, ctx: RoutingContext | None) -> tuple[Tensor, RoutingContext]:
     """A routed layer's checked input: ``(x_TD, ctx)``, ``x`` flattened to contiguous ``[T, d]`` and
     the context carrying its batch shape. Checks the width, the device and dtype of the layer's
@@ -145,7 +167,9 @@ def layer_input(layer: nn.Module, x: Tensor, ctx: RoutingContext | None) -> tupl
     return (x_TD if x_TD.is_contiguous() else x_TD.contiguous()), ctx
 
 
-def aux_losses_of(layer: nn.Module, routing: Routing, ctx: RoutingContext) -> tuple[dict[str, Tensor], Tensor]:
+def aux_losses_of(
+    layer: nn.Module, routing: Routing, ctx: RoutingContext
+) -> tuple[dict[str, Tensor], Tensor]:
     """``(terms, total)``: each of ``layer.aux_coefficients``' losses on ``routing`` (with
     ``layer.aux_loss_kwargs``) plus the router's own ``routing.aux`` terms (coefficient 1 unless
     named in ``aux_coefficients``), and their weighted sum."""
@@ -175,7 +199,7 @@ def _router(router: object, router_kwargs: dict | None, d_model: int, num_expert
     return router
 
 
-def _shared(
+def build_shared_experts(
     shared: object, hidden: int | None, gate: bool, experts: nn.Module, activation: str, d_model: int
 ) -> SharedExperts | None:
     if isinstance(shared, SharedExperts):

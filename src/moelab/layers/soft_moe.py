@@ -38,8 +38,7 @@ from moelab.core.router import Router
 from moelab.core.routing import Routing
 from moelab.experts.bank import ExpertBank
 from moelab.experts.shared import SharedExperts
-from moelab.layers.moe import aux_losses_of, layer_input
-from moelab.losses.registry import check_aux_loss_kwargs, check_aux_losses
+from moelab.layers.moe import aux_losses_of, build_shared_experts, layer_input, setup_experts_and_losses
 from moelab.ops.dispatchers import Dispatcher, get_dispatcher
 from moelab.ops.executors import check_backend_name, resolve_executor
 
@@ -271,21 +270,10 @@ class SoftMoE(RoutedLayer):
         if experts is None:
             experts = ExpertBank(num_experts, d_model, hidden, activation)
         check_bank(experts)
-        if experts.num_experts != num_experts or experts.d_in != d_model:
-            raise ValueError(
-                f"experts has num_experts={experts.num_experts}, d_in={experts.d_in}; "
-                f"the layer has num_experts={num_experts}, d_model={d_model}"
-            )
-        self.experts = experts
-        self.d_out = experts.d_out
-        self.shared_experts = _shared_experts(shared_experts, shared_hidden, experts, activation, d_model)
-        self.aux_coefficients = check_aux_losses(aux_losses)
-        self.aux_loss_kwargs = check_aux_loss_kwargs(aux_loss_kwargs, self.aux_coefficients)
-        self.backend = check_backend_name(backend)
-        self.dispatcher = get_dispatcher(dispatcher)
-        self.check_finite = bool(check_finite)
-        self.aux_loss: Tensor = torch.zeros(())
-        self.aux_terms: dict[str, Tensor] = {}
+        shared = build_shared_experts(shared_experts, shared_hidden, False, experts, activation, d_model)
+        setup_experts_and_losses(
+            self, experts, shared, aux_losses, aux_loss_kwargs, backend, dispatcher, check_finite
+        )
 
     def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:
         return self.forward_routed(x, ctx)[0]
@@ -319,19 +307,6 @@ class SoftMoE(RoutedLayer):
             f"d_model={self.d_model}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
             f"backend={self.backend!r}, dispatcher={self.dispatcher.name!r}"
         )
-
-
-def _shared_experts(
-    shared: object, hidden: int | None, experts: nn.Module, activation: str, d_model: int
-) -> SharedExperts | None:
-    if isinstance(shared, SharedExperts):
-        return shared
-    if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
-        raise ValueError(f"shared_experts must be an int >= 0 or a SharedExperts module, got {shared!r}")
-    if shared == 0:
-        return None
-    width = hidden if hidden is not None else shared * getattr(experts, "hidden", 4 * d_model)
-    return SharedExperts(d_model, width, getattr(experts, "activation", activation), d_out=experts.d_out)
 
 
 registry.register(
