@@ -202,6 +202,9 @@ def _router(router: object, router_kwargs: dict | None, d_model: int, num_expert
 def build_shared_experts(
     shared: object, hidden: int | None, gate: bool, experts: nn.Module, activation: str, d_model: int
 ) -> SharedExperts | None:
+    """The always-on shared experts of a layer: ``shared`` itself when it is a ``SharedExperts``,
+    none for 0, else ``shared`` experts' worth of width (``hidden``, default ``shared`` times the
+    bank's expert width) with the bank's activation (DeepSeekMoE; ``gate``: Qwen2-MoE's sigmoid)."""
     if isinstance(shared, SharedExperts):
         return shared
     if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
