@@ -327,7 +327,7 @@ ZOO: list[Reproduction] = [
         ),
         arms=_SOFT_ARMS,
         model={"n_layers": 2},
-        train={"batch_size": 64},
+        train={"batch_size": 32},
         conditions=(lower_loss("soft", "top2"), lower_loss("soft", "ec")),
         describe=_describe_soft,
         runner=_run_soft,
