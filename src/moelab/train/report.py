@@ -242,7 +242,7 @@ def footnote(summary: dict[str, Any]) -> str:
         f"mean ± half-width of the {interval_method(len(seeds))}. Δ val loss: the paired difference "
         f"arm - {summary.get('baseline') or 'baseline'} per seed, mean ± half-width; better/worse when its "
         "interval excludes 0. "
-        "val loss: next-token cross-entropy on held-out files (nats/token); "
+        "val loss: next-token cross-entropy on held-out text (or images, with --data mixed) (nats/token); "
         f"{tps}; max/mean (expert load), drop %, entropy: on the val set, mean over MoE layers; drop %: "
         "assignments cut by expert capacity; no-exp %: tokens that no expert processed; "
         "entropy: router distribution, / log E (1 = uniform). * not causal at evaluation (the router's "
