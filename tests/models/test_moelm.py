@@ -159,3 +159,25 @@ def test_saved_files_have_ordinary_permissions(tmp_path):
         os.umask(old)
     for p in (tmp_path / "m" / "model.safetensors", tmp_path / "t.safetensors"):
         assert p.stat().st_mode & 0o777 == 0o644, oct(p.stat().st_mode)
+
+
+def test_pyramid_experts_per_layer_builds_each_moe_layer_with_its_count():
+    cfg = MoELMConfig(d_model=16, n_layers=4, n_heads=2, max_seq_len=16, num_experts=4, experts_per_layer=[4, 4, 8, 8])
+    model = MoELM(cfg)
+    assert [m.num_experts for _, m in model.moe_layers()] == [4, 4, 8, 8]
+    assert [m.experts.num_experts for _, m in model.moe_layers()] == [4, 4, 8, 8]
+    ids = torch.randint(0, 256, (2, 8))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    # active parameters: top_k / E of each layer's own experts
+    total = sum(p.numel() for p in model.parameters())
+    routed = [sum(p.numel() for p in m.experts.parameters()) for _, m in model.moe_layers()]
+    expect = total - sum((1 - 2 / e) * r for e, r in zip([4, 4, 8, 8], routed, strict=True))
+    assert model.num_parameters(active=True) == int(expect)
+    assert MoELMConfig.from_json(cfg.to_json()).experts_per_layer == [4, 4, 8, 8]
+    with pytest.raises(ValueError, match="one expert count per MoE layer"):
+        MoELMConfig(n_layers=4, experts_per_layer=[8, 8])
+    with pytest.raises(ValueError, match="experts_per_layer"):
+        MoELMConfig(n_layers=2, experts_per_layer=[8, 0])
+    with pytest.raises(ValueError, match="top_k"):
+        MoELMConfig(n_layers=2, top_k=2, experts_per_layer=[8, 1])

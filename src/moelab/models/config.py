@@ -27,6 +27,9 @@ class MoELMConfig:
         moe_every: block ``i`` has an MoE FFN when ``(i + 1) % moe_every == 0``, a dense SwiGLU
             FFN otherwise (1: every block is MoE; 2: every second block, as in GShard/Switch).
         num_experts, top_k: ``E`` and ``k`` of the MoE layers.
+        experts_per_layer: ``E`` of each MoE layer, in depth order (Pyramid-MoE, DeepSpeed-MoE:
+            more experts in deeper layers, e.g. ``[8, 8, 16, 16]``); None: ``num_experts`` in every
+            MoE layer.
         expert_hidden: each expert's hidden width; None: ``moelab.MoE``'s default ``4 d / k``.
         dense_hidden: the dense FFN's hidden width; None: ``4 d`` (the same active width as an
             MoE layer with the default expert width).
@@ -49,6 +52,7 @@ class MoELMConfig:
     moe_every: int = 1
     num_experts: int = 8
     top_k: int = 2
+    experts_per_layer: list[int] | None = None
     expert_hidden: int | None = None
     dense_hidden: int | None = None
     router: str = "topk"
@@ -75,6 +79,16 @@ class MoELMConfig:
         for name in ("expert_hidden", "dense_hidden"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name))
+        if self.experts_per_layer is not None:
+            counts = self.experts_per_layer
+            if not isinstance(counts, (list, tuple)) or len(counts) != len(self.moe_layers):
+                raise ValueError(
+                    f"experts_per_layer must list one expert count per MoE layer ({len(self.moe_layers)}), "
+                    f"got {counts!r}"
+                )
+            for n in counts:
+                top_k_in_range(self.top_k, positive_int("experts_per_layer[i]", n))
+            self.experts_per_layer = [int(n) for n in counts]
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if (self.d_model // self.n_heads) % 2:
@@ -109,6 +123,12 @@ class MoELMConfig:
     def is_moe_layer(self, i: int) -> bool:
         """Whether block ``i`` (0-based) has an MoE FFN."""
         return (i + 1) % self.moe_every == 0
+
+    def experts_at(self, i: int) -> int:
+        """``E`` of block ``i``'s MoE layer (``experts_per_layer`` when set, else ``num_experts``)."""
+        if self.experts_per_layer is None:
+            return self.num_experts
+        return self.experts_per_layer[self.moe_layers.index(i)]
 
     @property
     def moe_layers(self) -> list[int]:

@@ -101,11 +101,13 @@ class DenseFFN(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-def routed_ffn(cfg: MoELMConfig) -> nn.Module:
+def routed_ffn(cfg: MoELMConfig, num_experts: int | None = None) -> nn.Module:
     """The routed FFN of an MoE block: a ``moelab.MoE`` with ``cfg.router``, or, when ``cfg.router``
     names a registered routed layer other than ``moe`` (``"soft"``), that layer, built with the
     same arguments (its options in ``router_kwargs``). A router that takes ``vocab_size`` gets the
-    model's."""
+    model's. ``num_experts``: this layer's ``E`` (default ``cfg.num_experts``; Pyramid-MoE's
+    ``experts_per_layer``)."""
+    e = cfg.num_experts if num_experts is None else num_experts
     router_kwargs = dict(cfg.router_kwargs)
     if cfg.router in registry.names("router") and "vocab_size" not in router_kwargs:
         # routers over token ids (Read-ME's pre-gate) embed the model's vocabulary
@@ -120,12 +122,10 @@ def routed_ffn(cfg: MoELMConfig) -> nn.Module:
     )
     if cfg.router != "moe" and cfg.router in registry.names("layer"):
         layer_cls = registry.get("layer", cfg.router).obj
-        return layer_cls(
-            cfg.d_model, cfg.num_experts, cfg.top_k, cfg.expert_hidden, router_kwargs=router_kwargs, **kwargs
-        )
+        return layer_cls(cfg.d_model, e, cfg.top_k, cfg.expert_hidden, router_kwargs=router_kwargs, **kwargs)
     return MoE(
         cfg.d_model,
-        cfg.num_experts,
+        e,
         cfg.top_k,
         cfg.expert_hidden,
         router=cfg.router,
@@ -145,7 +145,7 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
         self.is_moe = cfg.is_moe_layer(index)
         if self.is_moe:
-            self.ffn: nn.Module = routed_ffn(cfg)
+            self.ffn: nn.Module = routed_ffn(cfg, cfg.experts_at(index))
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.dense_hidden or 4 * cfg.d_model)
 
@@ -212,9 +212,12 @@ class MoELM(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         if not active:
             return total
-        frac = self.config.top_k / self.config.num_experts
-        routed = sum(p.numel() for _, m in self.moe_layers() for p in m.experts.parameters())
-        return int(total - routed + frac * routed)
+        inactive = 0.0
+        for i, m in self.moe_layers():
+            e = self.config.experts_at(i)
+            routed = sum(p.numel() for p in m.experts.parameters())
+            inactive += (1 - min(self.config.top_k, e) / e) * routed
+        return int(total - inactive)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(
