@@ -186,6 +186,10 @@ def test_compare_and_train_report_bad_arguments(tmp_path):
     assert res.exit_code == 2 and "unknown router(s) ['nope']" in res.output
     res = CliRunner().invoke(app, ["compare", "--router-arg", "capacity_factor=2", "--out", str(tmp_path)])
     assert res.exit_code != 0 and "ROUTER.ARG=VALUE" in res.output
+    res = CliRunner().invoke(app, ["compare", "--experts-per-layer", "8,x", "--out", str(tmp_path), "--no-progress"])
+    assert res.exit_code != 0 and "comma-separated integers" in res.output
+    res = CliRunner().invoke(app, ["compare", "--experts-per-layer", "8,8", "--out", str(tmp_path), "--no-progress"])
+    assert res.exit_code != 0 and "one expert count per MoE layer" in res.output
     res = CliRunner().invoke(
         app, ["train", "--out", str(tmp_path), "--data", str(tmp_path / "missing"), "--no-progress"]
     )

@@ -11,6 +11,7 @@ from moelab.cli.options import (
     fail,
     make_console,
     parse_aux_losses,
+    parse_counts,
     parse_router_args,
     parse_routers,
     parse_seeds,
@@ -49,6 +50,10 @@ def register(app: typer.Typer) -> None:
         heads: Annotated[int, typer.Option()] = DEMO["heads"],
         experts: Annotated[int, typer.Option()] = DEMO["experts"],
         top_k: Annotated[int, typer.Option("--top-k")] = DEMO["top_k"],
+        experts_per_layer: Annotated[
+            str | None,
+            typer.Option(help="Pyramid-MoE: experts of each MoE layer, e.g. 8,8,16,16 (default: --experts everywhere)"),
+        ] = None,
         moe_every: Annotated[int, typer.Option(help="MoE FFN on every n-th layer, dense elsewhere")] = 1,
         seq_len: Annotated[int, typer.Option()] = DEMO["seq_len"],
         batch_size: Annotated[int, typer.Option()] = DEMO["batch_size"],
@@ -114,6 +119,7 @@ def register(app: typer.Typer) -> None:
                 "top_k": top_k,
                 "moe_every": moe_every,
                 "max_seq_len": seq_len,
+                "experts_per_layer": parse_counts(experts_per_layer, "--experts-per-layer"),
             },
             train={
                 "steps": steps,

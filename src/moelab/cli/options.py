@@ -90,6 +90,19 @@ def parse_seeds(spec: str) -> list[int]:
     return seeds
 
 
+def parse_counts(spec: str | None, param_hint: str) -> list[int] | None:
+    """``"8,8,16,16"`` -> ``[8, 8, 16, 16]`` (None for None or an empty string)."""
+    if spec is None or not str(spec).strip():
+        return None
+    try:
+        counts = [int(x) for x in str(spec).split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {spec!r}", param_hint=param_hint) from None
+    if not counts or any(c < 1 for c in counts):
+        raise typer.BadParameter(f"expected integers >= 1, got {spec!r}", param_hint=param_hint)
+    return counts
+
+
 def parse_router_args(items: list[str] | None, *, prefixed: bool = True) -> dict[str, dict[str, Any]]:
     """``["topk.capacity_factor=2.0", "sigmoid_topk.bias_update_rate=0"]`` -> per-router kwargs.
 
