@@ -26,6 +26,9 @@ Routing:
     prefix_mean
     soft_moe, soft_moe_logits,               Soft MoE: slots, dispatch and combine softmaxes (``soft``)
     soft_moe_weights, token_expert_routing
+    chain_of_experts                         Chain-of-Experts' iterations (``coe``)
+    residual_mix                             Residual-MoE's sum or learned mix (``residual_moe``)
+    product_key_topk                         exact top-k over n^2 product-key sums from k per side (PEER, OmniMoE)
     expert_capacity, capacity_keep_mask,     capacity and drop policies of token-choice routers
     token_choice_routing
 Losses:
@@ -43,6 +46,8 @@ Execution:
 from moelab.core.activations import activation_backward, activation_forward
 from moelab.experts.union import split_expert_order
 from moelab.kernels.grouped_mm import grouped_mm
+from moelab.layers.chain import chain_of_experts
+from moelab.layers.residual_moe import residual_mix
 from moelab.layers.soft_moe import soft_moe, soft_moe_logits, soft_moe_weights, token_expert_routing
 from moelab.losses.balance import load_balance_loss, load_balance_seq_loss, z_loss
 from moelab.losses.entropy import tsallis_entropy, tsallis_entropy_loss
@@ -63,6 +68,7 @@ from moelab.routers.mixer import (
 )
 from moelab.routers.moma import gumbel_sigmoid, modality_expert_choice, predicted_selection, predictor_bce
 from moelab.routers.pregate import pregate_gate, rope_rotate
+from moelab.routers.product_key import product_key_topk
 from moelab.routers.promoe import prototype_gates, prototype_scores
 from moelab.routers.recurrent import gru_cell, recurrent_router_logits, rnn_cell
 from moelab.routers.rexmoe import (
@@ -83,6 +89,7 @@ __all__ = [
     "bias_update",
     "capacity_keep_mask",
     "capacity_schedule",
+    "chain_of_experts",
     "cluster_median",
     "combine",
     "dispatch",
@@ -112,12 +119,14 @@ __all__ = [
     "predictor_bce",
     "prefix_mean",
     "pregate_gate",
+    "product_key_topk",
     "prototype_gates",
     "prototype_scores",
     "psr_allowed",
     "psr_num_unmasked",
     "psr_unmask_rank",
     "recurrent_router_logits",
+    "residual_mix",
     "reuse_group",
     "rnn_cell",
     "rope_rotate",

@@ -1,8 +1,11 @@
 """Routed layers built on the contract, one family per file (``moe.py``: the MoE layer;
-``soft_moe.py``: Soft MoE, registered as ``soft``)."""
+``soft_moe.py``: Soft MoE, ``soft``; ``chain.py``: Chain-of-Experts, ``coe``; ``residual_moe.py``:
+DeepSpeed's Residual-MoE, ``residual_moe``)."""
 
 from moelab import registry
+from moelab.layers.chain import ChainOfExperts, chain_of_experts
 from moelab.layers.moe import MoE
+from moelab.layers.residual_moe import ResidualMoE, residual_mix
 from moelab.layers.soft_moe import SoftMoE, SoftRouter
 
 registry.register(
@@ -12,4 +15,4 @@ registry.register(
     summary="Router -> Routing -> dispatcher -> executor(bank) -> combine, plus optional shared experts",
 )(MoE)
 
-__all__ = ["MoE", "SoftMoE", "SoftRouter"]
+__all__ = ["ChainOfExperts", "MoE", "ResidualMoE", "SoftMoE", "SoftRouter", "chain_of_experts", "residual_mix"]

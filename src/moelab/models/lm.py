@@ -153,7 +153,10 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin)
         h = self.ffn_norm(x)
         if self.is_moe:
-            return x + self.ffn(h, ctx.replace(layer_index=self.index))
+            y = self.ffn(h, ctx.replace(layer_index=self.index))
+            # Chain-of-Experts (paper default): the block output is x_C = norm(x) + y, the residual x
+            # is dropped; every other layer keeps the pre-norm residual
+            return (x if getattr(self.ffn, "keeps_block_residual", True) else h) + y
         return x + self.ffn(h)
 
 

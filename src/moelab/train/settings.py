@@ -132,6 +132,20 @@ PAPER_SETTINGS: dict[str, dict[str, Any]] = {
         "source": "Soft MoE (Puigcerver et al. 2023: l2-normalised logits with a learned scale, no aux loss; "
         "slots per expert = top_k, ours); not causal",
     },
+    "residual_moe": {
+        # DeepSpeed-MoE's Residual-MoE: a fixed MLP plus one routed top-1 expert, summed.
+        "router_kwargs": {"top_k": 1, "capacity_factor": 1.0, "eval_capacity_factor": None},
+        "aux_losses": {"load_balance": 1e-2},
+        "source": "DeepSpeed-MoE Residual-MoE (y = MLP(x) + E_top1(x), k = 1, capacity factor 1.0, balance loss 1e-2); "
+        "dropless eval, SwiGLU, sum mix ours",
+    },
+    "coe": {
+        # Chain-of-Experts' config: 2 iterations, a gate per iteration, inner residual, no top-k
+        # renormalisation, sequence aux loss 1e-3 per iteration.
+        "router_kwargs": {"iterations": 2},
+        "aux_losses": {"load_balance_seq": 1e-3},
+        "source": "Chain-of-Experts (ZihanWang314/CoE: C = 2, use_igate, inner residual, seq aux 1e-3 per iteration)",
+    },
     "expert_choice": {
         # Expert choice: capacity factor c = 2 (= top_k), balanced by construction, no aux loss.
         "router_kwargs": {},
