@@ -58,8 +58,12 @@ def test_link_routers_gives_each_router_its_position_and_share_registers_nothing
     sum(m(x).sum() for m in layers).backward()
     assert first.weight.grad is not None
     metrics = router_metrics(stack)
-    assert metrics["position"] == 1.0  # the mean over layers of Router.metrics()
-    assert "erc_diag_dominance" in metrics  # loss diagnostics apply to every layer with a gate
+    assert metrics == {"position": 1.0}  # the mean over layers of Router.metrics(); no loss asked for
+    metrics = router_metrics(stack, ["erc"])
+    assert metrics["position"] == 1.0
+    assert "erc_diag_dominance" in metrics  # diagnostics asked for apply to every layer with a gate
+    own = moelab.MoE(8, 4, 1, aux_losses={"erc": 0.1})
+    assert "erc_diag_dominance" in router_metrics(own)  # a layer's own losses are always diagnosed
 
 
 def test_share_refuses_registered_names_and_non_modules():

@@ -270,8 +270,8 @@ def erc_diagnostics(layer: nn.Module) -> dict[str, float]:
         return {"erc_diag_dominance": float(erc_diag_dominance(M)), "erc_epsilon": mean_eps}
 
 
-# ``moelab compare`` records every registered loss's diagnostics on every layer they apply to
-# (``moelab.train.monitor.router_metrics``), so a run without ERC has the same numbers to compare.
+# The trainer records it for layers that train with ERC, and on every layer with
+# ``TrainConfig(diagnostics=["erc"])`` (``moelab.train.monitor.router_metrics``).
 erc.diagnostics = erc_diagnostics  # type: ignore[attr-defined]
 
 __all__ = [

@@ -238,6 +238,7 @@ ZOO: list[Reproduction] = [
             "lb": Arm("topk", _DROPLESS, _LB),
             "lb_erc": Arm("topk", _DROPLESS, {**_LB, "erc": 0.1}),
         },
+        train={"diagnostics": ["erc"]},  # the coupling of the arm without ERC too
         conditions=(
             higher("erc_diag_dominance", "lb_erc", "lb", "diag dominance"),
             higher("erc_epsilon", "lb_erc", "lb", "eps"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 # Fields a resumed run may change: they decide how long to go on, how often to look, where to
@@ -53,6 +53,10 @@ class TrainConfig:
             consistency and expert-cache hit rates on the val windows
             (``moelab.analysis.locality``: SRP and SCH at L = 16, caches of 2k experts);
             ``TrainResult.locality`` holds them. Off by default (a second or two per layer).
+        diagnostics: losses whose ``diagnostics(layer)`` the result records on every routed layer
+            they apply to, also where the layer does not train with them (a baseline arm's ERC
+            coupling); a layer's own losses are always diagnosed. Default: none (ERC's costs
+            ``E^2`` expert-gate activations per layer).
         threads: PyTorch intra-op threads while training on CPU; 0 picks
             ``moelab.train.resources.DEFAULT_THREADS`` (1: measured fastest for these model sizes,
             see docs/training.md). The previous count is restored when ``train()`` returns.
@@ -82,6 +86,7 @@ class TrainConfig:
     device: str = "cpu"
     log_every: int = 5
     locality: bool = False
+    diagnostics: list[str] = field(default_factory=list)
     threads: int = 0
 
     def __post_init__(self) -> None:
@@ -99,6 +104,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("TrainConfig.grad_clip and weight_decay must be >= 0")
+        if not isinstance(self.diagnostics, (list, tuple)) or not all(isinstance(n, str) for n in self.diagnostics):
+            raise TypeError(f"TrainConfig.diagnostics must be a list of loss names, got {self.diagnostics!r}")
+        self.diagnostics = list(self.diagnostics)
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):
             raise ValueError(f"TrainConfig.device must be 'cpu', 'cuda[:i]' or 'auto', got {self.device!r}")
 

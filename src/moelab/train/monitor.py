@@ -114,28 +114,29 @@ class RoutingMonitor:
         self.handles = []
 
 
-def router_metrics(model: nn.Module) -> dict[str, float]:
+def router_metrics(model: nn.Module, diagnose: tuple[str, ...] | list[str] = ()) -> dict[str, float]:
     """The mean over routed layers of each number the layers report: ``Router.metrics()`` and the
-    ``diagnostics(layer)`` of every registered loss that has one (ERC's coupling dominance), on
-    every layer it applies to, whether or not the layer trains with that loss (so that a run
+    ``diagnostics(layer)`` of each loss that has one (ERC's coupling dominance), for the layer's own
+    losses and for the losses named in ``diagnose`` on every layer they apply to (so that a run
     without the loss has the same numbers to compare). A name reported by only some layers is
     averaged over those."""
-    from moelab import registry
+    from moelab.losses.registry import get_loss
 
-    diagnostics = [
-        fn for fn in (getattr(info.obj, "diagnostics", None) for info in registry.list_methods("loss")) if fn
-    ]
     sums: dict[str, list[float]] = {}
     for _, layer in routed_layers(model):
         found: dict[str, float] = {}
         router = getattr(layer, "router", None)
         if isinstance(router, Router):
             found.update(router.metrics())
-        for diagnose in diagnostics:
+        for name in dict.fromkeys([*getattr(layer, "aux_coefficients", {}), *diagnose]):
+            diagnostics = getattr(get_loss(name), "diagnostics", None)
+            if diagnostics is None:
+                continue
             try:
-                found.update(diagnose(layer))
+                found.update(diagnostics(layer))
             except (TypeError, ValueError):  # the loss does not apply to this layer's router or bank
-                pass
+                if name not in diagnose:
+                    raise
         for key, value in found.items():
             sums.setdefault(key, []).append(float(value))
     return {key: sum(v) / len(v) for key, v in sums.items()}

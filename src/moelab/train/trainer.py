@@ -41,6 +41,7 @@ from moelab.core.routed import routed_layers
 from moelab.core.router import step_end
 from moelab.core.tracing import trace
 from moelab.data import Batches, Data, TensorBatches, TensorData, eval_batches, load_data
+from moelab.losses.registry import get_loss
 from moelab.models.config import MoELMConfig
 from moelab.models.lm import MoELM
 from moelab.train import checkpoint as ckpt
@@ -170,6 +171,8 @@ class Trainer:
                 "TrainConfig.locality measures routing along token sequences: it needs token data (Data)"
             )
         self.data = data
+        for name in cfg.diagnostics:  # an unknown loss fails now, not after training
+            get_loss(name)
 
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -473,7 +476,7 @@ class Trainer:
             causal_at_eval=causal_at_eval(self.model),
             val_loss_se=last_eval.get("val_loss_se", float("nan")),
             val_window_losses=last_eval.get("val_window_losses", []),
-            router_metrics=router_metrics(self.model),
+            router_metrics=router_metrics(self.model, self.cfg.diagnostics),
             val_loss_by_type=last_eval.get("val_loss_by_type", {}),
         )
 
