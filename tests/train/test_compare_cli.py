@@ -186,6 +186,8 @@ def test_compare_and_train_report_bad_arguments(tmp_path):
     assert res.exit_code == 2 and "unknown router(s) ['nope']" in res.output
     res = CliRunner().invoke(app, ["compare", "--router-arg", "capacity_factor=2", "--out", str(tmp_path)])
     assert res.exit_code != 0 and "ROUTER.ARG=VALUE" in res.output
+    res = CliRunner().invoke(app, ["compare", "--routers", "topk,moma", "--out", str(tmp_path), "--no-progress"])
+    assert res.exit_code != 0 and "routes by token type" in res.output and "--data mixed" in res.output
     res = CliRunner().invoke(app, ["compare", "--experts-per-layer", "8,x", "--out", str(tmp_path), "--no-progress"])
     assert res.exit_code != 0 and "comma-separated integers" in res.output
     res = CliRunner().invoke(app, ["compare", "--experts-per-layer", "8,8", "--out", str(tmp_path), "--no-progress"])

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from moelab.data.corpus import STDLIB, Corpus, load_corpus
+from moelab.data.mixed import is_mixed_source, load_mixed
 from moelab.data.tokenizers import get_tokenizer
 
 
@@ -188,8 +189,7 @@ def load_data(
     ``"mixed"``, ``"mixed:fashion"``, ``"mixed:digits"``: the mixed-modality corpus of
     ``moelab.data.mixed`` (its own tokenizer; ``tokenizer`` must be ``"bytes"``, the default).
     """
-    if isinstance(source, str) and source.split(":")[0] == "mixed":
-        from moelab.data.mixed import load_mixed
+    if is_mixed_source(source):
 
         if tokenizer != "bytes":
             raise ValueError(f"the mixed corpus has its own tokenizer (bytes + 16 grey levels); got tokenizer={tokenizer!r}")

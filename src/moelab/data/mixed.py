@@ -48,6 +48,11 @@ FASHION_CLASSES = (
 DIGIT_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
+def is_mixed_source(source: object) -> bool:
+    """Whether a data source names this corpus (``"mixed"``, ``"mixed:fashion"``, ``"mixed:digits"``)."""
+    return isinstance(source, str) and source.split(":")[0] == MIXED
+
+
 class MixedTokenizer:
     """Bytes for text (ids 0-255) and 16 grey levels for image patches (ids 256-271)."""
 

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from moelab.data import Data, load_data
+from moelab.data.mixed import is_mixed_source
 from moelab.models.config import MoELMConfig
 from moelab.train.config import TrainConfig
 from moelab.train.progress import RunProgress
@@ -138,17 +139,12 @@ def arm_causal_at_eval(label: str, s: CompareSettings) -> bool:
                 num_experts=mcfg.num_experts,
                 **{"top_k": mcfg.top_k, **mcfg.router_kwargs},
             )
-    if getattr(router, "needs_token_types", False) and not _typed_data(s.train.get("data", "stdlib")):
+    if getattr(router, "needs_token_types", False) and not is_mixed_source(s.train.get("data", "stdlib")):
         raise ValueError(
             f"arm {label!r}: router {mcfg.router!r} routes by token type; train it on data with token "
             "types (--data mixed)"
         )
     return bool(router.causal_at_eval)
-
-
-def _typed_data(source: object) -> bool:
-    """Whether ``TrainConfig.data`` names a corpus whose tokens carry types (``moelab.data.mixed``)."""
-    return isinstance(source, str) and source.split(":")[0] == "mixed"
 
 
 def _load(tcfg: TrainConfig) -> Data:
