@@ -193,6 +193,16 @@ def test_compare_and_train_report_bad_arguments(tmp_path):
     res = CliRunner().invoke(app, ["compare", "--experts-per-layer", "8,8", "--out", str(tmp_path), "--no-progress"])
     assert res.exit_code != 0 and "one expert count per MoE layer" in res.output
     res = CliRunner().invoke(
+        app, ["compare", "--routers", "topk", "--model-arg", "pyr.experts_per_layer=[4,4,8,8]", "--out", str(tmp_path)]
+    )
+    assert res.exit_code != 0 and "--model-arg names arm(s) ['pyr']" in res.output
+    res = CliRunner().invoke(app, ["compare", "--model-arg", "experts_per_layer=[4,4,8,8]", "--out", str(tmp_path)])
+    assert res.exit_code != 0 and "ROUTER.ARG=VALUE" in res.output and "--model-arg" in res.output
+    res = CliRunner().invoke(
+        app, ["compare", "--routers", "topk", "--model-arg", "topk.expert_count=3", "--out", str(tmp_path), "--no-progress"]
+    )
+    assert res.exit_code != 0 and "unknown MoELMConfig key(s) ['expert_count']" in res.output
+    res = CliRunner().invoke(
         app, ["train", "--out", str(tmp_path), "--data", str(tmp_path / "missing"), "--no-progress"]
     )
     assert res.exit_code == 2 and "neither a file nor a directory" in res.output
@@ -255,3 +265,16 @@ def test_report_gives_loss_by_token_type_and_router_metrics_as_means_over_seeds(
     assert "| b | 1.0000 | 0.5000 |" in text  # a seed without the number is left out of the mean
     assert "- `a`: m 3" in text and "`b`:" not in text
     assert by_type_section({"routers": {"a": {"seeds": {"0": {}}}}}) == []
+
+
+def test_compare_model_arg_gives_one_arm_a_pyramid(tmp_path, texts):
+    """``--model-arg LABEL.experts_per_layer=[...]``: Pyramid-MoE against a uniform arm in one run."""
+    args = ["compare", "--routers", "uniform=topk,pyramid=topk", "--model-arg", "pyramid.experts_per_layer=[2,4]",
+            "--steps", "2", "--seeds", "0", "--final-eval-batches", "1", "--name", "pyr", "--out",
+            str(tmp_path / "runs"), "--data", str(texts), "--jobs", "1", "--no-progress", *TINY]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "runs" / "pyr" / "results.json").read_text())
+    assert data["routers"]["pyramid"]["model_config"]["experts_per_layer"] == [2, 4]
+    assert data["routers"]["uniform"]["model_config"]["experts_per_layer"] is None
+    assert data["routers"]["pyramid"]["params"] < data["routers"]["uniform"]["params"]

@@ -293,3 +293,34 @@ def test_repro_cli_checks_prerequisites_and_paths_before_training(tmp_path, monk
     )
     assert res.exit_code == 2 and "missing.md does not exist" in res.output
     assert not (tmp_path / "o" / "z").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("name", sorted(n for n, r in REPRODUCTIONS.items() if r.runner is None))
+def test_every_reproductions_arms_build_their_models(name):
+    """Each arm's MoELMConfig is valid and its router builds (catches a misspelt setting before a
+    ten-minute run): the same checks ``moelab repro`` makes before training."""
+    from moelab.repro.runner import settings_for
+    from moelab.train.compare import arm_causal_at_eval, router_configs
+
+    rep = REPRODUCTIONS[name]
+    model = {"d_model": 32, "n_layers": 4, "n_heads": 2, "max_seq_len": 32}
+    s = settings_for(rep, seeds=[0], model=model, train={"steps": 1}, out="unused")
+    for label in rep.arms:
+        mcfg, _ = router_configs(label, s, 256)
+        assert mcfg.router == rep.arms[label].router
+        arm_causal_at_eval(label, s)
+
+
+def test_pyramid_arms_differ_in_expert_counts_only():
+    from moelab.models import MoELM
+    from moelab.repro.runner import settings_for
+    from moelab.train.compare import router_configs
+
+    rep = REPRODUCTIONS["pyramid"]
+    model = {"d_model": 32, "n_layers": 4, "n_heads": 2, "max_seq_len": 32}
+    s = settings_for(rep, seeds=[0], model=model, train={"steps": 1}, out="unused")
+    counts = {}
+    for label in rep.arms:
+        mcfg, _ = router_configs(label, s, 256)
+        counts[label] = [MoELM(mcfg).blocks[i].ffn.num_experts for i in range(4)]
+    assert counts == {"uniform": [8, 8, 8, 8], "pyramid": [4, 4, 8, 8], "pr_moe": [4, 4, 8, 8]}

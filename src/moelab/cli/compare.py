@@ -74,6 +74,13 @@ def register(app: typer.Typer) -> None:
             list[str] | None,
             typer.Option(help="ROUTER.ARG=VALUE over the paper settings, e.g. topk.capacity_factor=null"),
         ] = None,
+        model_arg: Annotated[
+            list[str] | None,
+            typer.Option(
+                help="ARM.FIELD=VALUE: a MoELMConfig field for one arm only, e.g. "
+                "pyramid.experts_per_layer=[4,4,8,8] (Pyramid-MoE against uniform arms)"
+            ),
+        ] = None,
         aux_loss: Annotated[
             list[str] | None,
             typer.Option(
@@ -139,13 +146,15 @@ def register(app: typer.Typer) -> None:
             },
             router_kwargs=parse_router_args(router_arg),
             aux_overrides=parse_aux_losses(aux_loss, prefixed=True),
+            model_overrides=parse_router_args(model_arg, option="--model-arg"),
             save_models=save_models,
             seeds=seed_list,
             baseline=baseline,
         )
-        unknown = sorted(set(settings.aux_overrides) - {""} - set(labels))
-        if unknown:
-            fail(console, f"--aux-loss names arm(s) {unknown} that are not among --routers {labels}")
+        for option, per_arm in (("--aux-loss", settings.aux_overrides), ("--model-arg", settings.model_overrides)):
+            unknown = sorted(set(per_arm) - {""} - set(labels))
+            if unknown:
+                fail(console, f"{option} names arm(s) {unknown} that are not among --routers {labels}")
         try:
             warn_load(console, jobs or default_jobs(settings))
             summary = run_compare(settings, jobs=jobs, progress=progress, console=console, echo=True)

@@ -103,11 +103,14 @@ def parse_counts(spec: str | None, param_hint: str) -> list[int] | None:
     return counts
 
 
-def parse_router_args(items: list[str] | None, *, prefixed: bool = True) -> dict[str, dict[str, Any]]:
+def parse_router_args(
+    items: list[str] | None, *, prefixed: bool = True, option: str = "--router-arg"
+) -> dict[str, dict[str, Any]]:
     """``["topk.capacity_factor=2.0", "sigmoid_topk.bias_update_rate=0"]`` -> per-router kwargs.
 
-    Values are JSON (``2.0``, ``null``, ``true``, ``"position"``); anything that is not JSON is
-    taken as a string. With ``prefixed=False`` the items are ``ARG=VALUE`` (key ``""``).
+    Values are JSON (``2.0``, ``null``, ``true``, ``"position"``, ``[4,4,8,8]``); anything that is
+    not JSON is taken as a string. With ``prefixed=False`` the items are ``ARG=VALUE`` (key ``""``).
+    ``option`` names the command-line option in errors (``--model-arg`` parses the same way).
     """
     out: dict[str, dict[str, Any]] = {}
     for item in items or []:
@@ -115,7 +118,7 @@ def parse_router_args(items: list[str] | None, *, prefixed: bool = True) -> dict
         router, dot, arg = key.partition(".") if prefixed else ("", ".", key)
         if not sep or not dot or (prefixed and not router) or not arg:
             form = "ROUTER.ARG=VALUE" if prefixed else "ARG=VALUE"
-            raise typer.BadParameter(f"expected {form}, got {item!r}", param_hint="--router-arg")
+            raise typer.BadParameter(f"expected {form}, got {item!r}", param_hint=option)
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:

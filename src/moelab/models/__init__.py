@@ -2,5 +2,6 @@
 
 from moelab.models.config import MoELMConfig
 from moelab.models.lm import MoELM, MoELMOutput
+from moelab.models.pyramid import pyramid_experts
 
-__all__ = ["MoELM", "MoELMConfig", "MoELMOutput"]
+__all__ = ["MoELM", "MoELMConfig", "MoELMOutput", "pyramid_experts"]

@@ -39,6 +39,8 @@ def run_rows(run: dict[str, Any]) -> dict[str, float]:
         "drop_rate": float(run["drop_rate"]),
         "entropy": float(run["entropy"]),
         "experts_per_token": float(run.get("experts_per_token", float("nan"))),
+        "params": float(run.get("params", float("nan"))),
+        "active_params": float(run.get("active_params", float("nan"))),
         "nmi_consecutive": float(run.get("nmi_consecutive", float("nan"))),
         "z": mean_of(run["routing"], "z"),
         "max_abs_logit": mean_of(run["routing"], "max_abs_logit"),

@@ -133,17 +133,6 @@ _SOFT_ARMS = {
     "ec": Arm("expert_choice", {}, {}),
     "soft": Arm("soft", {"slots_per_expert": 12}, {}),
 }
-def _describe_residual(r: Rows) -> str:
-    res, t2, t1 = r["residual"], r["top2"], r["top1"]
-    return (
-        f"val loss: residual (MLP + top-1) {res['val_loss']:.3f}, top-2 {t2['val_loss']:.3f}, top-1 at top-2's "
-        f"expert width {t1['val_loss']:.3f}; max/mean load {_f(res['max_over_mean'])} / "
-        f"{_f(t2['max_over_mean'])} / {_f(t1['max_over_mean'])}"
-    )
-
-
-_RESIDUAL = PAPER_SETTINGS["residual_moe"]
-_CF1 = {"capacity_factor": 1.0, "eval_capacity_factor": None}
 _MIXED = {"data": "mixed"}
 _RMOE = PAPER_SETTINGS["rmoe"]
 _REX = PAPER_SETTINGS["rexmoe"]["router_kwargs"]
@@ -343,22 +332,5 @@ ZOO: list[Reproduction] = [
         conditions=(lower_loss("soft", "top2"), lower_loss("soft", "ec")),
         describe=_describe_soft,
         runner=_run_soft,
-    ),
-    Reproduction(
-        name="residual_moe",
-        method="residual_moe",
-        paper="DeepSpeed-MoE (Rajbhandari et al. 2022), Residual-MoE; cheap check of PAPERS.md sec. 14",
-        claim=(
-            "A fixed MLP plus one routed top-1 expert (Residual-MoE) reaches the val loss of top-2 routing "
-            "(equal within the 0.02 margin both ways)."
-        ),
-        arms={
-            "residual": Arm("residual_moe", _RESIDUAL["router_kwargs"], _RESIDUAL["aux_losses"]),
-            "top2": Arm("topk", _CF1, _LB),
-            # top-1 with top-2's expert width: one routed expert, no fixed MLP (a reference, not judged)
-            "top1": Arm("topk", _CF1, _LB, {"top_k": 1, "expert_hidden": 256}),
-        },
-        conditions=(no_worse_loss("residual", "top2"), no_worse_loss("top2", "residual")),
-        describe=_describe_residual,
     ),
 ]

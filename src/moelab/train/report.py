@@ -353,6 +353,9 @@ def plot_loss_curves(summary: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+MAX_ANNOTATED_EXPERTS = 32  # the load plot writes each cell's value up to this many experts
+
+
 def plot_expert_load(summary: dict[str, Any], path: Path) -> None:
     """Expert load per layer of each arm, from its first seed's run (labelled so)."""
     import matplotlib
@@ -368,17 +371,22 @@ def plot_expert_load(summary: dict[str, Any], path: Path) -> None:
     vmax = max([max(max(row) for row in r["load"]) for _, r in routers] + [2.0])
     im = None
     for ax, (router, r) in zip(axes[0], routers, strict=False):
-        m = np.asarray(r["load"])
-        im = ax.imshow(m, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
+        # layers may differ in E (Pyramid-MoE): shorter rows are padded with NaN (left blank)
+        width = max(len(row) for row in r["load"])
+        m = np.full((len(r["load"]), width), np.nan)
+        for i, row in enumerate(r["load"]):
+            m[i, : len(row)] = row
+        im = ax.imshow(m, cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest")
         layers = [row["layer"] for row in r["routing"]]
         ax.set_yticks(range(len(layers)), [lbl.replace("blocks.", "L").replace(".ffn", "") for lbl in layers])
-        ax.set_xticks(range(m.shape[1]))
         ax.set_xlabel("expert")
         ax.set_title(f"{router} (seed {seed})\nmax/mean {r['max_over_mean']:.2f}", fontsize=9)
+        if width > MAX_ANNOTATED_EXPERTS:  # pools of 10^4-10^6 experts: the colours alone
+            continue
+        ax.set_xticks(range(width))
         for (i, j), v in np.ndenumerate(m):
-            ax.text(
-                j, i, f"{v:.1f}", ha="center", va="center", fontsize=6, color="w" if v < vmax / 2 else "k"
-            )
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6, color="w" if v < vmax / 2 else "k")
     if not routers:
         axes[0][0].text(0.5, 0.5, "no MoE layers", ha="center")
     if im is not None:
