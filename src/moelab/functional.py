@@ -29,6 +29,9 @@ Routing:
     chain_of_experts                         Chain-of-Experts' iterations (``coe``)
     residual_mix                             Residual-MoE's sum or learned mix (``residual_moe``)
     product_key_topk                         exact top-k over n^2 product-key sums from k per side (PEER, OmniMoE)
+    uoe_scores, patchwise_select,            Union of Experts' per-sequence token selection (``uoe``)
+    uoe_capacity, decompose_mlp,             and the exact split of a dense MLP into E experts
+    assemble_mlp
     expert_capacity, capacity_keep_mask,     capacity and drop policies of token-choice routers
     token_choice_routing
 Losses:
@@ -49,6 +52,7 @@ from moelab.kernels.grouped_mm import grouped_mm
 from moelab.layers.chain import chain_of_experts
 from moelab.layers.residual_moe import residual_mix
 from moelab.layers.soft_moe import soft_moe, soft_moe_logits, soft_moe_weights, token_expert_routing
+from moelab.layers.uoe import assemble_mlp, decompose_mlp
 from moelab.losses.balance import load_balance_loss, load_balance_seq_loss, z_loss
 from moelab.losses.entropy import tsallis_entropy, tsallis_entropy_loss
 from moelab.losses.erc import erc_coupling, erc_diag_dominance, erc_epsilon, erc_loss, erc_proxy_tokens
@@ -82,16 +86,19 @@ from moelab.routers.sigmoid_topk import bias_update, group_limited_mask, sigmoid
 from moelab.routers.sinkhorn import sinkhorn, sinkhorn_topk
 from moelab.routers.topk import sample_second_expert, softmax_topk
 from moelab.routers.tsallis import tsallis_topp
+from moelab.routers.uoe import patchwise_select, uoe_capacity, uoe_scores
 
 __all__ = [
     "activation_backward",
     "activation_forward",
+    "assemble_mlp",
     "bias_update",
     "capacity_keep_mask",
     "capacity_schedule",
     "chain_of_experts",
     "cluster_median",
     "combine",
+    "decompose_mlp",
     "dispatch",
     "dynamic_topk",
     "erc_coupling",
@@ -115,6 +122,7 @@ __all__ = [
     "masked_softmax_topk",
     "mixer_gate_update",
     "modality_expert_choice",
+    "patchwise_select",
     "predicted_selection",
     "predictor_bce",
     "prefix_mean",
@@ -146,5 +154,7 @@ __all__ = [
     "tsallis_entropy",
     "tsallis_entropy_loss",
     "tsallis_topp",
+    "uoe_capacity",
+    "uoe_scores",
     "z_loss",
 ]

@@ -1,12 +1,13 @@
 """Routed layers built on the contract, one family per file (``moe.py``: the MoE layer;
 ``soft_moe.py``: Soft MoE, ``soft``; ``chain.py``: Chain-of-Experts, ``coe``; ``residual_moe.py``:
-DeepSpeed's Residual-MoE, ``residual_moe``)."""
+DeepSpeed's Residual-MoE, ``residual_moe``; ``uoe.py``: Union of Experts' MLP, ``uoe``)."""
 
 from moelab import registry
 from moelab.layers.chain import ChainOfExperts, chain_of_experts
 from moelab.layers.moe import MoE
 from moelab.layers.residual_moe import ResidualMoE, residual_mix
 from moelab.layers.soft_moe import SoftMoE, SoftRouter
+from moelab.layers.uoe import UnionOfExperts, assemble_mlp, decompose_mlp, dense_mlp_weights
 
 registry.register(
     "layer",
@@ -15,4 +16,16 @@ registry.register(
     summary="Router -> Routing -> dispatcher -> executor(bank) -> combine, plus optional shared experts",
 )(MoE)
 
-__all__ = ["ChainOfExperts", "MoE", "ResidualMoE", "SoftMoE", "SoftRouter", "chain_of_experts", "residual_mix"]
+__all__ = [
+    "ChainOfExperts",
+    "MoE",
+    "ResidualMoE",
+    "SoftMoE",
+    "SoftRouter",
+    "UnionOfExperts",
+    "assemble_mlp",
+    "chain_of_experts",
+    "decompose_mlp",
+    "dense_mlp_weights",
+    "residual_mix",
+]

@@ -44,6 +44,15 @@ def _describe_pyramid(r: Rows) -> str:
     )
 
 
+def _describe_uoe(r: Rows) -> str:
+    u, g, t = r["uoe"], r["uoe_gated"], r["topk"]
+    return (
+        f"val loss: UoE (official: unweighted, fixed router) {u['val_loss']:.3f}, UoE weighted by a trained "
+        f"gate {g['val_loss']:.3f}, top-2 MoE {t['val_loss']:.3f}; max/mean load {_f(u['max_over_mean'])} / "
+        f"{_f(g['max_over_mean'])} / {_f(t['max_over_mean'])} (UoE's selection sees the whole sequence)"
+    )
+
+
 def _describe_coe(r: Rows) -> str:
     t, c, g, o = r["topk"], r["coe"], r["shared_gate"], r["outer_residual"]
     return (
@@ -63,6 +72,11 @@ _PYRAMID = {"experts_per_layer": pyramid_experts(4, 4, 8)}
 _COE_MODEL = {"num_experts": 16, "top_k": 4, "expert_hidden": 128}
 _COE_LOSSES = _COE["aux_losses"]
 _COE_K2 = {"top_k": 2}
+
+# UoE at the paper's E = 4, k = 2: the same expert width 4d/k in both arms, so UoE is a dense MLP of
+# width 4 x 256 cut into 4 slices; each slice takes S k / E tokens per sequence (2 per token on
+# average), as dropless top-2 runs 2 experts per token: equal active FLOPs and parameters.
+_UOE = PAPER_SETTINGS["uoe"]
 
 COMPOSITE: list[Reproduction] = [
     Reproduction(
@@ -123,5 +137,24 @@ COMPOSITE: list[Reproduction] = [
             lower_loss("coe", "outer_residual"),
         ),
         describe=_describe_coe,
+    ),
+    Reproduction(
+        name="uoe",
+        method="uoe",
+        paper="Union of Experts (Yang et al. 2025), the MLP part (UoME); cheap check of PAPERS.md sec. 11",
+        claim=(
+            "UoE's MLP (4 exact slices of a dense MLP, top-2 mask, per-sequence selection at capacity 1, "
+            "outputs not weighted, the router left at init as in the official code) beats top-2 MoE at "
+            "equal active FLOPs and parameters."
+        ),
+        arms={
+            "uoe": Arm("uoe", _UOE["router_kwargs"], _UOE["aux_losses"]),
+            # a reference, not judged: the gate weights the outputs, so the router trains
+            "uoe_gated": Arm("uoe", {"scale_by_gate": True}, _LB),
+            "topk": Arm("topk", {"capacity_factor": None}, _LB),
+        },
+        model={"num_experts": 4},
+        conditions=(lower_loss("uoe", "topk"),),
+        describe=_describe_uoe,
     ),
 ]

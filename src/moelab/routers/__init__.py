@@ -13,6 +13,7 @@
 - ``mixer``: MixER, hard top-1 whose gate is refit by K-means + least squares every n steps;
 - ``pregate``: Read-ME's pre-gate, a small causal transformer over token ids whose decision every
   layer uses (routing known before the backbone runs);
+- ``uoe_select``: Union of Experts' per-sequence, patch-wise token selection (layer ``uoe``);
 - ``capacity``: expert capacity and drop policies shared by the token-choice routers.
 """
 
@@ -74,11 +75,14 @@ from moelab.routers.sigmoid_topk import SigmoidTopKRouter, bias_update, group_li
 from moelab.routers.sinkhorn import SelectiveSinkhornRouter, SinkhornRouter, sinkhorn, sinkhorn_topk
 from moelab.routers.topk import TopKRouter, sample_second_expert, softmax_topk
 from moelab.routers.tsallis import TsallisTopPRouter, tsallis_topp
+from moelab.routers.uoe import UoESelectRouter, patchwise_select, uoe_capacity, uoe_scores
 
 __all__ = [
     "CELL_TYPES",
-    "Capacity",
     "DROP_POLICIES",
+    "RULES",
+    "SCHEDULES",
+    "Capacity",
     "DynaMoERouter",
     "ExpertChoiceRouter",
     "KMeansResult",
@@ -88,16 +92,15 @@ __all__ = [
     "PreGateDecision",
     "PreGateRouter",
     "ProMoERouter",
-    "RULES",
     "ReXMoERouter",
     "RecurrentCell",
     "RecurrentRouter",
-    "SCHEDULES",
     "SelectiveSinkhornRouter",
     "SigmoidTopKRouter",
     "SinkhornRouter",
     "TopKRouter",
     "TsallisTopPRouter",
+    "UoESelectRouter",
     "bias_update",
     "capacity_keep_mask",
     "capacity_schedule",
@@ -118,6 +121,7 @@ __all__ = [
     "masked_softmax_topk",
     "mixer_gate_update",
     "modality_expert_choice",
+    "patchwise_select",
     "predicted_selection",
     "predictor_bce",
     "prefix_mean",
@@ -140,4 +144,6 @@ __all__ = [
     "softmax_topk",
     "token_choice_routing",
     "tsallis_topp",
+    "uoe_capacity",
+    "uoe_scores",
 ]

@@ -139,6 +139,21 @@ PAPER_SETTINGS: dict[str, dict[str, Any]] = {
         "source": "DeepSpeed-MoE Residual-MoE (y = MLP(x) + E_top1(x), k = 1, capacity factor 1.0, balance loss 1e-2); "
         "dropless eval, SwiGLU, sum mix ours",
     },
+    "uoe": {
+        # Union of Experts' official MLP (UoME_DS.py): top-2 mask, capacity 1.0, per-sequence
+        # top-max_len selection padded to max_len, scores normalised over the batch, outputs not
+        # weighted by the gate and no aux loss, so the router stays at its initialisation.
+        "router_kwargs": {},
+        "aux_losses": {},
+        "source": "Union of Experts (YujiaoYang-work/UoE UoME_DS.py: top-2 mask, capacity 1.0, per-sequence "
+        "selection padded to max_len, scores normalised over the batch, unweighted outputs, no aux loss: the "
+        "router stays at init); not causal",
+    },
+    "uoe_select": {
+        "router_kwargs": {},
+        "aux_losses": {},
+        "source": "Union of Experts' selection (as 'uoe') inside a plain moelab.MoE",
+    },
     "coe": {
         # Chain-of-Experts' config: 2 iterations, a gate per iteration, inner residual, no top-k
         # renormalisation, sequence aux loss 1e-3 per iteration.
