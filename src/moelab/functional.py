@@ -29,6 +29,8 @@ Routing:
     chain_of_experts                         Chain-of-Experts' iterations (``coe``)
     residual_mix                             Residual-MoE's sum or learned mix (``residual_moe``)
     product_key_topk                         exact top-k over n^2 product-key sums from k per side (PEER, OmniMoE)
+    feature_modulation, gated_base           MoFME's FiLM experts around one shared base (``mofme``)
+    mc_dropout_logits, uar_combine           MoFME's uncertainty-aware router by MC dropout (``uar``)
     uoe_scores, patchwise_select,            Union of Experts' per-sequence token selection (``uoe``)
     uoe_capacity, decompose_mlp,             and the exact split of a dense MLP into E experts
     assemble_mlp
@@ -47,9 +49,11 @@ Execution:
 """
 
 from moelab.core.activations import activation_backward, activation_forward
+from moelab.experts.film import feature_modulation
 from moelab.experts.union import split_expert_order
 from moelab.kernels.grouped_mm import grouped_mm
 from moelab.layers.chain import chain_of_experts
+from moelab.layers.mofme import gated_base
 from moelab.layers.residual_moe import residual_mix
 from moelab.layers.soft_moe import soft_moe, soft_moe_logits, soft_moe_weights, token_expert_routing
 from moelab.layers.uoe import assemble_mlp, decompose_mlp
@@ -86,6 +90,7 @@ from moelab.routers.sigmoid_topk import bias_update, group_limited_mask, sigmoid
 from moelab.routers.sinkhorn import sinkhorn, sinkhorn_topk
 from moelab.routers.topk import sample_second_expert, softmax_topk
 from moelab.routers.tsallis import tsallis_topp
+from moelab.routers.uncertainty import mc_dropout_logits, uar_combine
 from moelab.routers.uoe import patchwise_select, uoe_capacity, uoe_scores
 
 __all__ = [
@@ -110,6 +115,8 @@ __all__ = [
     "expert_choice",
     "expert_choice_capacity",
     "expert_loss_estimate",
+    "feature_modulation",
+    "gated_base",
     "greedy_assignment",
     "group_limited_mask",
     "grouped_mm",
@@ -120,6 +127,7 @@ __all__ = [
     "load_balance_seq_loss",
     "lstsq_gate",
     "masked_softmax_topk",
+    "mc_dropout_logits",
     "mixer_gate_update",
     "modality_expert_choice",
     "patchwise_select",
@@ -154,6 +162,7 @@ __all__ = [
     "tsallis_entropy",
     "tsallis_entropy_loss",
     "tsallis_topp",
+    "uar_combine",
     "uoe_capacity",
     "uoe_scores",
     "z_loss",

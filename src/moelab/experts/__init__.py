@@ -2,6 +2,7 @@
 
 from moelab.experts.atomic import AtomicBank
 from moelab.experts.bank import ExpertBank
+from moelab.experts.film import FiLMBank
 from moelab.experts.shared import SharedExperts
 
-__all__ = ["AtomicBank", "ExpertBank", "SharedExperts"]
+__all__ = ["AtomicBank", "ExpertBank", "FiLMBank", "SharedExperts"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from moelab.models.pyramid import pyramid_experts
+from moelab.repro.denoise import MOFME_REPRODUCTION
 from moelab.repro.rules import Arm, Reproduction, Rows, lower_loss, no_worse_loss
 from moelab.repro.rules import fmt as _f
 from moelab.train.settings import PAPER_SETTINGS
@@ -157,4 +158,5 @@ COMPOSITE: list[Reproduction] = [
         conditions=(lower_loss("uoe", "topk"),),
         describe=_describe_uoe,
     ),
+    MOFME_REPRODUCTION,
 ]

@@ -13,6 +13,7 @@
 - ``mixer``: MixER, hard top-1 whose gate is refit by K-means + least squares every n steps;
 - ``pregate``: Read-ME's pre-gate, a small causal transformer over token ids whose decision every
   layer uses (routing known before the backbone runs);
+- ``uar``: MoFME's uncertainty-aware router (MC-dropout samples of the router, layer ``mofme``);
 - ``uoe_select``: Union of Experts' per-sequence, patch-wise token selection (layer ``uoe``);
 - ``capacity``: expert capacity and drop policies shared by the token-choice routers.
 """
@@ -75,6 +76,7 @@ from moelab.routers.sigmoid_topk import SigmoidTopKRouter, bias_update, group_li
 from moelab.routers.sinkhorn import SelectiveSinkhornRouter, SinkhornRouter, sinkhorn, sinkhorn_topk
 from moelab.routers.topk import TopKRouter, sample_second_expert, softmax_topk
 from moelab.routers.tsallis import TsallisTopPRouter, tsallis_topp
+from moelab.routers.uncertainty import UncertaintyAwareRouter, mc_dropout_logits, uar_combine
 from moelab.routers.uoe import UoESelectRouter, patchwise_select, uoe_capacity, uoe_scores
 
 __all__ = [
@@ -100,6 +102,7 @@ __all__ = [
     "SinkhornRouter",
     "TopKRouter",
     "TsallisTopPRouter",
+    "UncertaintyAwareRouter",
     "UoESelectRouter",
     "bias_update",
     "capacity_keep_mask",
@@ -119,6 +122,7 @@ __all__ = [
     "lstsq_gate",
     "mask_routing",
     "masked_softmax_topk",
+    "mc_dropout_logits",
     "mixer_gate_update",
     "modality_expert_choice",
     "patchwise_select",
@@ -144,6 +148,7 @@ __all__ = [
     "softmax_topk",
     "token_choice_routing",
     "tsallis_topp",
+    "uar_combine",
     "uoe_capacity",
     "uoe_scores",
 ]

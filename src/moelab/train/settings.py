@@ -139,6 +139,17 @@ PAPER_SETTINGS: dict[str, dict[str, Any]] = {
         "source": "DeepSpeed-MoE Residual-MoE (y = MLP(x) + E_top1(x), k = 1, capacity factor 1.0, balance loss 1e-2); "
         "dropless eval, SwiGLU, sum mix ours",
     },
+    "uar": {
+        "router_kwargs": {},
+        "aux_losses": {},
+        "source": "MoFME UaR: linear (bias) -> KeepTopK -> softmax; 5 MC-dropout samples (official estimate_time), "
+        "dropout 0.1 (ours); no auxiliary loss (MoFME)",
+    },
+    "mofme": {
+        "router_kwargs": {},
+        "aux_losses": {},
+        "source": "MoFME (RoyZry98/MoFME-Pytorch film.py): full d x d modulations, adaptor 4d, uar router; no auxiliary loss",
+    },
     "uoe": {
         # Union of Experts' official MLP (UoME_DS.py): top-2 mask, capacity 1.0, per-sequence
         # top-max_len selection padded to max_len, scores normalised over the batch, outputs not
