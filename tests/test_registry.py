@@ -47,7 +47,7 @@ def test_list_methods_by_kind_accepts_plurals_and_names_the_kinds():
     for m in routers:
         assert issubclass(m.obj, Router) and m.obj.name == m.name
     assert moelab.list_methods("routers") == routers
-    assert [m.name for m in moelab.list_methods("layer")] == ["coe", "moe", "mofme", "residual_moe", "soft", "uoe"]
+    assert [m.name for m in moelab.list_methods("layer")] == ["coe", "moe", "mofme", "omni", "peer", "residual_moe", "soft", "uoe"]
     with pytest.raises(ValueError, match="kind must be one of router, loss"):
         moelab.list_methods("widgets")
 

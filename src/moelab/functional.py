@@ -29,6 +29,7 @@ Routing:
     chain_of_experts                         Chain-of-Experts' iterations (``coe``)
     residual_mix                             Residual-MoE's sum or learned mix (``residual_moe``)
     product_key_topk                         exact top-k over n^2 product-key sums from k per side (PEER, OmniMoE)
+    peer_topk, omni_topk, batch_norm_rows    PEER's multi-head retrieval, OmniMoE's Cartesian router (``peer``, ``omni``)
     feature_modulation, gated_base           MoFME's FiLM experts around one shared base (``mofme``)
     mc_dropout_logits, uar_combine           MoFME's uncertainty-aware router by MC dropout (``uar``)
     uoe_scores, patchwise_select,            Union of Experts' per-sequence token selection (``uoe``)
@@ -76,7 +77,7 @@ from moelab.routers.mixer import (
 )
 from moelab.routers.moma import gumbel_sigmoid, modality_expert_choice, predicted_selection, predictor_bce
 from moelab.routers.pregate import pregate_gate, rope_rotate
-from moelab.routers.product_key import product_key_topk
+from moelab.routers.product_key import batch_norm_rows, omni_topk, peer_topk, product_key_topk
 from moelab.routers.promoe import prototype_gates, prototype_scores
 from moelab.routers.recurrent import gru_cell, recurrent_router_logits, rnn_cell
 from moelab.routers.rexmoe import (
@@ -97,6 +98,7 @@ __all__ = [
     "activation_backward",
     "activation_forward",
     "assemble_mlp",
+    "batch_norm_rows",
     "bias_update",
     "capacity_keep_mask",
     "capacity_schedule",
@@ -130,7 +132,9 @@ __all__ = [
     "mc_dropout_logits",
     "mixer_gate_update",
     "modality_expert_choice",
+    "omni_topk",
     "patchwise_select",
+    "peer_topk",
     "predicted_selection",
     "predictor_bce",
     "prefix_mean",

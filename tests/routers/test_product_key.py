@@ -123,3 +123,33 @@ def test_large_n_never_needs_the_full_product():
 def test_bad_inputs(a, b, k, err, match):
     with pytest.raises(err, match=match):
         product_key_topk(a, b, k)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_wide_rows_with_ties_equal_brute_force(seed):
+    """n much larger than k: each side's best are found without a full sort; with many ties (integer
+    scores in {0, .., 3}) the order must still be (value descending, flat index ascending)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 16 + 5 * seed
+    k = 1 + seed % 6
+    a = torch.randint(0, 4, (5, n), generator=g).double()
+    b = torch.randint(0, 4, (5, n), generator=g).double()
+    values, index = product_key_topk(a, b, k)
+    ref_values, ref_index = brute_force(a, b, k)
+    assert torch.equal(values, ref_values) and torch.equal(index, ref_index)
+
+
+@pytest.mark.parametrize("n,c", [(64, 4), (50, 7), (9, 4), (1024, 16)])
+def test_row_selection_equals_a_stable_sort(n, c):
+    from moelab.routers.product_key import _sorted_desc, _top_desc
+
+    g = torch.Generator().manual_seed(n + c)
+    for scores in (torch.randn(33, n, generator=g), torch.randint(0, 3, (33, n), generator=g).float()):
+        values, index = _top_desc(scores, c)
+        ref_values, ref_index = _sorted_desc(scores)
+        assert torch.equal(values, ref_values[:, :c]) and torch.equal(index, ref_index[:, :c])
+
+
+def test_no_tokens_on_wide_rows():
+    values, index = product_key_topk(torch.zeros(0, 64), torch.zeros(0, 64), 4)
+    assert values.shape == (0, 4) and index.shape == (0, 4)

@@ -211,15 +211,17 @@ class MoELM(nn.Module):
         return [(b.index, b.ffn) for b in self.blocks if b.is_moe]
 
     def num_parameters(self, active: bool = False) -> int:
-        """Parameter count; ``active=True`` counts only ``top_k / E`` of the routed experts."""
+        """Parameter count; ``active=True`` counts only ``k / E`` of the routed experts, ``k`` the
+        layer's ``experts_per_token`` when it has one (PEER: heads x top_k), else ``top_k``."""
         total = sum(p.numel() for p in self.parameters())
         if not active:
             return total
         inactive = 0.0
         for i, m in self.moe_layers():
             e = self.config.experts_at(i)
+            k = getattr(m, "experts_per_token", self.config.top_k)
             routed = sum(p.numel() for p in m.experts.parameters())
-            inactive += (1 - min(self.config.top_k, e) / e) * routed
+            inactive += (1 - min(k, e) / e) * routed
         return int(total - inactive)
 
     # -- forward ----------------------------------------------------------------------------------

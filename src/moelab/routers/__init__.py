@@ -13,6 +13,8 @@
 - ``mixer``: MixER, hard top-1 whose gate is refit by K-means + least squares every n steps;
 - ``pregate``: Read-ME's pre-gate, a small causal transformer over token ids whose decision every
   layer uses (routing known before the backbone runs);
+- ``peer``, ``omni``: product-key retrieval over pools of ~10^6 atomic experts (PEER's multi-head
+  BatchNorm'd query; OmniMoE's Cartesian product of two log-softmaxes), layers ``peer``, ``omni``;
 - ``uar``: MoFME's uncertainty-aware router (MC-dropout samples of the router, layer ``mofme``);
 - ``uoe_select``: Union of Experts' per-sequence, patch-wise token selection (layer ``uoe``);
 - ``capacity``: expert capacity and drop policies shared by the token-choice routers.
@@ -55,6 +57,15 @@ from moelab.routers.moma import (
     require_token_types,
 )
 from moelab.routers.pregate import PreGate, PreGateDecision, PreGateRouter, pregate_gate, rope_rotate
+from moelab.routers.product_key import (
+    OmniRouter,
+    PEERRouter,
+    RowBatchNorm,
+    batch_norm_rows,
+    omni_topk,
+    peer_topk,
+    product_key_topk,
+)
 from moelab.routers.promoe import ProMoERouter, expert_label_purity, prototype_gates, prototype_scores
 from moelab.routers.recurrent import (
     CELL_TYPES,
@@ -90,6 +101,8 @@ __all__ = [
     "KMeansResult",
     "MixERRouter",
     "MoMaRouter",
+    "OmniRouter",
+    "PEERRouter",
     "PreGate",
     "PreGateDecision",
     "PreGateRouter",
@@ -97,6 +110,7 @@ __all__ = [
     "ReXMoERouter",
     "RecurrentCell",
     "RecurrentRouter",
+    "RowBatchNorm",
     "SelectiveSinkhornRouter",
     "SigmoidTopKRouter",
     "SinkhornRouter",
@@ -104,6 +118,7 @@ __all__ = [
     "TsallisTopPRouter",
     "UncertaintyAwareRouter",
     "UoESelectRouter",
+    "batch_norm_rows",
     "bias_update",
     "capacity_keep_mask",
     "capacity_schedule",
@@ -125,11 +140,14 @@ __all__ = [
     "mc_dropout_logits",
     "mixer_gate_update",
     "modality_expert_choice",
+    "omni_topk",
     "patchwise_select",
+    "peer_topk",
     "predicted_selection",
     "predictor_bce",
     "prefix_mean",
     "pregate_gate",
+    "product_key_topk",
     "prototype_gates",
     "prototype_scores",
     "psr_allowed",

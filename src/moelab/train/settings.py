@@ -139,6 +139,19 @@ PAPER_SETTINGS: dict[str, dict[str, Any]] = {
         "source": "DeepSpeed-MoE Residual-MoE (y = MLP(x) + E_top1(x), k = 1, capacity factor 1.0, balance loss 1e-2); "
         "dropless eval, SwiGLU, sum mix ours",
     },
+    "peer": {
+        "router_kwargs": {},
+        "aux_losses": {},
+        "source": "PEER (He 2024): 8 heads, top_k per head (paper 16), BatchNorm'd query, softmax over each head's "
+        "k, GELU atomic experts, no aux loss; d_key = d_model (lucidrains); num_experts must be a square",
+    },
+    "omni": {
+        "router_kwargs": {},
+        "aux_losses": {},
+        "source": "OmniMoE (flash-algo/omni-moe OmniMoE_Pytorch): n = floor(sqrt(N)), BatchNorm'd Cartesian-product "
+        "router, weights p_x p_y not renormalised, silu atomic experts + dense SwiGLU (expert_hidden, default 4d), "
+        "no aux loss",
+    },
     "uar": {
         "router_kwargs": {},
         "aux_losses": {},
