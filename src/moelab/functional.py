@@ -46,6 +46,7 @@ Losses:
 Execution:
     dispatch, combine                        rows into expert-sorted order and back
     grouped_mm                               grouped GEMM over expert-sorted rows
+    atomic_experts                           single-neuron expert pools, weights gathered per assignment
     activation_forward, activation_backward  the expert non-linearities
 """
 
@@ -62,6 +63,7 @@ from moelab.losses.balance import load_balance_loss, load_balance_seq_loss, z_lo
 from moelab.losses.entropy import tsallis_entropy, tsallis_entropy_loss
 from moelab.losses.erc import erc_coupling, erc_diag_dominance, erc_epsilon, erc_loss, erc_proxy_tokens
 from moelab.losses.rcl import routing_contrastive_loss
+from moelab.ops.atomic import atomic_experts
 from moelab.ops.rows import combine, dispatch
 from moelab.routers.capacity import capacity_keep_mask, expert_capacity, token_choice_routing
 from moelab.routers.dynamoe import capacity_schedule, dynamic_topk, schedule_shape
@@ -98,6 +100,7 @@ __all__ = [
     "activation_backward",
     "activation_forward",
     "assemble_mlp",
+    "atomic_experts",
     "batch_norm_rows",
     "bias_update",
     "capacity_keep_mask",

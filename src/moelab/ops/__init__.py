@@ -1,12 +1,13 @@
 """Executing a routing: dispatchers move rows, executors compute the experts (one per file).
 
 - ``executors``: the executor registry, ``"auto"`` resolution;
-- ``reference``, ``sorted``, ``fast``, ``triton``: the executors;
+- ``reference``, ``sorted``, ``fast``, ``triton``, ``atomic``: the executors;
 - ``dispatchers``: the dispatcher registry and the ``local`` dispatcher;
 - ``rows``: ``dispatch`` / ``combine``, the row gather and weighted scatter-back.
 """
 
-from moelab.ops import fast, reference, sorted, triton  # noqa: F401  (each registers its executor)
+from moelab.ops import atomic, fast, reference, sorted, triton  # noqa: F401  (each registers its executor)
+from moelab.ops.atomic import atomic_experts, moe_atomic
 from moelab.ops.dispatchers import (
     Dispatcher,
     LocalDispatcher,
@@ -35,6 +36,7 @@ __all__ = [
     "Dispatcher",
     "Executor",
     "LocalDispatcher",
+    "atomic_experts",
     "check_backend_name",
     "check_rows",
     "combine",
@@ -43,6 +45,7 @@ __all__ = [
     "executor_names",
     "get_dispatcher",
     "get_executor",
+    "moe_atomic",
     "moe_fast",
     "moe_reference",
     "moe_sorted",

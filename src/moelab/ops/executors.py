@@ -67,8 +67,12 @@ def register_executor(
     return deco
 
 
-# Fastest first, per device type; measured by bench/moe_layer.py.
-AUTO_PREFERENCE: dict[str, list[str]] = {"cpu": ["fast", "sorted"], "cuda": ["triton", "sorted"]}
+# Fastest first, per device type; measured by bench/moe_layer.py (bench/pools.py for "atomic",
+# which supports only AtomicBank pools: other banks skip it).
+AUTO_PREFERENCE: dict[str, list[str]] = {
+    "cpu": ["atomic", "fast", "sorted"],
+    "cuda": ["atomic", "triton", "sorted"],
+}
 
 
 def check_backend_name(name: object, argument: str = "backend") -> str:
