@@ -35,7 +35,7 @@ KIND_TITLES = {
     "executor": "Executors (how experts are computed; a layer's `backend`)",
     "layer": "Layers",
     "analysis": "Analysis",
-    "model": "Model arrangements (how routed layers are laid out)",
+    "architecture": "Architectures (how routed layers are arranged across a model)",
 }
 
 

@@ -24,7 +24,7 @@ _KINDS: dict[str, str] = {
     "executor": "computes the experts on a Routing: dispatch -> bank -> combine",
     "layer": "a routed layer built on the contract",
     "analysis": "a measurement of routing",
-    "model": "a model-level arrangement of routed layers (MoELMConfig settings)",
+    "architecture": "how routed layers are arranged across a model (MoELMConfig settings)",
 }
 
 # Where moelab's own methods of each kind register themselves. A lookup that misses imports the
@@ -38,7 +38,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "executor": "moelab.ops",
     "layer": "moelab.layers",
     "analysis": "moelab.analysis",
-    "model": "moelab.models",
+    "architecture": "moelab.models",
 }
 
 # Third-party packages moelab integrates with, and the moelab module that integrates each. A

@@ -28,7 +28,7 @@ def test_pyramid_experts_rejects_bad_arguments():
 
 
 def test_pyramid_is_listed_and_pr_moe_builds():
-    info = {m.name: m for m in moelab.list_methods("model")}
+    info = {m.name: m for m in moelab.list_methods("architecture")}
     assert info["pyramid"].obj is pyramid_experts and "DeepSpeed" in info["pyramid"].paper
     # PR-MoE: Residual-MoE layers in a pyramid
     cfg = MoELMConfig(d_model=16, n_layers=4, n_heads=2, max_seq_len=16, num_experts=4, router="residual_moe",

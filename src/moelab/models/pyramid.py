@@ -42,7 +42,7 @@ def pyramid_experts(num_layers: int, shallow: int, deep: int, deep_from: int | N
 
 
 registry.register(
-    "model",
+    "architecture",
     "pyramid",
     paper="DeepSpeed-MoE Pyramid-MoE / PR-MoE (Rajbhandari et al. 2022, arXiv 2201.05596, sec. 4.1)",
     summary="more experts in deeper MoE layers: MoELMConfig.experts_per_layer, e.g. [4, 4, 8, 8]; "
