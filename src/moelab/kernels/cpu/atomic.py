@@ -5,7 +5,7 @@
 ``moelab.ops.atomic`` calls it on CPU for float32/float64 and falls back to its chunked PyTorch
 path anywhere else (CUDA, bf16, no compiler, ``MOELAB_ATOMIC_KERNEL=0``).
 
-Built like ``skinny.py``'s kernel: the system C compiler (``cc``/``gcc``, ``-O3 -march=native
+Built by ``build.py`` (as ``skinny.py``'s kernel): the system C compiler (``cc``/``gcc``, ``-O3 -march=native
 -fopenmp``) into ``$MOELAB_CACHE`` (default ``~/.cache/moelab``), keyed by a hash of the source,
 the compiler and the CPU, loaded with ``ctypes``; OpenMP is the ``libgomp`` PyTorch has loaded, so
 the loops run on PyTorch's thread count. Functions here take tensors the caller has checked
@@ -15,73 +15,23 @@ the loops run on PyTorch's thread count. Functions here take tensors the caller 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-_SOURCE = Path(__file__).with_name("csrc") / "atomic_experts.c"
+from moelab.kernels.cpu.build import build_kernel
+
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 ACTIVATION_CODES = {"gelu": 0, "relu": 1, "silu": 2}
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("MOELAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moelab")
-    return Path(root) / "kernels"
-
-
-def _cpu_id() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _compile() -> ctypes.CDLL | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None or platform.system() != "Linux":
-        return None
-    try:
-        src = _SOURCE.read_bytes()
-    except OSError:  # an install without the C source: the PyTorch path does the work
-        return None
-    key = hashlib.sha256(src + cc.encode() + _cpu_id().encode()).hexdigest()[:16]
-    out = _cache_dir() / f"atomic_experts-{key}.so"
-    if not out.exists():
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            out = Path(tempfile.gettempdir()) / "moelab-kernels" / out.name
-            out.parent.mkdir(parents=True, exist_ok=True)
-        # Build next to the target, then rename: concurrent processes never see a partial file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), "-o", tmp, "-lm"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-            if proc.returncode != 0:
-                return None
-            os.replace(tmp, out)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    try:
-        lib = ctypes.CDLL(str(out))
-    except OSError:
+    lib = build_kernel("atomic_experts", ("-lm",))
+    if lib is None:
         return None
     ptr, long_, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.atomic_forward.restype = int_

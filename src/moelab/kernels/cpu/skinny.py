@@ -18,19 +18,14 @@ callers use PyTorch's GEMMs instead; ``MOELAB_SKINNY=0`` turns the kernel off.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-_SOURCE = Path(__file__).with_name("csrc") / "skinny_gemm.c"
+from moelab.kernels.cpu.build import build_kernel
+
 KERNEL_MAX_ROWS = 8  # the C kernel's limit per call
 # The kernel re-reads the m rows of x for every row of W, so they must stay in L1 (32 KiB per core
 # on Zen 4; 24 KiB leaves room for the W stream). Past that, PyTorch's packing GEMM wins. Measured
@@ -40,54 +35,9 @@ _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("MOELAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moelab")
-    return Path(root) / "kernels"
-
-
-def _cpu_id() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _compile() -> ctypes.CDLL | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None or platform.system() != "Linux":
-        return None
-    try:
-        src = _SOURCE.read_bytes()
-    except OSError:  # an install without the C source: PyTorch's GEMMs do the work
-        return None
-    key = hashlib.sha256(src + cc.encode() + _cpu_id().encode()).hexdigest()[:16]
-    out = _cache_dir() / f"skinny_gemm-{key}.so"
-    if not out.exists():
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            out = Path(tempfile.gettempdir()) / "moelab-kernels" / out.name
-            out.parent.mkdir(parents=True, exist_ok=True)
-        # Build next to the target, then rename: concurrent processes never see a partial file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(_SOURCE), "-o", tmp]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-            if proc.returncode != 0:
-                return None
-            os.replace(tmp, out)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    try:
-        lib = ctypes.CDLL(str(out))
-    except OSError:
+    lib = build_kernel("skinny_gemm")
+    if lib is None:
         return None
     lib.skinny_capabilities.restype = ctypes.c_int
     lib.skinny_linear.restype = ctypes.c_int
