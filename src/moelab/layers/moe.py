@@ -121,6 +121,36 @@ class MoE(RoutedLayer):
         )
 
 
+class MoEWrapper(nn.Module):
+    """Base of composite layers built around one ``moelab.MoE`` held as ``self.moe`` (Residual-MoE,
+    UoE). The wrapper is not a ``RoutedLayer``: the inner MoE is, so tracing records each routing
+    once and ``moelab.aux_loss`` counts it once. ``aux_loss``, ``aux_terms`` and ``shared_experts``
+    are the inner MoE's, so ``MoELM``, ``moelab compare`` and the monitors read the wrapper as a
+    ``moelab.MoE`` (subclasses also ``share`` its ``router`` and ``experts``). Subclasses define
+    ``forward_routed(x, ctx) -> (y, routing)``."""
+
+    moe: MoE
+
+    @property
+    def aux_loss(self) -> Tensor:
+        """The inner MoE's weighted auxiliary loss of the last forward."""
+        return self.moe.aux_loss
+
+    @property
+    def aux_terms(self) -> dict[str, Tensor]:
+        return self.moe.aux_terms
+
+    @property
+    def shared_experts(self) -> nn.Module | None:
+        return self.moe.shared_experts
+
+    def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:
+        return self.forward_routed(x, ctx)[0]
+
+    def forward_routed(self, x: Tensor, ctx: RoutingContext | None = None) -> tuple[Tensor, Routing]:
+        raise NotImplementedError
+
+
 def setup_experts_and_losses(
     layer: nn.Module,
     experts: nn.Module,

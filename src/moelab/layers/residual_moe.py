@@ -27,7 +27,7 @@ from moelab.core.context import RoutingContext
 from moelab.core.router import share
 from moelab.core.routing import Routing
 from moelab.experts.shared import SharedExperts
-from moelab.layers.moe import MoE
+from moelab.layers.moe import MoE, MoEWrapper
 from moelab.ops.dispatchers import Dispatcher
 
 MIXES = ("sum", "learned")
@@ -54,7 +54,7 @@ def residual_mix(moe_out: Tensor, mlp_out: Tensor, coef_logits: Tensor | None = 
     return coef[..., 0:1] * moe_out + coef[..., 1:2] * mlp_out
 
 
-class ResidualMoE(nn.Module):
+class ResidualMoE(MoEWrapper):
     """Residual-MoE as a routed FFN layer (module docstring; docs/methods/residual_moe.md).
 
     The routed part is ``self.moe``, a ``moelab.MoE`` (the routed layer that traces, transforms
@@ -159,22 +159,6 @@ class ResidualMoE(nn.Module):
         self.coefficient = nn.Linear(d_model, 2) if mix == "learned" else None
         share(self, "router", self.moe.router)
         share(self, "experts", self.moe.experts)
-
-    @property
-    def aux_loss(self) -> Tensor:
-        """The inner MoE's weighted auxiliary loss of the last forward."""
-        return self.moe.aux_loss
-
-    @property
-    def aux_terms(self) -> dict[str, Tensor]:
-        return self.moe.aux_terms
-
-    @property
-    def shared_experts(self) -> nn.Module | None:
-        return self.moe.shared_experts
-
-    def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:
-        return self.forward_routed(x, ctx)[0]
 
     def forward_routed(self, x: Tensor, ctx: RoutingContext | None = None) -> tuple[Tensor, Routing]:
         """``(y, routing)``: the combined output and the routed part's routing."""

@@ -36,7 +36,7 @@ from moelab.core.router import build_router, share
 from moelab.core.routing import Routing
 from moelab.experts.bank import ExpertBank
 from moelab.experts.shared import SharedExperts
-from moelab.layers.moe import MoE
+from moelab.layers.moe import MoE, MoEWrapper
 from moelab.ops.dispatchers import Dispatcher
 from moelab.routers.uoe import UoESelectRouter
 
@@ -144,7 +144,7 @@ def _no_input_bias(linear: nn.Linear) -> None:
         )
 
 
-class UnionOfExperts(nn.Module):
+class UnionOfExperts(MoEWrapper):
     """UoE's MLP part, ``UoME`` (module docstring; docs/methods/uoe.md).
 
     The routed part is ``self.moe``, a ``moelab.MoE`` with the ``uoe_select`` router and an
@@ -276,22 +276,6 @@ class UnionOfExperts(nn.Module):
         return w_in, w_out, None if self.bias is None else self.bias.detach().clone()
 
     # -- the routed-layer surface -----------------------------------------------------------------
-    @property
-    def aux_loss(self) -> Tensor:
-        """The inner MoE's weighted auxiliary loss of the last forward."""
-        return self.moe.aux_loss
-
-    @property
-    def aux_terms(self) -> dict[str, Tensor]:
-        return self.moe.aux_terms
-
-    @property
-    def shared_experts(self) -> nn.Module | None:
-        return self.moe.shared_experts
-
-    def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:
-        return self.forward_routed(x, ctx)[0]
-
     def forward_routed(self, x: Tensor, ctx: RoutingContext | None = None) -> tuple[Tensor, Routing]:
         """``(y, routing)``: the union's output (plus the bias) and the selection that ran."""
         y, routing = self.moe.forward_routed(x, ctx)  # checks x and ctx
