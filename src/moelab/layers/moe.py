@@ -151,6 +151,22 @@ class MoEWrapper(nn.Module):
         raise NotImplementedError
 
 
+def layer_options(router_kwargs: object, given: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(router kwargs, options)``: a registered layer's own options may come as keywords
+    (``given``: name -> value, None when not given) or inside ``router_kwargs`` (how ``MoELM``
+    passes them), once each; the rest of ``router_kwargs`` is returned for the router."""
+    if not isinstance(router_kwargs, (dict, type(None))):
+        raise TypeError(f"router_kwargs must be a dict, got {type(router_kwargs).__name__}")
+    kw = dict(router_kwargs or {})
+    options = dict(given)
+    for key in given:
+        if key in kw:
+            if options[key] is not None:
+                raise ValueError(f"{key} is given both as a keyword and in router_kwargs; give it once")
+            options[key] = kw.pop(key)
+    return kw, options
+
+
 def setup_experts_and_losses(
     layer: nn.Module,
     experts: nn.Module,

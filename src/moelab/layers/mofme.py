@@ -47,13 +47,18 @@ from moelab.core.router import Router, build_router
 from moelab.core.routing import Routing
 from moelab.experts.film import FiLMBank
 from moelab.experts.shared import SharedExperts
-from moelab.layers.moe import aux_losses_of, build_shared_experts, layer_input, setup_experts_and_losses
+from moelab.layers.moe import (
+    aux_losses_of,
+    build_shared_experts,
+    layer_input,
+    layer_options,
+    setup_experts_and_losses,
+)
 from moelab.ops.dispatchers import Dispatcher
 from moelab.ops.executors import resolve_executor
 from moelab.routers.uncertainty import UncertaintyAwareRouter  # noqa: F401  (registers router "uar")
 
 # router_kwargs keys the layer takes for itself; every other key goes to the router
-LAYER_KEYS = ("router", "modulation", "rank", "norm", "adaptor_dropout")
 
 
 def gated_base(h_TD: Tensor, weight_2DD: Tensor, bias_2D: Tensor | None = None) -> Tensor:
@@ -127,17 +132,10 @@ class MoFME(RoutedLayer):
         self.num_experts = positive_int("num_experts", num_experts)
         self.top_k = top_k_in_range(top_k, num_experts)
         self.mlp_dim = positive_int("hidden", 4 * d_model if hidden is None else hidden)
-        if not isinstance(router_kwargs, (dict, type(None))):
-            raise TypeError(f"router_kwargs must be a dict, got {type(router_kwargs).__name__}")
-        kw = dict(router_kwargs or {})
-        given: dict[str, Any] = {
-            "router": router, "modulation": modulation, "rank": rank, "norm": norm, "adaptor_dropout": adaptor_dropout,
-        }  # fmt: skip
-        for key in LAYER_KEYS:
-            if key in kw:
-                if given[key] is not None:
-                    raise ValueError(f"{key} is given both as a keyword and in router_kwargs; give it once")
-                given[key] = kw.pop(key)
+        kw, given = layer_options(
+            router_kwargs,
+            {"router": router, "modulation": modulation, "rank": rank, "norm": norm, "adaptor_dropout": adaptor_dropout},
+        )
         norm = True if given["norm"] is None else given["norm"]
         if not isinstance(norm, bool):
             raise TypeError(f"norm must be a bool, got {norm!r}")

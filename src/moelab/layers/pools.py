@@ -29,7 +29,7 @@ from moelab.core.checks import positive_int
 from moelab.core.router import router_arguments
 from moelab.experts.atomic import AtomicBank
 from moelab.experts.shared import SharedExperts
-from moelab.layers.moe import MoE
+from moelab.layers.moe import MoE, layer_options
 from moelab.ops.dispatchers import Dispatcher
 from moelab.routers.product_key import OmniRouter, PEERRouter
 
@@ -41,13 +41,8 @@ def _split_options(
 ) -> tuple[dict[str, Any], int, str | None]:
     """``(router kwargs, top_k, activation)`` from the layer's ``router_kwargs``: ``top_k`` and
     ``activation`` there override the arguments (each given once); the rest must be the router's."""
-    if not isinstance(router_kwargs, (dict, type(None))):
-        raise TypeError(f"router_kwargs must be a dict, got {type(router_kwargs).__name__}")
-    kw = dict(router_kwargs or {})
-    if "activation" in kw:
-        if activation is not None:
-            raise ValueError("activation is given both as a keyword and in router_kwargs; give it once")
-        activation = kw.pop("activation")
+    kw, options = layer_options(router_kwargs, {"activation": activation})
+    activation = options["activation"]
     top_k = kw.pop("top_k", top_k)
     accepted = [a for a in router_arguments(router_cls) if a != "top_k"]
     unknown = sorted(set(kw) - set(accepted))

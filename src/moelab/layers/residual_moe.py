@@ -27,11 +27,10 @@ from moelab.core.context import RoutingContext
 from moelab.core.router import share
 from moelab.core.routing import Routing
 from moelab.experts.shared import SharedExperts
-from moelab.layers.moe import MoE, MoEWrapper
+from moelab.layers.moe import MoE, MoEWrapper, layer_options
 from moelab.ops.dispatchers import Dispatcher
 
 MIXES = ("sum", "learned")
-LAYER_KEYS = ("router", "mix", "mlp_hidden")  # router_kwargs keys the layer takes for itself
 
 
 def residual_mix(moe_out: Tensor, mlp_out: Tensor, coef_logits: Tensor | None = None) -> Tensor:
@@ -110,15 +109,7 @@ class ResidualMoE(MoEWrapper):
         check_finite: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(router_kwargs, (dict, type(None))):
-            raise TypeError(f"router_kwargs must be a dict, got {type(router_kwargs).__name__}")
-        kw = dict(router_kwargs or {})
-        given = {"router": router, "mix": mix, "mlp_hidden": mlp_hidden}
-        for key in LAYER_KEYS:
-            if key in kw:
-                if given[key] is not None:
-                    raise ValueError(f"{key} is given both as a keyword and in router_kwargs; give it once")
-                given[key] = kw.pop(key)
+        kw, given = layer_options(router_kwargs, {"router": router, "mix": mix, "mlp_hidden": mlp_hidden})
         router = "topk" if given["router"] is None else given["router"]
         mix = "sum" if given["mix"] is None else given["mix"]
         if mix not in MIXES:

@@ -36,11 +36,10 @@ from moelab.core.router import build_router, share
 from moelab.core.routing import Routing
 from moelab.experts.bank import ExpertBank
 from moelab.experts.shared import SharedExperts
-from moelab.layers.moe import MoE, MoEWrapper
+from moelab.layers.moe import MoE, MoEWrapper, layer_options
 from moelab.ops.dispatchers import Dispatcher
 from moelab.routers.uoe import UoESelectRouter
 
-LAYER_KEYS = ("bias",)  # router_kwargs keys the layer takes for itself
 # activation modules of an nn.Sequential(Linear, act, Linear) MLP and their moelab names
 _ACTIVATION_MODULES = ((nn.ReLU, "relu"), (nn.SiLU, "silu"), (nn.GELU, "gelu"))
 
@@ -191,13 +190,8 @@ class UnionOfExperts(MoEWrapper):
         check_finite: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(router_kwargs, (dict, type(None))):
-            raise TypeError(f"router_kwargs must be a dict, got {type(router_kwargs).__name__}")
-        kw = dict(router_kwargs or {})
-        if "bias" in kw:
-            if bias is not None:
-                raise ValueError("bias is given both as a keyword and in router_kwargs; give it once")
-            bias = kw.pop("bias")
+        kw, options = layer_options(router_kwargs, {"bias": bias})
+        bias = options["bias"]
         bias = False if bias is None else bias
         if not isinstance(bias, bool):
             raise TypeError(f"bias must be a bool, got {type(bias).__name__}")
