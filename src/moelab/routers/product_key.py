@@ -61,27 +61,22 @@ def _top_desc(scores_TN: Tensor, c: int) -> tuple[Tensor, Tensor]:
     """The first ``c`` of each row in the order (value descending, index ascending), ``[T, c]``.
 
     The same as ``_sorted_desc(scores)[:, :c]`` without sorting whole rows: ``topk`` finds each
-    row's ``c``-th value, every entry above it is kept, and of the entries equal to it the lowest
-    indices fill the remaining places (so ties resolve exactly as the stable sort does); only the
-    ``c`` kept entries are then sorted. ``O(n)`` per row instead of ``O(n log n)``, no device sync.
+    row's ``c + 1`` largest in descending order (in which order it returns equal values, and which
+    of several equal values at the boundary, is unspecified). A row whose ``c + 1`` values are all
+    distinct is then already exact; rows with any two equal (ties: rare for real scores) are sorted
+    in full. ``O(n)`` per row instead of ``O(n log n)``; finding the tied rows costs one device
+    sync on GPU.
     """
     t, n = scores_TN.shape
     if 2 * c >= n:
         value_TN, index_TN = _sorted_desc(scores_TN)
         return value_TN[:, :c], index_TN[:, :c]
     s_TN = scores_TN.detach()
-    cth_T1 = torch.topk(s_TN, c, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    above_TN = s_TN > cth_T1
-    tie_TN = s_TN == cth_T1
-    room_T1 = c - above_TN.sum(-1, keepdim=True)
-    keep_TN = above_TN | (tie_TN & (tie_TN.cumsum(-1) <= room_T1))
-    # the kept entries' indices: the c largest of n - j over kept entries j (0 for the others),
-    # all distinct, so a topk finds them without a sort, a scatter or a device sync
-    cols_TN = torch.arange(n, device=s_TN.device).expand(t, n)
-    key_TN = torch.where(keep_TN, n - cols_TN, 0)
-    index_TC = n - torch.topk(key_TN, c, dim=-1).values  # sorted: indices ascending
-    _, order_TC = _sorted_desc(s_TN.gather(1, index_TC))  # stable: equal values stay index-ascending
-    index_TC = index_TC.gather(1, order_TC)
+    top_TC1, index_TC1 = torch.topk(s_TN, c + 1, dim=-1)  # sorted descending
+    index_TC = index_TC1[:, :c].contiguous()
+    rows = (top_TC1[:, :-1] == top_TC1[:, 1:]).any(-1).nonzero().squeeze(1)
+    if rows.numel():
+        index_TC[rows] = _sorted_desc(s_TN[rows])[1][:, :c]
     return scores_TN.gather(1, index_TC), index_TC
 
 
@@ -134,14 +129,23 @@ def product_key_topk(scores_a_TN: Tensor, scores_b_TN: Tensor, k: int) -> tuple[
     rank_a_M, rank_b_M = _candidate_ranks(k, c, scores_a_TN.device)
     cand_value_TM = value_a_TC[:, rank_a_M] + value_b_TC[:, rank_b_M]
     cand_index_TM = index_a_TC[:, rank_a_M] * n + index_b_TC[:, rank_b_M]
-    # Order the candidates by flat index first (indices are distinct, so this is unambiguous);
-    # the stable descending sort by value then breaks ties by lower index.
-    by_index_TM = cand_index_TM.argsort(dim=-1)
-    cand_index_TM = cand_index_TM.gather(1, by_index_TM)
-    cand_value_TM = cand_value_TM.gather(1, by_index_TM)
-    _, best_TM = _sorted_desc(cand_value_TM.detach())
-    best_TK = best_TM[:, :k]
+    # The best k candidates by value: a topk of k + 1 is exact on rows whose k + 1 largest values are
+    # distinct; rows with equal values among them are ordered exactly, ties by lower flat index.
+    m = cand_value_TM.shape[1]
+    top_TK1, best_TK1 = torch.topk(cand_value_TM.detach(), min(k + 1, m), dim=-1)
+    best_TK = best_TK1[:, :k].contiguous()
+    rows = (top_TK1[:, :-1] == top_TK1[:, 1:]).any(-1).nonzero().squeeze(1)
+    if rows.numel():
+        best_TK[rows] = _best_by_value_then_index(cand_value_TM[rows].detach(), cand_index_TM[rows], k)
     return cand_value_TM.gather(1, best_TK), cand_index_TM.gather(1, best_TK)
+
+
+def _best_by_value_then_index(value_RM: Tensor, index_RM: Tensor, k: int) -> Tensor:
+    """``[R, k]`` positions of the best ``k`` entries by value descending, ties by lower ``index``."""
+    # order by flat index first (indices are distinct); the stable sort by value keeps that among ties
+    by_index_RM = index_RM.argsort(dim=-1)
+    _, best_RM = _sorted_desc(value_RM.gather(1, by_index_RM))
+    return by_index_RM.gather(1, best_RM[:, :k])
 
 
 # ---------------------------------------------------------------------------------------------------
