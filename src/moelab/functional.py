@@ -30,6 +30,7 @@ Routing:
     residual_mix                             Residual-MoE's sum or learned mix (``residual_moe``)
     product_key_topk                         exact top-k over n^2 product-key sums from k per side (PEER, OmniMoE)
     peer_topk, omni_topk, batch_norm_rows    PEER's multi-head retrieval, OmniMoE's Cartesian router (``peer``, ``omni``)
+    subkey_topc, product_key_merge           the two halves of product-key retrieval (PEER's sparse-backward path)
     feature_modulation, gated_base           MoFME's FiLM experts around one shared base (``mofme``)
     mc_dropout_logits, uar_combine           MoFME's uncertainty-aware router by MC dropout (``uar``)
     uoe_scores, patchwise_select,            Union of Experts' per-sequence token selection (``uoe``)
@@ -79,7 +80,14 @@ from moelab.routers.mixer import (
 )
 from moelab.routers.moma import gumbel_sigmoid, modality_expert_choice, predicted_selection, predictor_bce
 from moelab.routers.pregate import pregate_gate, rope_rotate
-from moelab.routers.product_key import batch_norm_rows, omni_topk, peer_topk, product_key_topk
+from moelab.routers.product_key import (
+    batch_norm_rows,
+    omni_topk,
+    peer_topk,
+    product_key_merge,
+    product_key_topk,
+    subkey_topc,
+)
 from moelab.routers.promoe import prototype_gates, prototype_scores
 from moelab.routers.recurrent import gru_cell, recurrent_router_logits, rnn_cell
 from moelab.routers.rexmoe import (
@@ -142,6 +150,7 @@ __all__ = [
     "predictor_bce",
     "prefix_mean",
     "pregate_gate",
+    "product_key_merge",
     "product_key_topk",
     "prototype_gates",
     "prototype_scores",
@@ -164,6 +173,7 @@ __all__ = [
     "soft_moe_weights",
     "softmax_topk",
     "split_expert_order",
+    "subkey_topc",
     "token_choice_routing",
     "token_expert_routing",
     "tsallis_entropy",

@@ -153,3 +153,36 @@ def test_row_selection_equals_a_stable_sort(n, c):
 def test_no_tokens_on_wide_rows():
     values, index = product_key_topk(torch.zeros(0, 64), torch.zeros(0, 64), 4)
     assert values.shape == (0, 4) and index.shape == (0, 4)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_subkey_topc_equals_dense_scores_forward_and_backward(ties):
+    """PEER's per-side selection with its sparse backward against the dense scores written plainly:
+    the best c of q . keys per (token, head), and gradients through the chosen scores only."""
+    from moelab.routers.product_key import subkey_topc
+
+    g = torch.Generator().manual_seed(3)
+    t, h, n, d, c = 7, 3, 64, 5, 4
+    q = torch.randn(t, h, d, generator=g, dtype=torch.float64)
+    keys = torch.randn(h, n, d, generator=g, dtype=torch.float64)
+    if ties:  # equal sub-keys make equal scores: ties broken by lower index, as the stable sort
+        keys[:, 10:20] = keys[:, 30:31]
+        q = q.round()
+        keys = keys.round()
+    q1, k1 = q.clone().requires_grad_(True), keys.clone().requires_grad_(True)
+    value, index = subkey_topc(q1, k1, c)
+    q2, k2 = q.clone().requires_grad_(True), keys.clone().requires_grad_(True)
+    scores = torch.einsum("thd,hnd->thn", q2, k2)
+    want_index = torch.sort(scores.detach(), dim=-1, descending=True, stable=True).indices[..., :c]
+    assert torch.equal(index, want_index)
+    want_value = scores.gather(-1, want_index)
+    torch.testing.assert_close(value, want_value)
+    grad = torch.randn(t, h, c, generator=g, dtype=torch.float64)
+    (value * grad).sum().backward()
+    (want_value * grad).sum().backward()
+    torch.testing.assert_close(q1.grad, q2.grad)
+    torch.testing.assert_close(k1.grad, k2.grad)
+    with pytest.raises(ValueError, match="c must be"):
+        subkey_topc(q, keys, n + 1)
+    with pytest.raises(ValueError, match="q_THC"):
+        subkey_topc(q[0], keys, c)

@@ -121,12 +121,21 @@ def product_key_topk(scores_a_TN: Tensor, scores_b_TN: Tensor, k: int) -> tuple[
     c = min(k, n)
     value_a_TC, index_a_TC = _top_desc(scores_a_TN, c)
     value_b_TC, index_b_TC = _top_desc(scores_b_TN, c)
+    return product_key_merge(value_a_TC, index_a_TC, value_b_TC, index_b_TC, n, k)
 
+
+def product_key_merge(
+    value_a_TC: Tensor, index_a_TC: Tensor, value_b_TC: Tensor, index_b_TC: Tensor, n: int, k: int
+) -> tuple[Tensor, Tensor]:
+    """The top-``k`` pairs from each side's best ``c = min(k, n)`` sub-keys (``product_key_topk``'s
+    second half): ``value_*_TC`` sorted descending, ties by lower index, and their ``index_*_TC``
+    in ``[0, n)``. Returns ``values [T, k]`` (gathered sums, differentiable) and flat ``index [T, k]``."""
+    t, c = value_a_TC.shape
     # The candidate sums: rank pairs (r, s) of the two sorted sides with (r + 1)(s + 1) <= k. The
     # pair at ranks (r, s) has (r + 1)(s + 1) - 1 pairs ranking ahead of it (every (r', s') with
     # r' <= r, s' <= s: a sum at least as large, and if equal a lower flat index), so no other pair
     # can be in the top k: about k (1 + ln k) candidates instead of min(k, n)^2.
-    rank_a_M, rank_b_M = _candidate_ranks(k, c, scores_a_TN.device)
+    rank_a_M, rank_b_M = _candidate_ranks(k, c, value_a_TC.device)
     cand_value_TM = value_a_TC[:, rank_a_M] + value_b_TC[:, rank_b_M]
     cand_index_TM = index_a_TC[:, rank_a_M] * n + index_b_TC[:, rank_b_M]
     # The best k candidates by value: a topk of k + 1 is exact on rows whose k + 1 largest values are
@@ -230,6 +239,71 @@ class RowBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, affine={self.affine}, eps={self.eps}, momentum={self.momentum}"
+
+
+class _SubKeyTopC(torch.autograd.Function):
+    """``subkey_topc``'s autograd: the forward scores every sub-key, the backward only the chosen."""
+
+    @staticmethod
+    def forward(ctx, q_THC: Tensor, keys_HNC: Tensor, c: int) -> tuple[Tensor, Tensor]:
+        t, h, _ = q_THC.shape
+        n = keys_HNC.shape[1]
+        # head-major rows [H, T, n]: one batched GEMM, no transposed copy of the scores
+        scores_RN = torch.bmm(q_THC.transpose(0, 1), keys_HNC.transpose(1, 2)).view(h * t, n)
+        value_RC, index_RC = _top_desc(scores_RN, c)
+        del scores_RN
+        ctx.save_for_backward(q_THC, keys_HNC, index_RC)
+        ctx.mark_non_differentiable(index_RC)
+        return value_RC.view(h, t, c).transpose(0, 1), index_RC.view(h, t, c).transpose(0, 1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_value_THC: Tensor, _grad_index: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        q_THC, keys_HNC, index_RC = ctx.saved_tensors
+        t, h, half = q_THC.shape
+        n, c = keys_HNC.shape[1], index_RC.shape[1]
+        # row r = (head, token) picks sub-keys index_RC[r] of its head: flat rows of [H * n, half]
+        offset_R1 = (torch.arange(h, device=index_RC.device) * n).repeat_interleave(t).unsqueeze(1)
+        flat_RC = index_RC + offset_R1
+        g_RC = grad_value_THC.transpose(0, 1).reshape(h * t, c).to(keys_HNC.dtype)
+        keys_flat = keys_HNC.reshape(h * n, half)
+        grad_q = grad_keys = None
+        if ctx.needs_input_grad[0]:  # dq[t, h] = sum_j g[t, h, j] keys[h, index_j]
+            bag_R = nn.functional.embedding_bag(flat_RC, keys_flat, per_sample_weights=g_RC, mode="sum")
+            grad_q = bag_R.view(h, t, half).transpose(0, 1)
+        if ctx.needs_input_grad[1]:  # dkeys[h, i] = sum over rows choosing i of g q: the bag's weight gradient
+            with torch.enable_grad():
+                table = keys_flat.detach().requires_grad_(True)
+                bag_R = nn.functional.embedding_bag(flat_RC, table, per_sample_weights=g_RC, mode="sum")
+                q_R = q_THC.transpose(0, 1).reshape(h * t, half)
+                (grad_flat,) = torch.autograd.grad(bag_R, table, q_R)
+            grad_keys = grad_flat.view(h, n, half)
+        return grad_q, grad_keys, None
+
+
+def subkey_topc(q_THC: Tensor, keys_HNC: Tensor, c: int) -> tuple[Tensor, Tensor]:
+    """Each head's best ``c`` sub-keys for each token: ``q[t, h] . keys[h, i]`` over ``i < n``.
+
+    Args:
+        q_THC: ``[T, H, d_half]`` query halves.
+        keys_HNC: ``[H, n, d_half]`` sub-keys (one set per head).
+        c: how many per (token, head), ``c < n / 2`` for the partial selection (else a full sort).
+
+    Returns ``value [T, H, c]`` (descending, ties by lower index) and ``index [T, H, c]``. The
+    backward goes through the ``c`` chosen scores only: ``dq = sum_j g_j keys[i_j]`` and the
+    sub-keys' gradient scattered from ``g_j q``, as two ``embedding_bag`` reductions of ``c`` rows
+    per (token, head), instead of two ``[T, H, n]`` GEMMs and a zero-filled ``[T, H, n]`` score
+    gradient (PEER's scores at ``N = 2^20``: n = 1024 per side, c = 16).
+    """
+    if q_THC.dim() != 3 or keys_HNC.dim() != 3 or q_THC.shape[1] != keys_HNC.shape[0] or q_THC.shape[2] != keys_HNC.shape[2]:
+        raise ValueError(
+            f"q_THC must be [T, H, d] and keys_HNC [H, n, d] with the same H and d, got "
+            f"{tuple(q_THC.shape)} and {tuple(keys_HNC.shape)}"
+        )
+    positive_int("c", c)
+    if c > keys_HNC.shape[1]:
+        raise ValueError(f"c must be <= n = {keys_HNC.shape[1]} (the sub-keys per head), got {c}")
+    return _SubKeyTopC.apply(q_THC, keys_HNC, c)
 
 
 def peer_topk(
@@ -393,13 +467,19 @@ class PEERRouter(PoolUsage, Router):
     def route(self, x_TD: Tensor, ctx: RoutingContext) -> Routing:
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             q_THK = self.queries(x_TD)
-            half = self.d_key // 2
-            keys_a = self.sub_keys_a.to(q_THK.dtype)
-            keys_b = self.sub_keys_b.to(q_THK.dtype)
-            # [T, H, half] x [H, n, half] -> [T, H, n]: O(T H n d_key), never [T, N]
-            scores_a = torch.einsum("thc,hnc->thn", q_THK[..., :half], keys_a)
-            scores_b = torch.einsum("thc,hnc->thn", q_THK[..., half:], keys_b)
-            weight, index = peer_topk(scores_a, scores_b, self.top_k, non_competing=self.non_competing_scores)
+            t, half, k = q_THK.shape[0], self.d_key // 2, self.top_k
+            c = min(k, self.num_keys)
+            # each side: [T, H, half] x [H, n, half] -> the best c of [T, H, n], never [T, N]; the
+            # backward reads only the c chosen sub-keys (subkey_topc); then peer_topk's merge
+            value_a, index_a = subkey_topc(q_THK[..., :half], self.sub_keys_a.to(q_THK.dtype), c)
+            value_b, index_b = subkey_topc(q_THK[..., half:], self.sub_keys_b.to(q_THK.dtype), c)
+            values, index = product_key_merge(
+                value_a.reshape(-1, c), index_a.reshape(-1, c), value_b.reshape(-1, c), index_b.reshape(-1, c),
+                self.num_keys, k,
+            )
+            values = values.view(t, self.heads, k)
+            weight = torch.relu(values) if self.non_competing_scores else torch.softmax(values, dim=-1)
+            weight, index = weight.reshape(t, self.heads * k), index.reshape(t, self.heads * k)
         self._record_usage(index)
         return Routing.from_topk(index, weight, self.num_experts, validate=False)
 
