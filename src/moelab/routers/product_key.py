@@ -57,24 +57,30 @@ def _sorted_desc(scores_TC: Tensor) -> tuple[Tensor, Tensor]:
     return torch.sort(scores_TC, dim=-1, descending=True, stable=True)
 
 
-def _top_desc(scores_TN: Tensor, c: int) -> tuple[Tensor, Tensor]:
+def _top_desc(scores_TN: Tensor, c: int, *, scratch: bool = False) -> tuple[Tensor, Tensor]:
     """The first ``c`` of each row in the order (value descending, index ascending), ``[T, c]``.
 
     The same as ``_sorted_desc(scores)[:, :c]`` without sorting whole rows: ``topk`` finds each
-    row's ``c + 1`` largest in descending order (in which order it returns equal values, and which
-    of several equal values at the boundary, is unspecified). A row whose ``c + 1`` values are all
-    distinct is then already exact; rows with any two equal (ties: rare for real scores) are sorted
-    in full. ``O(n)`` per row instead of ``O(n log n)``; finding the tied rows costs one device
-    sync on GPU.
+    row's ``c`` largest in descending order; how it orders equal values, and which of several equal
+    values at the boundary it takes, is unspecified. A row is exact when its ``c`` values are
+    distinct and no entry left out equals the ``c``-th (one ``max`` over the row with the chosen
+    entries masked); the rows that fail (ties: rare for real scores) are sorted in full. ``O(n)``
+    per row instead of ``O(n log n)``; finding the tied rows costs one device sync on GPU.
+    ``scratch=True`` lets the mask write into ``scores_TN`` (a temporary of the caller's; it is
+    restored before returning), saving a copy.
     """
     t, n = scores_TN.shape
     if 2 * c >= n:
         value_TN, index_TN = _sorted_desc(scores_TN)
         return value_TN[:, :c], index_TN[:, :c]
     s_TN = scores_TN.detach()
-    top_TC1, index_TC1 = torch.topk(s_TN, c + 1, dim=-1)  # sorted descending
-    index_TC = index_TC1[:, :c].contiguous()
-    rows = (top_TC1[:, :-1] == top_TC1[:, 1:]).any(-1).nonzero().squeeze(1)
+    top_TC, index_TC = torch.topk(s_TN, c, dim=-1)  # sorted descending
+    rest_TN = s_TN if scratch else s_TN.clone()
+    rest_TN.scatter_(1, index_TC, float("-inf"))
+    tied_T = (top_TC[:, :-1] == top_TC[:, 1:]).any(-1) | (rest_TN.amax(-1) == top_TC[:, -1])
+    rows = tied_T.nonzero().squeeze(1)
+    if scratch:
+        rest_TN.scatter_(1, index_TC, top_TC)  # the caller's scores as they were
     if rows.numel():
         index_TC[rows] = _sorted_desc(s_TN[rows])[1][:, :c]
     return scores_TN.gather(1, index_TC), index_TC
@@ -250,7 +256,7 @@ class _SubKeyTopC(torch.autograd.Function):
         n = keys_HNC.shape[1]
         # head-major rows [H, T, n]: one batched GEMM, no transposed copy of the scores
         scores_RN = torch.bmm(q_THC.transpose(0, 1), keys_HNC.transpose(1, 2)).view(h * t, n)
-        value_RC, index_RC = _top_desc(scores_RN, c)
+        value_RC, index_RC = _top_desc(scores_RN, c, scratch=True)
         del scores_RN
         ctx.save_for_backward(q_THC, keys_HNC, index_RC)
         ctx.mark_non_differentiable(index_RC)
