@@ -21,10 +21,12 @@ import threading
 import torch
 from torch import Tensor
 
-from moelab.kernels.cpu.build import build_kernel
+from moelab.kernels.cpu.build import advise_huge_pages, build_kernel
 
 _DTYPES = {torch.float32: 0, torch.float64: 1}
 ACTIVATION_CODES = {"gelu": 0, "relu": 1, "silu": 2}
+# gradient tables at least this large ask for transparent huge pages before they are written
+HUGE_PAGE_MIN_BYTES = 64 * 1024 * 1024
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
 
@@ -173,6 +175,8 @@ def table_grad(
     n = sorted_e_N.shape[0]
     d = src_TD.shape[1]
     g = src_TD.new_empty(num_experts, d)
+    if g.numel() * g.element_size() >= HUGE_PAGE_MIN_BYTES:  # first touched below, row block by row block
+        advise_huge_pages(g.data_ptr(), g.numel() * g.element_size())
     _check(
         _lib().atomic_table_grad(  # type: ignore[union-attr]
             _DTYPES[src_TD.dtype],
