@@ -223,3 +223,16 @@ def test_experts_of_wrong_shape():
     bank = moelab.ExpertBank(4, 8, 8)
     with pytest.raises(ValueError, match="experts has num_experts=4, d_in=8"):
         moelab.MoE(16, num_experts=4, experts=bank)
+
+
+def test_router_kwargs_with_a_router_instance_are_refused():
+    """Arguments for a router the caller already built would be silently dropped: refuse them."""
+    import pytest
+
+    import moelab
+    from moelab.routers import TopKRouter
+
+    router = TopKRouter(16, 4, 2)
+    with pytest.raises(ValueError, match=r"router_kwargs \['capacity_factor'\] given with a Router instance"):
+        moelab.MoE(16, 4, 2, router=router, router_kwargs={"capacity_factor": 1.0})
+    assert moelab.MoE(16, 4, 2, router=router).router is router

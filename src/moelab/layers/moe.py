@@ -78,7 +78,7 @@ class MoE(RoutedLayer):
         self.top_k = top_k_in_range(top_k, num_experts)
         if hidden is None:
             hidden = max(1, 4 * d_model // top_k)
-        self.router = _router(router, router_kwargs, d_model, num_experts, top_k)
+        self.router = layer_router(router, router_kwargs, d_model, num_experts, top_k)
         if experts is None:
             experts = ExpertBank(num_experts, d_model, hidden, activation, d_out=d_out)
         check_bank(experts)
@@ -230,13 +230,20 @@ def aux_losses_of(
     return terms, total
 
 
-def _router(router: object, router_kwargs: dict | None, d_model: int, num_experts: int, top_k: int) -> Router:
+def layer_router(router: object, router_kwargs: dict | None, d_model: int, num_experts: int, top_k: int) -> Router:
+    """A routed layer's router: built by name (with ``router_kwargs``, ``top_k`` by default), or a
+    ``Router`` instance as given (then ``router_kwargs`` must be empty); checked against the
+    layer's ``d_model`` and ``num_experts``. Shared by ``MoE`` and MoFME."""
     if isinstance(router, str):
         kw = dict(router_kwargs or {})
         kw.setdefault("top_k", top_k)
         router = build_router(router, d_model=d_model, num_experts=num_experts, **kw)
     elif not isinstance(router, Router):
         raise TypeError(f"router must be a registered name or a moelab Router, got {type(router).__name__}")
+    elif router_kwargs:
+        raise ValueError(
+            f"router_kwargs {sorted(router_kwargs)} given with a Router instance; build the router with them"
+        )
     if router.d_model != d_model or router.num_experts != num_experts:
         raise ValueError(
             f"router has d_model={router.d_model}, num_experts={router.num_experts}; "

@@ -43,7 +43,7 @@ from moelab.core.bank import check_bank
 from moelab.core.checks import float_in, positive_int, top_k_in_range
 from moelab.core.context import RoutingContext
 from moelab.core.routed import RoutedLayer
-from moelab.core.router import Router, build_router
+from moelab.core.router import Router
 from moelab.core.routing import Routing
 from moelab.experts.film import FiLMBank
 from moelab.experts.shared import SharedExperts
@@ -52,6 +52,7 @@ from moelab.layers.moe import (
     build_shared_experts,
     layer_input,
     layer_options,
+    layer_router,
     setup_experts_and_losses,
 )
 from moelab.ops.dispatchers import Dispatcher
@@ -141,7 +142,7 @@ class MoFME(RoutedLayer):
             raise TypeError(f"norm must be a bool, got {norm!r}")
         drop = given["adaptor_dropout"]
         self.adaptor_dropout = float_in("adaptor_dropout", 0.0 if drop is None else drop, 0.0, 1.0)
-        self.router = _build_router("uar" if given["router"] is None else given["router"], kw, d_model, num_experts, top_k)
+        self.router = layer_router("uar" if given["router"] is None else given["router"], kw, d_model, num_experts, top_k)
         self.top_k = getattr(self.router, "top_k", self.top_k)  # router_kwargs may set the routed k
         if experts is None:
             experts = FiLMBank(
@@ -197,23 +198,6 @@ class MoFME(RoutedLayer):
             f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"mlp_dim={self.mlp_dim}, backend={self.backend!r}, dispatcher={self.dispatcher.name!r}"
         )
-
-
-def _build_router(router: object, kwargs: dict, d_model: int, num_experts: int, top_k: int) -> Router:
-    if isinstance(router, str):
-        kwargs = dict(kwargs)
-        kwargs.setdefault("top_k", top_k)
-        return build_router(router, d_model=d_model, num_experts=num_experts, **kwargs)
-    if not isinstance(router, Router):
-        raise TypeError(f"router must be a registered name or a moelab Router, got {type(router).__name__}")
-    if kwargs:
-        raise ValueError(f"router arguments {sorted(kwargs)} given with a Router instance; build it with them")
-    if router.d_model != d_model or router.num_experts != num_experts:
-        raise ValueError(
-            f"router has d_model={router.d_model}, num_experts={router.num_experts}; "
-            f"the layer has d_model={d_model}, num_experts={num_experts}"
-        )
-    return router
 
 
 def routed_parameters(layer: nn.Module) -> int:
