@@ -38,6 +38,7 @@ _EXPORTS: dict[str, str] = {
     "Trace": "moelab.core.tracing",
     "aux_loss": "moelab.core.routed",
     "build_router": "moelab.core.router",
+    "generate": "moelab.models.generate",
     "link_routers": "moelab.core.router",
     "override_routing": "moelab.core.routed",
     "register_router": "moelab.core.router",

@@ -25,6 +25,7 @@ _KINDS: dict[str, str] = {
     "layer": "a routed layer built on the contract",
     "analysis": "a measurement of routing",
     "architecture": "how routed layers are arranged across a model (MoELMConfig settings)",
+    "depth": "routes tokens to depth: which blocks run on which tokens, and how often",
 }
 
 # Where moelab's own methods of each kind register themselves. A lookup that misses imports the
@@ -39,6 +40,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "layer": "moelab.layers",
     "analysis": "moelab.analysis",
     "architecture": "moelab.models",
+    "depth": "moelab.depth",
 }
 
 # Third-party packages moelab integrates with, and the moelab module that integrates each. A

@@ -72,6 +72,9 @@ class RoutedLayer(nn.Module):
         if target is not None:
             target[0].record(target[1], routing, ctx.token_ids, ctx.batch_shape)
         ctx.history.append(routing)
+        counts = self.__dict__.setdefault("_routed_counts", [0, 0])  # read by moelab.core.flops
+        counts[0] += routing.num_tokens
+        counts[1] += routing.num_assignments
         return routing
 
 

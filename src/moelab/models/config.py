@@ -42,6 +42,10 @@ class MoELMConfig:
         backend: expert execution backend, ``"auto"`` or a name from ``moelab.ops.backend_names()``.
         rope_theta: RoPE base.
         tie_embeddings: share the input embedding and the output projection.
+        depth: a registered depth router (``moelab list depth``: ``mod``, ``mor``, ...) that
+            schedules the blocks (which tokens each runs, how often); None: every block on every
+            token, in order.
+        depth_kwargs: its options (``{"capacity": 0.125}``); see the method's docs page.
     """
 
     vocab_size: int = 256
@@ -63,6 +67,8 @@ class MoELMConfig:
     backend: str = "auto"
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
+    depth: str | None = None
+    depth_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in (
@@ -113,6 +119,10 @@ class MoELMConfig:
             raise TypeError(
                 f"aux_loss_kwargs must be a dict loss name -> parameters, got {type(self.aux_loss_kwargs).__name__}"
             )
+        if self.depth is not None and not isinstance(self.depth, str):
+            raise TypeError(f"depth must be a registered depth router name (str) or None, got {type(self.depth).__name__}")
+        if not isinstance(self.depth_kwargs, dict):
+            raise TypeError(f"depth_kwargs must be a dict, got {type(self.depth_kwargs).__name__}")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -29,10 +30,33 @@ from torch import Tensor, nn
 
 from moelab import registry
 from moelab.core.context import RoutingContext, check_context
+from moelab.core.flops import model_flops, reset_flops
 from moelab.core.io import save_safetensors
-from moelab.core.router import link_routers, router_arguments
-from moelab.layers.moe import MoE
+from moelab.core.router import link_routers
+from moelab.models.blocks import (
+    Attention,
+    Block,
+    DenseFFN,
+    KVCache,
+    apply_rope,
+    block_cache,
+    rope_tables,
+    routed_ffn,
+)
 from moelab.models.config import MoELMConfig
+
+__all__ = [
+    "Attention",
+    "Block",
+    "DenseFFN",
+    "KVCache",
+    "MoELM",
+    "MoELMOutput",
+    "apply_rope",
+    "block_cache",
+    "rope_tables",
+    "routed_ffn",
+]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -53,111 +77,6 @@ class MoELMOutput:
     loss: Tensor | None
     aux_loss: Tensor
     ce_loss: Tensor | None = None
-
-
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """``cos, sin`` of shape ``[max_len, head_dim // 2]`` (Su et al. 2021, RoFormer)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x [B, H, S, hd]`` by position (half-split layout, as LLaMA in transformers)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-
-
-class Attention(nn.Module):
-    """Causal multi-head self-attention with RoPE, computed by ``scaled_dot_product_attention``."""
-
-    def __init__(self, d_model: int, n_heads: int) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.head_dim = d_model // n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model, bias=False)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        b, s, d = x.shape
-        q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(b, s, d))
-
-
-class DenseFFN(nn.Module):
-    """SwiGLU MLP (Shazeer 2020): ``down(silu(gate x) * up x)``."""
-
-    def __init__(self, d_model: int, hidden: int) -> None:
-        super().__init__()
-        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
-
-
-def routed_ffn(cfg: MoELMConfig, num_experts: int | None = None) -> nn.Module:
-    """The routed FFN of an MoE block: a ``moelab.MoE`` with ``cfg.router``, or, when ``cfg.router``
-    names a registered routed layer other than ``moe`` (``"soft"``), that layer, built with the
-    same arguments (its options in ``router_kwargs``). A router that takes ``vocab_size`` gets the
-    model's. ``num_experts``: this layer's ``E`` (default ``cfg.num_experts``; Pyramid-MoE's
-    ``experts_per_layer``)."""
-    e = cfg.num_experts if num_experts is None else num_experts
-    router_kwargs = dict(cfg.router_kwargs)
-    if cfg.router in registry.names("router") and "vocab_size" not in router_kwargs:
-        # routers over token ids (Read-ME's pre-gate) embed the model's vocabulary
-        accepted = router_arguments(registry.get("router", cfg.router).obj)
-        if accepted is not None and "vocab_size" in accepted:
-            router_kwargs["vocab_size"] = cfg.vocab_size
-    kwargs = dict(
-        shared_experts=cfg.shared_experts,
-        aux_losses=dict(cfg.aux_losses),
-        aux_loss_kwargs={k: dict(v) for k, v in cfg.aux_loss_kwargs.items()},
-        backend=cfg.backend,
-    )
-    if cfg.router != "moe" and cfg.router in registry.names("layer"):
-        layer_cls = registry.get("layer", cfg.router).obj
-        return layer_cls(cfg.d_model, e, cfg.top_k, cfg.expert_hidden, router_kwargs=router_kwargs, **kwargs)
-    return MoE(
-        cfg.d_model,
-        e,
-        cfg.top_k,
-        cfg.expert_hidden,
-        router=cfg.router,
-        router_kwargs=router_kwargs,
-        **kwargs,
-    )
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: attention, then a dense or MoE FFN."""
-
-    def __init__(self, cfg: MoELMConfig, index: int) -> None:
-        super().__init__()
-        self.index = index
-        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
-        self.attn = Attention(cfg.d_model, cfg.n_heads)
-        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
-        self.is_moe = cfg.is_moe_layer(index)
-        if self.is_moe:
-            self.ffn: nn.Module = routed_ffn(cfg, cfg.experts_at(index))
-        else:
-            self.ffn = DenseFFN(cfg.d_model, cfg.dense_hidden or 4 * cfg.d_model)
-
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: RoutingContext) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        h = self.ffn_norm(x)
-        if self.is_moe:
-            y = self.ffn(h, ctx.replace(layer_index=self.index))
-            # Chain-of-Experts (paper default): the block output is x_C = norm(x) + y, the residual x
-            # is dropped; every other layer keeps the pre-norm residual
-            return (x if getattr(self.ffn, "keeps_block_residual", True) else h) + y
-        return x + self.ffn(h)
 
 
 class MoELM(nn.Module):
@@ -185,6 +104,11 @@ class MoELM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self._init_weights()
+        # a depth router (mixture-of-depths, recursion, pruning) schedules the blocks; None: all in order
+        self.depth: Any = None
+        if config.depth is not None:
+            self.depth = registry.get("depth", config.depth).obj.from_config(config, **dict(config.depth_kwargs))
+        self.last_num_tokens = 0
         # routers whose state spans layers (RMoE's shared GRU, Read-ME's pre-gate) take it now
         link_routers([m for _, m in self.moe_layers()])
 
@@ -243,13 +167,30 @@ class MoELM(nn.Module):
                 got = tuple(token_types.shape) if isinstance(token_types, Tensor) else type(token_types).__name__
                 raise ValueError(f"token_types must be an integer tensor of input_ids' shape {tuple(ids.shape)}, got {got}")
             changes["token_types"] = token_types.reshape(-1).long()
+        session = ctx.session
+        positions = None
+        if session is not None:  # decoding: these tokens follow the ones the session has seen
+            start = session.num_seen_tokens
+            if start + s > self.config.max_seq_len:
+                raise ValueError(
+                    f"the session holds {start} tokens; {s} more exceed max_seq_len={self.config.max_seq_len}"
+                )
+            positions = torch.arange(start, start + s, device=ids.device).expand(b, s)
+            changes["positions"] = positions.reshape(-1)
         ctx = ctx.replace(**changes)
-        cos, sin = self.rope_cos[:s], self.rope_sin[:s]
+        reset_flops(self)
+        rope = (self.rope_cos, self.rope_sin)
         x = self.embed(ids)
-        for blk in self.blocks:
-            x = blk(x, cos, sin, ctx)
+        if self.depth is not None:
+            x = self.depth(x, self.blocks, rope, ctx, positions)
+        else:
+            for blk in self.blocks:
+                x = blk(x, rope, ctx, positions=positions, cache=block_cache(ctx, blk))
+        if session is not None:
+            session.advance(s)
         h = self.norm(x)
         logits = F.linear(h, self.embed.weight) if self.lm_head is None else self.lm_head(h)
+        self.last_num_tokens = b * s
         aux = self._aux_loss(x)
         if labels is None:
             return MoELMOutput(logits=logits, loss=None, aux_loss=aux)
@@ -265,7 +206,28 @@ class MoELM(nn.Module):
         total = like.new_zeros((), dtype=torch.float32)
         for _, moe in self.moe_layers():
             total = total + moe.aux_loss
+        if self.depth is not None:
+            total = total + self.depth.aux_loss
         return total
+
+    # -- compute ----------------------------------------------------------------------------------
+    def flops_per_token(self) -> float:
+        """Forward FLOPs per input token of the last forward (``moelab.core.flops``): attention,
+        FFNs and routers as they ran (a depth-routed block counts only the tokens it processed),
+        plus the output projection. Training costs about 3x this (forward + backward)."""
+        if self.last_num_tokens == 0:
+            return 0.0
+        head = 2.0 * self.config.d_model * self.config.vocab_size
+        return model_flops(self) / self.last_num_tokens + head
+
+    def flops_by_layer(self) -> dict[str, float]:
+        """Forward FLOPs per input token of the last forward, by module name (those that count)."""
+        n = max(1, self.last_num_tokens)
+        return {
+            name: m.flops / n
+            for name, m in self.named_modules()
+            if isinstance(getattr(m, "flops", None), float) and m.flops
+        }
 
     def _check_ids(self, ids: object, name: str, allow_ignore: bool = False) -> Tensor:
         if not isinstance(ids, Tensor):
@@ -307,3 +269,4 @@ class MoELM(nn.Module):
         state = load_file(str(d / WEIGHTS_NAME), device=str(device) if device is not None else "cpu")
         model.load_state_dict(state, strict=True)
         return model.to(device) if device is not None else model
+
