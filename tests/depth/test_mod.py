@@ -176,6 +176,7 @@ def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         MixtureOfDepths(32, 4, **kw)
 
+
 def test_unknown_depth_router_is_named():
     with pytest.raises((KeyError, ValueError), match="nope"):
         MoELM(MoELMConfig(**BASE, depth="nope"))

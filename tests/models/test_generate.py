@@ -52,7 +52,9 @@ def test_attention_at_gathered_positions_matches_plain_softmax():
     want = _plain_attention(att, x, rope, pos)
     torch.testing.assert_close(att(x, rope, positions=pos), want, atol=1e-5, rtol=1e-5)
     # the masked path (validity given) agrees with the fast path
-    torch.testing.assert_close(att(x, rope, positions=pos, valid=torch.ones(2, 5, dtype=torch.bool)), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        att(x, rope, positions=pos, valid=torch.ones(2, 5, dtype=torch.bool)), want, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_cached_attention_equals_full_and_ignores_invalid_keys():
@@ -62,7 +64,9 @@ def test_cached_attention_equals_full_and_ignores_invalid_keys():
     x = torch.randn(1, 7, 16)
     full = att(x, rope)
     cache = KVCache()
-    steps = [att(x[:, :4], rope, cache=cache)] + [att(x[:, i : i + 1], rope, cache=cache) for i in range(4, 7)]
+    steps = [att(x[:, :4], rope, cache=cache)] + [
+        att(x[:, i : i + 1], rope, cache=cache) for i in range(4, 7)
+    ]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
     assert len(cache) == 7
     # a key stored invalid is invisible: same result as never storing it

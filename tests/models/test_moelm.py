@@ -162,7 +162,9 @@ def test_saved_files_have_ordinary_permissions(tmp_path):
 
 
 def test_pyramid_experts_per_layer_builds_each_moe_layer_with_its_count():
-    cfg = MoELMConfig(d_model=16, n_layers=4, n_heads=2, max_seq_len=16, num_experts=4, experts_per_layer=[4, 4, 8, 8])
+    cfg = MoELMConfig(
+        d_model=16, n_layers=4, n_heads=2, max_seq_len=16, num_experts=4, experts_per_layer=[4, 4, 8, 8]
+    )
     model = MoELM(cfg)
     assert [m.num_experts for _, m in model.moe_layers()] == [4, 4, 8, 8]
     assert [m.experts.num_experts for _, m in model.moe_layers()] == [4, 4, 8, 8]

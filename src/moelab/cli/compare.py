@@ -52,7 +52,9 @@ def register(app: typer.Typer) -> None:
         top_k: Annotated[int, typer.Option("--top-k")] = DEMO["top_k"],
         experts_per_layer: Annotated[
             str | None,
-            typer.Option(help="Pyramid-MoE: experts of each MoE layer, e.g. 8,8,16,16 (default: --experts everywhere)"),
+            typer.Option(
+                help="Pyramid-MoE: experts of each MoE layer, e.g. 8,8,16,16 (default: --experts everywhere)"
+            ),
         ] = None,
         moe_every: Annotated[int, typer.Option(help="MoE FFN on every n-th layer, dense elsewhere")] = 1,
         seq_len: Annotated[int, typer.Option()] = DEMO["seq_len"],
@@ -64,10 +66,14 @@ def register(app: typer.Typer) -> None:
             "eval_batches"
         ],
         final_eval_batches: Annotated[
-            int, typer.Option(help="val batches of the final evaluation, the reported one (0: --eval-batches)")
+            int,
+            typer.Option(help="val batches of the final evaluation, the reported one (0: --eval-batches)"),
         ] = DEMO["final_eval_batches"],
         data: Annotated[
-            str, typer.Option(help="'stdlib', text files/folders (comma-separated), hf:NAME, or 'mixed' (Fashion-MNIST or digits patches with class names; token types)")
+            str,
+            typer.Option(
+                help="'stdlib', text files/folders (comma-separated), hf:NAME, or 'mixed' (Fashion-MNIST or digits patches with class names; token types)"
+            ),
         ] = "stdlib",
         tokenizer: Annotated[str, typer.Option(help="bytes or bpe")] = "bytes",
         router_arg: Annotated[
@@ -100,6 +106,13 @@ def register(app: typer.Typer) -> None:
         bf16: Annotated[bool, typer.Option(help="bf16 autocast")] = False,
         device: Annotated[str, typer.Option(help="cpu, cuda or auto")] = "cpu",
         save_models: Annotated[bool, typer.Option(help="keep each router's final model")] = True,
+        match_flops: Annotated[
+            bool,
+            typer.Option(
+                "--match-flops",
+                help="scale each arm's steps so every arm spends the baseline arm's training FLOPs",
+            ),
+        ] = False,
         progress: Annotated[
             bool, typer.Option(help="progress bars (a line per eval when not a terminal)")
         ] = True,
@@ -150,8 +163,12 @@ def register(app: typer.Typer) -> None:
             save_models=save_models,
             seeds=seed_list,
             baseline=baseline,
+            match_flops=match_flops,
         )
-        for option, per_arm in (("--aux-loss", settings.aux_overrides), ("--model-arg", settings.model_overrides)):
+        for option, per_arm in (
+            ("--aux-loss", settings.aux_overrides),
+            ("--model-arg", settings.model_overrides),
+        ):
             unknown = sorted(set(per_arm) - {""} - set(labels))
             if unknown:
                 fail(console, f"{option} names arm(s) {unknown} that are not among --routers {labels}")

@@ -42,7 +42,11 @@ def _banks(layer: nn.Module) -> list[nn.Module]:
 
 def routed_counts(ffn: nn.Module) -> dict[int, int]:
     """Assignments routed so far by each routed layer under ``ffn`` (a snapshot for ``routed_flops``)."""
-    return {id(m): m.__dict__.get("_routed_counts", (0, 0))[1] for m in ffn.modules() if isinstance(m, RoutedLayer)}
+    return {
+        id(m): m.__dict__.get("_routed_counts", (0, 0))[1]
+        for m in ffn.modules()
+        if isinstance(m, RoutedLayer)
+    }
 
 
 def routed_flops(ffn: nn.Module, num_tokens: int, since: dict[int, int] | None = None) -> float:

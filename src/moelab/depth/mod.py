@@ -39,7 +39,14 @@ from moelab.core.checks import positive_int
 from moelab.core.context import RoutingContext
 from moelab.core.routing import Routing
 from moelab.depth.base import DepthRouter
-from moelab.depth.gather import capacity_count, gather_tokens, positions_of, ragged_index, scatter_update, topk_per_sequence
+from moelab.depth.gather import (
+    capacity_count,
+    gather_tokens,
+    positions_of,
+    ragged_index,
+    scatter_update,
+    topk_per_sequence,
+)
 from moelab.models.blocks import Rope, block_cache
 
 CAUSAL_OPTIONS = ("aux_bce", "predictor")
@@ -54,7 +61,9 @@ def mod_topk_targets(scores_BS: Tensor, k: int) -> Tensor:
     return target
 
 
-def mod_update(x_BSD: Tensor, index_BK: Tensor, delta_BKD: Tensor, weight_BK: Tensor, valid_BK: Tensor | None = None) -> Tensor:
+def mod_update(
+    x_BSD: Tensor, index_BK: Tensor, delta_BKD: Tensor, weight_BK: Tensor, valid_BK: Tensor | None = None
+) -> Tensor:
     """MoD's residual update: ``x_i + r_i * f(x_i)`` at the chosen positions, ``x_i`` elsewhere."""
     return scatter_update(x_BSD, index_BK, weight_BK[..., None].to(delta_BKD.dtype) * delta_BKD, valid_BK)
 
@@ -155,11 +164,15 @@ class MixtureOfDepths(DepthRouter):
         if self.predictors is not None:
             pred = self.predictors[str(layer)](x_BSD.detach()).squeeze(-1).float()
         b, s, d = x_BSD.shape
-        params = d + (0 if self.predictors is None else sum(p.numel() for p in self.predictors[str(layer)].parameters()))
+        params = d + (
+            0 if self.predictors is None else sum(p.numel() for p in self.predictors[str(layer)].parameters())
+        )
         self.flops += 2.0 * params * b * s
         return logits, pred
 
-    def forward(self, x: Tensor, blocks: nn.ModuleList, rope: Rope, ctx: RoutingContext, positions: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, blocks: nn.ModuleList, rope: Rope, ctx: RoutingContext, positions: Tensor | None
+    ) -> Tensor:
         if self.layers and self.layers[-1] >= len(blocks):
             raise ValueError(f"routed layers {self.layers} do not fit a model of {len(blocks)} blocks")
         b, s, d = x.shape

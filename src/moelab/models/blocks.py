@@ -71,7 +71,9 @@ class KVCache:
     def __len__(self) -> int:
         return 0 if self.k is None else int(self.k.shape[2])
 
-    def update(self, k: Tensor, v: Tensor, positions: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def update(
+        self, k: Tensor, v: Tensor, positions: Tensor, valid: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Append one call's keys/values; returns everything cached (this call's included)."""
         if self.k is None:
             self.k, self.v, self.positions, self.valid = k, v, positions, valid
@@ -212,7 +214,9 @@ def routed_ffn(cfg: MoELMConfig, num_experts: int | None = None) -> nn.Module:
     if cfg.router != "moe" and cfg.router in registry.names("layer"):
         layer_cls = registry.get("layer", cfg.router).obj
         return layer_cls(cfg.d_model, e, cfg.top_k, cfg.expert_hidden, router_kwargs=router_kwargs, **kwargs)
-    return MoE(cfg.d_model, e, cfg.top_k, cfg.expert_hidden, router=cfg.router, router_kwargs=router_kwargs, **kwargs)
+    return MoE(
+        cfg.d_model, e, cfg.top_k, cfg.expert_hidden, router=cfg.router, router_kwargs=router_kwargs, **kwargs
+    )
 
 
 class Block(nn.Module):
@@ -239,6 +243,7 @@ class Block(nn.Module):
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.dense_hidden or 4 * cfg.d_model)
         self.flops = 0.0  # the routed FFN's forward FLOPs (moelab.core.flops); a dense FFN counts its own
+
     def forward(
         self,
         x: Tensor,

@@ -120,7 +120,9 @@ class MoELMConfig:
                 f"aux_loss_kwargs must be a dict loss name -> parameters, got {type(self.aux_loss_kwargs).__name__}"
             )
         if self.depth is not None and not isinstance(self.depth, str):
-            raise TypeError(f"depth must be a registered depth router name (str) or None, got {type(self.depth).__name__}")
+            raise TypeError(
+                f"depth must be a registered depth router name (str) or None, got {type(self.depth).__name__}"
+            )
         if not isinstance(self.depth_kwargs, dict):
             raise TypeError(f"depth_kwargs must be a dict, got {type(self.depth_kwargs).__name__}")
         if not self.rope_theta > 0:

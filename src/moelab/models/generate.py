@@ -52,7 +52,9 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check(model: Any, input_ids: Any, max_new_tokens: Any, temperature: float, top_k: Any, top_p: Any) -> None:
+def _check(
+    model: Any, input_ids: Any, max_new_tokens: Any, temperature: float, top_k: Any, top_p: Any
+) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module (a moelab MoELM), got {type(model).__name__}")
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
@@ -115,7 +117,14 @@ def generate(
                 logits = model(step_ids, ctx=RoutingContext(session=session)).logits[:, -1]
             else:
                 logits = model(ids).logits[:, -1]
-            nxt = sample_next(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            nxt = sample_next(
+                logits,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+            )
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                 done = done | (nxt == eos_token_id)

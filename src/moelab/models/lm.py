@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from moelab.core.context import RoutingContext, check_context
 from moelab.core.flops import model_flops, reset_flops
 from moelab.core.io import save_safetensors
 from moelab.core.router import link_routers
+from moelab.layers.moe import MoE
 from moelab.models.blocks import (
     Attention,
     Block,
@@ -107,7 +108,9 @@ class MoELM(nn.Module):
         # a depth router (mixture-of-depths, recursion, pruning) schedules the blocks; None: all in order
         self.depth: Any = None
         if config.depth is not None:
-            self.depth = registry.get("depth", config.depth).obj.from_config(config, **dict(config.depth_kwargs))
+            self.depth = registry.get("depth", config.depth).obj.from_config(
+                config, **dict(config.depth_kwargs)
+            )
         self.last_num_tokens = 0
         # routers whose state spans layers (RMoE's shared GRU, Read-ME's pre-gate) take it now
         link_routers([m for _, m in self.moe_layers()])
@@ -163,9 +166,19 @@ class MoELM(nn.Module):
         if ctx.token_ids is None:
             changes["token_ids"] = ids.reshape(-1)
         if token_types is not None:
-            if not isinstance(token_types, Tensor) or token_types.shape != ids.shape or token_types.is_floating_point():
-                got = tuple(token_types.shape) if isinstance(token_types, Tensor) else type(token_types).__name__
-                raise ValueError(f"token_types must be an integer tensor of input_ids' shape {tuple(ids.shape)}, got {got}")
+            if (
+                not isinstance(token_types, Tensor)
+                or token_types.shape != ids.shape
+                or token_types.is_floating_point()
+            ):
+                got = (
+                    tuple(token_types.shape)
+                    if isinstance(token_types, Tensor)
+                    else type(token_types).__name__
+                )
+                raise ValueError(
+                    f"token_types must be an integer tensor of input_ids' shape {tuple(ids.shape)}, got {got}"
+                )
             changes["token_types"] = token_types.reshape(-1).long()
         session = ctx.session
         positions = None
@@ -269,4 +282,3 @@ class MoELM(nn.Module):
         state = load_file(str(d / WEIGHTS_NAME), device=str(device) if device is not None else "cpu")
         model.load_state_dict(state, strict=True)
         return model.to(device) if device is not None else model
-

@@ -77,6 +77,11 @@ class CompareSettings:
     # Every arm trains once per seed (``train["seed"]`` is replaced); default: ``[train["seed"]]``.
     seeds: list[int] | None = None
     baseline: str | None = None  # the arm differences are taken from (default: the first)
+    # Per arm, TrainConfig fields over ``train`` (``match_flops`` sets each arm's ``steps``).
+    train_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Scale each arm's steps so that every arm spends the baseline arm's training FLOPs
+    # (forward FLOPs per token of one training forward x tokens; ``moelab.core.flops``).
+    match_flops: bool = False
 
     def seed_list(self) -> list[int]:
         return list(self.seeds) if self.seeds else [int(self.train.get("seed", 0))]
@@ -90,34 +95,90 @@ def base_router(label: str, s: CompareSettings) -> str:
     return s.variants.get(label, label)
 
 
+def is_depth_arm(label: str, s: CompareSettings) -> bool:
+    """Whether the arm trains a depth router (``moelab list depth``) rather than an expert router."""
+    from moelab import registry
+
+    return base_router(label, s) in registry.names("depth")
+
+
+def expert_router(label: str, s: CompareSettings) -> str:
+    """The expert router of the arm's MoE layers: the arm's router, or for a depth arm the model's."""
+    if is_depth_arm(label, s):
+        return str({**s.model, **s.model_overrides.get(label, {})}.get("router", "topk"))
+    return base_router(label, s)
+
+
 def router_setup(label: str, s: CompareSettings) -> tuple[dict[str, Any], dict[str, float]]:
-    """An arm's router kwargs and auxiliary losses (``moelab.train.settings.arm_settings``)."""
+    """An arm's router kwargs and auxiliary losses (``moelab.train.settings.arm_settings``). For a
+    depth arm the kwargs are the depth router's (its paper settings, then the arm's) and the
+    losses those of the MoE layers' router."""
     overrides = {**s.aux_overrides.get("", {}), **s.aux_overrides.get(label, {})}
-    return arm_settings(
-        base_router(label, s),
-        router_kwargs=s.router_kwargs.get(label),
+    router = base_router(label, s)
+    kw, aux = arm_settings(
+        expert_router(label, s),
+        router_kwargs=None if router != expert_router(label, s) else s.router_kwargs.get(label),
         aux_losses=s.aux_losses.get(label),
         aux_overrides=overrides,
         model_aux_losses=s.model.get("aux_losses"),
     )
+    if is_depth_arm(label, s):
+        kw = {**PAPER_SETTINGS.get(router, {}).get("router_kwargs", {}), **(s.router_kwargs.get(label) or {})}
+    return kw, aux
 
 
 def router_configs(
     label: str, s: CompareSettings, vocab_size: int, seed: int | None = None
 ) -> tuple[MoELMConfig, TrainConfig]:
     kw, aux = router_setup(label, s)
-    mcfg = MoELMConfig.from_dict(
-        {
-            **s.model,
-            **s.model_overrides.get(label, {}),
-            "router": base_router(label, s),
-            "router_kwargs": kw,
-            "aux_losses": aux,
-            "vocab_size": vocab_size,
-        }
-    )
-    train = s.train if seed is None else {**s.train, "seed": int(seed)}
+    fields_ = {**s.model, **s.model_overrides.get(label, {}), "aux_losses": aux, "vocab_size": vocab_size}
+    if is_depth_arm(label, s):
+        expert_kw, _ = arm_settings(expert_router(label, s))
+        fields_.update(
+            router=expert_router(label, s),
+            router_kwargs={**expert_kw, **fields_.get("router_kwargs", {})},
+            depth=base_router(label, s),
+            depth_kwargs=kw,
+        )
+    else:
+        fields_.update(router=base_router(label, s), router_kwargs=kw)
+    mcfg = MoELMConfig.from_dict(fields_)
+    train = {**s.train, **s.train_overrides.get(label, {})}
+    if seed is not None:
+        train["seed"] = int(seed)
     return mcfg, TrainConfig.from_dict(train)
+
+
+def arm_flops_per_token(label: str, s: CompareSettings, vocab_size: int) -> float:
+    """Forward FLOPs per token of one training forward of the arm's model on a batch of the
+    comparison's shape (``MoELM.flops_per_token``; built and run under a forked RNG, so the runs'
+    random streams are untouched)."""
+    from moelab.models.lm import MoELM
+
+    mcfg, tcfg = router_configs(label, s, vocab_size)
+    with torch.random.fork_rng(devices=[]):
+        model = MoELM(mcfg).train()
+        ids = torch.randint(0, vocab_size, (tcfg.batch_size, tcfg.seq_len))
+        with torch.no_grad():
+            model(ids)
+        return model.flops_per_token()
+
+
+def match_flops_steps(s: CompareSettings, vocab_size: int) -> dict[str, dict[str, float]]:
+    """Each arm's steps for equal training FLOPs: ``round(steps x F_baseline / F_arm)``, with F the
+    forward FLOPs per token (training costs about 3F per token for every arm alike). Returns
+    ``{label: {"flops_per_token": F, "steps": n}}`` and sets ``s.train_overrides``."""
+    flops = {label: arm_flops_per_token(label, s, vocab_size) for label in s.routers}
+    base = flops[s.baseline_arm()]
+    steps = int(s.train.get("steps", TrainConfig().steps))
+    out = {}
+    for label, f in flops.items():
+        n = max(1, round(steps * base / f))
+        over = s.train_overrides.setdefault(label, {})
+        over["steps"] = n
+        over["warmup_steps"] = min(int(s.train.get("warmup_steps", 0)), n)
+        out[label] = {"flops_per_token": f, "steps": n}
+    return out
 
 
 def arm_causal_at_eval(label: str, s: CompareSettings) -> bool:
@@ -129,6 +190,12 @@ def arm_causal_at_eval(label: str, s: CompareSettings) -> bool:
     from moelab.models.lm import routed_ffn
 
     mcfg, _ = router_configs(label, s, 256)
+    if mcfg.depth is not None:  # a depth arm: its depth router and its MoE routers answer
+        from moelab.models.lm import MoELM
+        from moelab.train.monitor import causal_at_eval
+
+        with torch.random.fork_rng(devices=[]):
+            return causal_at_eval(MoELM(mcfg))
     with torch.random.fork_rng(devices=[]):  # leaves the RNG stream of the runs untouched
         if mcfg.router != "moe" and mcfg.router in registry.names("layer"):
             router = routed_ffn(mcfg).router  # a routed layer (Soft MoE): its router answers
@@ -224,7 +291,11 @@ def check_settings(settings: CompareSettings) -> None:
         raise ValueError(f"routers must be distinct, got {settings.routers}")
     from moelab import registry
 
-    known = registry.names("router") + [n for n in registry.names("layer") if n != "moe"]
+    known = (
+        registry.names("router")
+        + [n for n in registry.names("layer") if n != "moe"]
+        + registry.names("depth")
+    )
     unknown = [base_router(r, settings) for r in settings.routers if base_router(r, settings) not in known]
     if unknown:
         raise ValueError(f"unknown router(s) {unknown}; registered routers: {known}")
@@ -282,6 +353,18 @@ def run_compare(
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     data = _load(tcfg)  # also trains and caches a BPE once, before workers look for it
+    matched = match_flops_steps(settings, data.vocab_size) if settings.match_flops else {}
+    if echo and matched:
+        display.console.print(
+            "equal training FLOPs: "
+            + ", ".join(
+                f"{k} {v['flops_per_token'] / 1e6:.2f} MFLOP/tok x {v['steps']} steps"
+                for k, v in matched.items()
+            ),
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     if echo:
         display.console.print(
             f"set-up: {data.corpus.describe()}, loaded in {time.perf_counter() - t0:.1f} s; "
@@ -329,6 +412,7 @@ def run_compare(
             "machine": platform.machine(),
         },
         "eval_noise": eval_noise(runs, seeds, baseline),
+        "match_flops": matched,
         "routers": {r: arm_record(runs[r], seeds, statistics[r]) for r in settings.routers},
     }
     write_outputs(summary, out_dir)
@@ -351,10 +435,14 @@ MEAN_KEYS = (
     "train_drop_rate",
     "train_time_s",
     "train_cpu_time_s",
+    "flops_per_token",
+    "eval_flops_per_token",
 )
 
 
-def arm_record(by_seed: dict[int, dict[str, Any]], seeds: list[int], statistics: dict[str, Any]) -> dict[str, Any]:
+def arm_record(
+    by_seed: dict[int, dict[str, Any]], seeds: list[int], statistics: dict[str, Any]
+) -> dict[str, Any]:
     """One arm of the summary: means over seeds, the seed-independent facts (config, params,
     causality), the statistics, and every seed's result."""
     first = by_seed[seeds[0]]
@@ -407,7 +495,9 @@ def _run_parallel(
                     continue
                 unit = tuple(key)
                 if kind == "start":
-                    display.add(names[unit], steps)
+                    display.add(
+                        names[unit], int(settings.train_overrides.get(unit[0], {}).get("steps", steps))
+                    )
                 elif kind == "progress":
                     # one core per worker: its CPU-time throughput is the comparable number
                     display.update(names[unit], {**payload, "tokens_per_s": payload.get("tokens_per_cpu_s")})

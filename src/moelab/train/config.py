@@ -104,7 +104,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError("TrainConfig.grad_clip and weight_decay must be >= 0")
-        if not isinstance(self.diagnostics, (list, tuple)) or not all(isinstance(n, str) for n in self.diagnostics):
+        if not isinstance(self.diagnostics, (list, tuple)) or not all(
+            isinstance(n, str) for n in self.diagnostics
+        ):
             raise TypeError(f"TrainConfig.diagnostics must be a list of loss names, got {self.diagnostics!r}")
         self.diagnostics = list(self.diagnostics)
         if self.device not in ("cpu", "cuda", "auto") and not self.device.startswith("cuda:"):

@@ -62,7 +62,9 @@ def lm_loss(
     kwargs: dict[str, Any] = {"ctx": RoutingContext(step=step)} if accepts(inner.forward, "ctx") else {}
     if types is not None:
         if not accepts(inner.forward, "token_types"):
-            raise TypeError(f"the data has token types but {type(inner).__name__}.forward takes no token_types")
+            raise TypeError(
+                f"the data has token types but {type(inner).__name__}.forward takes no token_types"
+            )
         kwargs["token_types"] = types
     out = model(batch, labels=batch, **kwargs)
     loss = getattr(out, "loss", None)

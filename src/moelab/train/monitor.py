@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from moelab.core.routed import routed_layers
 from moelab.core.router import Router
 from moelab.core.stats import load_stats
+from moelab.depth.base import DepthRouter
 
 
 def model_routers(model: nn.Module) -> list[tuple[str, Router]]:
@@ -36,17 +37,18 @@ def val_routing(
     ``no_expert_rate`` (share of tokens no expert processed) and, with ``locality``, each layer's
     ``moelab.analysis.locality.layer_locality`` on the val windows of ``lengths`` tokens."""
     load, no_expert, ntok = [], 0, 0
-    for name in tr.layers:
+    names = [n for n in tr.layers if n in layers]
+    for name in names:
         r = tr.routing(name)
         counts = r.tokens_per_expert().double()
         load.append((counts / counts.mean().clamp_min(1e-12)).tolist())
         no_expert += int((r.experts_per_token() == 0).sum())
         ntok += r.num_tokens
-    summary = tr.summary()
+    summary = [row for row in tr.summary() if row["layer"] in layers]
     # how much a layer's choice tells about the next layer's (RMoE's claim): NMI of the expert sets
     from moelab.analysis.metrics import routing_mutual_information
 
-    for row, prev, name in zip(summary[1:], tr.layers[:-1], tr.layers[1:], strict=True):
+    for row, prev, name in zip(summary[1:], names[:-1], names[1:], strict=True):
         a, b = tr.routing(prev), tr.routing(name)
         if a.num_tokens == b.num_tokens and a.num_tokens:
             row["nmi_set"] = routing_mutual_information(a, b, "set")["nmi"]
@@ -57,14 +59,22 @@ def val_routing(
         # k: the layer's top_k, so that capacity drops do not shrink the simulated caches
         res["locality"] = [
             {"layer": n, **layer_locality(tr.routing(n), lengths, k=getattr(layers.get(n), "top_k", None))}
-            for n in tr.layers
+            for n in names
         ]
     return res
 
 
 def causal_at_eval(model: nn.Module) -> bool:
-    """Whether every router of ``model`` routes each token by itself in eval mode (``Router.causal_at_eval``)."""
-    return all(r.causal_at_eval for _, r in model_routers(model))
+    """Whether every router of ``model`` routes each token by itself in eval mode
+    (``Router.causal_at_eval``; a depth router's ``causal_at_eval`` too)."""
+    depth = [m for m in model.modules() if isinstance(m, DepthRouter)]
+    return all(r.causal_at_eval for _, r in model_routers(model)) and all(d.causal_at_eval for d in depth)
+
+
+def token_routed_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The routed layers of ``model`` that route tokens to experts (depth routers excluded: their
+    "experts" are compute slots, and their statistics would dilute the experts' load numbers)."""
+    return {n: m for n, m in routed_layers(model) if not isinstance(m, DepthRouter)}
 
 
 class RoutingMonitor:

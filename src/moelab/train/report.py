@@ -56,6 +56,7 @@ def columns(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("val loss", "val_loss"),
         (f"Δ val loss vs {summary.get('baseline') or 'baseline'}", "diff"),
         (throughput_label(summary), "throughput"),
+        ("MFLOP/tok", "flops_per_token"),
         ("max/mean", "max_over_mean"),
         ("drop %", "drop_rate"),
         ("no-exp %", "no_expert_rate"),
@@ -73,6 +74,7 @@ NARROW_HEADERS = {
     "tok/s/core": "tok/s\n/core",
     "tok/s (wall)": "tok/s\n(wall)",
     "max/mean": "max/\nmean",
+    "MFLOP/tok": "MFLOP\n/tok",
     "drop %": "drop\n%",
     "no-exp %": "no-exp\n%",
 }
@@ -90,6 +92,8 @@ FORMATS = {
     "experts_per_token": (".2f", 1.0),
     "nmi_consecutive": (".3f", 1.0),
     "train_drop_rate": (".1f", 100.0),
+    "flops_per_token": (".2f", 1e-6),
+    "eval_flops_per_token": (".2f", 1e-6),
 }
 
 
@@ -186,7 +190,9 @@ def _table(summary: dict[str, Any], rows: list[list[str]], cols: list[int], narr
     return table
 
 
-def _fold(console: Any, summary: dict[str, Any], rows: list[list[str]], narrow: bool, cols: range) -> list[list[int]]:
+def _fold(
+    console: Any, summary: dict[str, Any], rows: list[list[str]], narrow: bool, cols: range
+) -> list[list[int]]:
     """Columns per table: as many as fit beside the arm names (measured by rich)."""
     from rich.measure import Measurement
 
@@ -223,7 +229,9 @@ def reading(summary: dict[str, Any]) -> str:
             f"{noise['windows']} windows"
         )
         if paired:
-            text += f", a paired difference {max(paired.values()):.4f} at most (the same windows for every arm)"
+            text += (
+                f", a paired difference {max(paired.values()):.4f} at most (the same windows for every arm)"
+            )
         text += "."
     if len(seeds) < 2:
         text += " Run with --seeds 0,1,2 for intervals."
@@ -243,7 +251,16 @@ def footnote(summary: dict[str, Any]) -> str:
         f"arm - {summary.get('baseline') or 'baseline'} per seed, mean ± half-width; better/worse when its "
         "interval excludes 0. "
         "val loss: next-token cross-entropy on held-out text (or images, with --data mixed) (nats/token); "
-        f"{tps}; max/mean (expert load), drop %, entropy: on the val set, mean over MoE layers; drop %: "
+        f"{tps}; MFLOP/tok: forward FLOPs per token of a training step, as the layers ran "
+        "(moelab.core.flops; training costs about 3x)"
+        + (
+            " (--match-flops: each arm's steps scaled to the baseline's training FLOPs: "
+            + ", ".join(f"{k} {v['steps']} steps" for k, v in summary["match_flops"].items())
+            + ")"
+            if summary.get("match_flops")
+            else ""
+        )
+        + "; max/mean (expert load), drop %, entropy: on the val set, mean over MoE layers; drop %: "
         "assignments cut by expert capacity; no-exp %: tokens that no expert processed; "
         "entropy: router distribution, / log E (1 = uniform). * not causal at evaluation (the router's "
         "causal_at_eval is False: expert choice, or a capacity limit at eval, lets later tokens change "
@@ -331,17 +348,26 @@ def plot_loss_curves(summary: dict[str, Any], path: Path) -> None:
             plotted += [train.min(0).tolist(), train.max(0).tolist()]
         eval_steps = runs[0]["history"]["eval_step"]
         if eval_steps:
-            ivs = [t_interval([run["history"]["val_loss"][j] for run in runs]) for j in range(len(eval_steps))]
+            ivs = [
+                t_interval([run["history"]["val_loss"][j] for run in runs]) for j in range(len(eval_steps))
+            ]
             mean = [iv.mean for iv in ivs]
             err = [iv.half_width if iv.defined else 0.0 for iv in ivs]
-            ax.errorbar(eval_steps, mean, yerr=err, fmt="o--", color=color, ms=4, lw=1, capsize=3,
-                        label=f"{router} val")
+            ax.errorbar(
+                eval_steps,
+                mean,
+                yerr=err,
+                fmt="o--",
+                color=color,
+                ms=4,
+                lw=1,
+                capsize=3,
+                label=f"{router} val",
+            )
             plotted.append(mean)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
-    band = (
-        f"; mean of {n_seeds} seeds, band: min-max, bars: 95% interval" if n_seeds > 1 else ""
-    )
+    band = f"; mean of {n_seeds} seeds, band: min-max, bars: 95% interval" if n_seeds > 1 else ""
     ax.set_title(f"moelab compare '{summary['name']}': loss{band}", fontsize=10)
     ax.grid(alpha=0.3)
     ylim = loss_ylim(plotted)
@@ -386,7 +412,9 @@ def plot_expert_load(summary: dict[str, Any], path: Path) -> None:
         ax.set_xticks(range(width))
         for (i, j), v in np.ndenumerate(m):
             if not np.isnan(v):
-                ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=6, color="w" if v < vmax / 2 else "k")
+                ax.text(
+                    j, i, f"{v:.1f}", ha="center", va="center", fontsize=6, color="w" if v < vmax / 2 else "k"
+                )
     if not routers:
         axes[0][0].text(0.5, 0.5, "no MoE layers", ha="center")
     if im is not None:
@@ -435,7 +463,9 @@ def render_report(summary: dict[str, Any]) -> str:
             "| arm | " + " | ".join(metrics) + " |",
             "|---|" + "---:|" * len(metrics),
         ]
-        lines += ["| " + label + " | " + " | ".join(diff_cell(r, m) for m in metrics) + " |" for label, r in arms]
+        lines += [
+            "| " + label + " | " + " | ".join(diff_cell(r, m) for m in metrics) + " |" for label, r in arms
+        ]
         lines.append("")
     lines += [
         "## Per seed",

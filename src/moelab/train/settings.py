@@ -185,6 +185,13 @@ PAPER_SETTINGS: dict[str, dict[str, Any]] = {
         "aux_losses": {"load_balance_seq": 1e-3},
         "source": "Chain-of-Experts (ZihanWang314/CoE: C = 2, use_igate, inner residual, seq aux 1e-3 per iteration)",
     },
+    "mod": {
+        # Mixture-of-depths: capacity 12.5% on every other block (the paper's best isoFLOP
+        # setting); causal sampling through an auxiliary BCE on the router (coefficient ours).
+        # A depth arm's aux_losses are its MoE layers' (the model's router's settings).
+        "router_kwargs": {"capacity": 0.125, "every": 2, "causal": "aux_bce"},
+        "source": "Mixture-of-Depths (C = 12.5%, every other block, aux BCE for sampling)",
+    },
     "expert_choice": {
         # Expert choice: capacity factor c = 2 (= top_k), balanced by construction, no aux loss.
         "router_kwargs": {},

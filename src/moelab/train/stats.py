@@ -36,6 +36,8 @@ METRICS: dict[str, bool | None] = {
     "experts_per_token": None,
     "nmi_consecutive": None,
     "train_drop_rate": None,
+    "flops_per_token": None,
+    "eval_flops_per_token": None,
 }
 
 

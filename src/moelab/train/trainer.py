@@ -37,7 +37,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from moelab.analysis.intervals import standard_error
-from moelab.core.routed import routed_layers
 from moelab.core.router import step_end
 from moelab.core.tracing import trace
 from moelab.data import Batches, Data, TensorBatches, TensorData, eval_batches, load_data
@@ -58,7 +57,13 @@ from moelab.train.distributed import (
     wrap_ddp,
 )
 from moelab.train.loss import LossFn, accepts, batch_len, lm_loss, scalar, to_device
-from moelab.train.monitor import RoutingMonitor, causal_at_eval, router_metrics, val_routing
+from moelab.train.monitor import (
+    RoutingMonitor,
+    causal_at_eval,
+    router_metrics,
+    token_routed_layers,
+    val_routing,
+)
 from moelab.train.progress import RunProgress
 from moelab.train.resources import torch_threads
 
@@ -101,6 +106,10 @@ class TrainResult:
     router_metrics: dict[str, float] = field(default_factory=dict)
     # With token types (``moelab.data.mixed``): the val loss of the tokens of each type, by name.
     val_loss_by_type: dict[str, float] = field(default_factory=dict)
+    # Forward FLOPs per token (``MoELM.flops_per_token``) of the last training step and of the
+    # last evaluation forward (a depth router's causal rule at eval may run more or fewer tokens).
+    flops_per_token: float = float("nan")
+    eval_flops_per_token: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -294,7 +303,7 @@ class Trainer:
         """
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64)
-        layers = dict(routed_layers(self.model))
+        layers = token_routed_layers(self.model)
         tr_ctx = trace(self.model) if with_trace and layers else nullcontext()
         lengths: list[int] = []  # the val windows, in trace order
         rows: list[float] | None = []
@@ -416,6 +425,7 @@ class Trainer:
 
     def _train(self, stop_after: int | None, callback: Callable | None, threads: int) -> TrainResult:
         cfg = self.cfg
+        self._train_flops = self._eval_flops = float("nan")
         end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
         display = RunProgress(self.console, enabled=self.progress)
         display.add(self.description, cfg.steps, completed=self.step)
@@ -424,6 +434,7 @@ class Trainer:
             while self.step < end:
                 t0, c0 = time.perf_counter(), time.process_time()
                 task, _ = self.train_step()
+                self._train_flops = _last_flops(self.model, self._train_flops)
                 self.train_time += time.perf_counter() - t0
                 self.train_cpu_time += time.process_time() - c0
                 self.tokens_seen += self._step_tokens
@@ -440,6 +451,7 @@ class Trainer:
                 final = self.step == cfg.steps
                 if (cfg.eval_every and self.step % cfg.eval_every == 0) or final:
                     last_eval = self.evaluate(with_trace=final, final=final)
+                    self._eval_flops = _last_flops(self.model, self._eval_flops)
                     curve = self.evaluate() if final and self.final_val is not None else last_eval
                     self.history["eval_step"].append(self.step)
                     self.history["val_loss"].append(curve["val_loss"])
@@ -478,6 +490,8 @@ class Trainer:
             val_window_losses=last_eval.get("val_window_losses", []),
             router_metrics=router_metrics(self.model, self.cfg.diagnostics),
             val_loss_by_type=last_eval.get("val_loss_by_type", {}),
+            flops_per_token=self._train_flops,
+            eval_flops_per_token=self._eval_flops,
         )
 
     def _report(self, display: RunProgress, report: dict[str, Any], callback: Callable | None) -> None:
@@ -505,3 +519,9 @@ class Trainer:
             self.console.print(msg, highlight=False, markup=False)
         elif self.progress:
             print(msg, flush=True)
+
+
+def _last_flops(model: nn.Module, default: float) -> float:
+    """``model.flops_per_token()`` of its last forward when it counts FLOPs (``MoELM``), else ``default``."""
+    fn = getattr(model, "flops_per_token", None)
+    return float(fn()) if callable(fn) else default
