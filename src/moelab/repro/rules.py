@@ -88,6 +88,8 @@ class Reproduction:
     # ``requires() -> None`` when the machine has what the reproduction needs, else why not
     # (checked before anything trains; ``moelab repro`` skips it with that message).
     requires: Callable[[], str | None] | None = None
+    # Scale each arm's steps to the first arm's training FLOPs (``moelab compare --match-flops``).
+    match_flops: bool = False
 
     def judge(self, per_seed: list[Rows]) -> dict[str, Any]:
         """The verdict from each seed's rows: every condition's interval and verdict, combined."""

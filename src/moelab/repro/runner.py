@@ -44,6 +44,9 @@ def run_rows(run: dict[str, Any]) -> dict[str, float]:
         "nmi_consecutive": float(run.get("nmi_consecutive", float("nan"))),
         "z": mean_of(run["routing"], "z"),
         "max_abs_logit": mean_of(run["routing"], "max_abs_logit"),
+        "flops_per_token": float(run.get("flops_per_token", float("nan"))),
+        "eval_flops_per_token": float(run.get("eval_flops_per_token", float("nan"))),
+        "steps": float(run.get("step", float("nan"))),
     }
     if run.get("locality"):
         row.update({key: mean_of(run["locality"], key) for key in LOCALITY_KEYS})
@@ -76,6 +79,7 @@ def settings_for(
         aux_losses={label: dict(arm.aux_losses) for label, arm in rep.arms.items()},
         save_models=False,
         seeds=list(seeds),
+        match_flops=rep.match_flops,
     )
 
 

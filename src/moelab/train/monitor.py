@@ -138,6 +138,10 @@ def router_metrics(model: nn.Module, diagnose: tuple[str, ...] | list[str] = ())
         router = getattr(layer, "router", None)
         if isinstance(router, Router):
             found.update(router.metrics())
+        if isinstance(
+            layer, DepthRouter
+        ):  # its last evaluation's decision statistics (MoD's predictor accuracy)
+            found.update({f"depth_{k}": float(v) for k, v in getattr(layer, "last_stats", {}).items()})
         for name in dict.fromkeys([*getattr(layer, "aux_coefficients", {}), *diagnose]):
             diagnostics = getattr(get_loss(name), "diagnostics", None)
             if diagnostics is None:
