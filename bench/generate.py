@@ -42,9 +42,9 @@ from .common import interleaved, machine_info, median, set_threads, write_json
 def model_specs(layers: int) -> dict[str, dict]:
     specs = {"dense": {}, "mod": {"depth": "mod", "depth_kwargs": {"capacity": 0.125, "every": 2}}}
     if "mor" in registry.names("depth"):
-        specs["mor_equal_params"] = {"depth": "mor", "depth_kwargs": {"recursions": 3}}
+        specs["mor_equal_params"] = {"depth": "mor", "depth_kwargs": {"num_recursions": 3}}
         middle = max(1, round((layers - 2) / 3))
-        specs["mor_equal_depth"] = {"depth": "mor", "depth_kwargs": {"recursions": 3}, "n_layers": 2 + middle}
+        specs["mor_equal_depth"] = {"depth": "mor", "depth_kwargs": {"num_recursions": 3}, "n_layers": 2 + middle}
     return specs
 
 

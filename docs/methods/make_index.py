@@ -36,6 +36,7 @@ KIND_TITLES = {
     "layer": "Layers",
     "analysis": "Analysis",
     "architecture": "Architectures (how routed layers are arranged across a model)",
+    "depth": "Depth routers (which blocks run on which tokens, and how often)",
 }
 
 

@@ -7,7 +7,8 @@ first arm's FLOPs, ``moelab compare --match-flops``), as the isoFLOP claims of t
 
 from __future__ import annotations
 
-from moelab.repro.rules import Arm, Reproduction, Rows, no_worse_loss
+from moelab.repro.ftp import FTP_REPRODUCTION
+from moelab.repro.rules import Arm, Reproduction, Rows, lower, no_worse_loss
 from moelab.train.settings import PAPER_SETTINGS
 
 _DENSE = {"moe_every": 10_000}  # dense SwiGLU FFNs in every block: the comparisons are about depth
@@ -46,4 +47,52 @@ MOD_ISOFLOP = Reproduction(
     match_flops=True,
 )
 
-DEPTH: list[Reproduction] = [MOD_ISOFLOP]
+_MOR = PAPER_SETTINGS["mor"]["router_kwargs"]
+# d 128, 4 heads, dense FFNs; 4 unique blocks for the recursive arms (block 0, two shared middle
+# blocks run up to N_r times, the last block), 6 for vanilla: about the same FLOPs per token.
+_MOR_MODEL = {**_DENSE, "n_layers": 4}
+
+
+def _describe_mor(r: Rows) -> str:
+    parts = []
+    for label, name in (
+        ("vanilla", "vanilla 6 blocks"),
+        ("mor_ec", "MoR expert choice"),
+        ("mor_tc", "MoR token choice"),
+        ("recursive", "recursive N_r=2"),
+    ):
+        row = r[label]
+        parts.append(
+            f"{name} {row['val_loss']:.3f} ({row['params'] / 1e6:.2f}M params, {row['steps']:.0f} steps, "
+            f"{row['flops_per_token'] / 1e6:.2f} MFLOP/token)"
+        )
+    return "val loss at equal training FLOPs: " + "; ".join(parts)
+
+
+MOR_PARETO = Reproduction(
+    name="mor_pareto",
+    method="mor",
+    paper="Bae et al. 2025 (Mixture-of-Recursions), the Pareto comparison; cheap check of PAPERS.md sec. A.2",
+    claim=(
+        "At equal training FLOPs, MoR with expert-choice routing (N_r = 3, middle-cycle sharing, 2/3 of the "
+        "parameters) is no worse than a vanilla model and than a plain recursive model with the same sharing, "
+        "and expert choice beats token choice."
+    ),
+    arms={
+        "vanilla": Arm("topk", model={**_DENSE, "n_layers": 6}),
+        "mor_ec": Arm("mor", dict(_MOR), model=_MOR_MODEL),
+        "mor_tc": Arm("mor", {**_MOR, "router": "token_choice"}, model=_MOR_MODEL),
+        # every token every step, no router: N_r = 2 costs what 6 vanilla blocks cost
+        "recursive": Arm("mor", {**_MOR, "router": "none", "num_recursions": 2}, model=_MOR_MODEL),
+    },
+    conditions=(
+        no_worse_loss("mor_ec", "vanilla"),
+        no_worse_loss("mor_ec", "recursive"),
+        lower("val_loss", "mor_ec", "mor_tc"),
+    ),
+    describe=_describe_mor,
+    train={"steps": 150},
+    match_flops=True,
+)
+
+DEPTH: list[Reproduction] = [MOD_ISOFLOP, MOR_PARETO, FTP_REPRODUCTION]

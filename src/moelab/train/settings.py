@@ -192,6 +192,12 @@ PAPER_SETTINGS: dict[str, dict[str, Any]] = {
         "router_kwargs": {"capacity": 0.125, "every": 2, "causal": "aux_bce"},
         "source": "Mixture-of-Depths (C = 12.5%, every other block, aux BCE for sampling)",
     },
+    "mor": {
+        # Mixture-of-Recursions: middle-cycle sharing, N_r = 3, expert-choice recursion router
+        # (alpha 0.1, sigmoid gate, capacities 1, 2/3, 1/3, BCE 1e-3 for causal inference).
+        "router_kwargs": {"num_recursions": 3, "router": "expert_choice", "sharing": "middle_cycle"},
+        "source": "Mixture-of-Recursions (N_r = 3, middle-cycle, expert choice, alpha 0.1, BCE 1e-3)",
+    },
     "expert_choice": {
         # Expert choice: capacity factor c = 2 (= top_k), balanced by construction, no aux loss.
         "router_kwargs": {},
