@@ -38,6 +38,20 @@ Routing:
     assemble_mlp
     expert_capacity, capacity_keep_mask,     capacity and drop policies of token-choice routers
     token_choice_routing
+Depth routing:
+    capacity_count, topk_per_sequence,       the per-sequence gather: k chosen tokens of each row in
+    ragged_index, gather_tokens,             position order ([B, k, d]), ragged rows padded last
+    scatter_update, positions_of
+    mod_topk_targets, mod_update             mixture-of-depths' causal target and residual update (``mod``)
+    recursion_layout, default_capacities,    mixture-of-recursions: middle-cycle sharing, nested
+    recursion_token_counts, warmed_capacity, capacities, the causal BCE and the depth balance loss (``mor``)
+    expert_choice_bce, recursion_balance_loss
+    causal_attention_probs,                  FTP's token features and losses, and its per-block
+    attention_received, rank_in_sequence,    sparsity schedule search (``ftp``)
+    ftp_features, static_keep_targets,
+    ftp_guide_loss, ftp_sparsity_loss,
+    ftp_distillation_loss, project_schedule,
+    search_sparsity_schedule
 Losses:
     load_balance_loss, load_balance_seq_loss, z_loss
     erc_epsilon, erc_proxy_tokens,           expert-router coupling (``erc``)
@@ -52,6 +66,35 @@ Execution:
 """
 
 from moelab.core.activations import activation_backward, activation_forward
+from moelab.depth.gather import (
+    capacity_count,
+    gather_tokens,
+    positions_of,
+    ragged_index,
+    scatter_update,
+    topk_per_sequence,
+)
+from moelab.depth.mod import mod_topk_targets, mod_update
+from moelab.depth.prune import (
+    attention_received,
+    causal_attention_probs,
+    ftp_distillation_loss,
+    ftp_features,
+    ftp_guide_loss,
+    ftp_sparsity_loss,
+    project_schedule,
+    rank_in_sequence,
+    search_sparsity_schedule,
+    static_keep_targets,
+)
+from moelab.depth.recursion import (
+    default_capacities,
+    expert_choice_bce,
+    recursion_balance_loss,
+    recursion_layout,
+    recursion_token_counts,
+    warmed_capacity,
+)
 from moelab.experts.film import feature_modulation
 from moelab.experts.union import split_expert_order
 from moelab.kernels.grouped_mm import grouped_mm
@@ -109,14 +152,18 @@ __all__ = [
     "activation_forward",
     "assemble_mlp",
     "atomic_experts",
+    "attention_received",
     "batch_norm_rows",
     "bias_update",
+    "capacity_count",
     "capacity_keep_mask",
     "capacity_schedule",
+    "causal_attention_probs",
     "chain_of_experts",
     "cluster_median",
     "combine",
     "decompose_mlp",
+    "default_capacities",
     "dispatch",
     "dynamic_topk",
     "erc_coupling",
@@ -126,10 +173,16 @@ __all__ = [
     "erc_proxy_tokens",
     "expert_capacity",
     "expert_choice",
+    "expert_choice_bce",
     "expert_choice_capacity",
     "expert_loss_estimate",
     "feature_modulation",
+    "ftp_distillation_loss",
+    "ftp_features",
+    "ftp_guide_loss",
+    "ftp_sparsity_loss",
     "gated_base",
+    "gather_tokens",
     "greedy_assignment",
     "group_limited_mask",
     "grouped_mm",
@@ -142,29 +195,40 @@ __all__ = [
     "masked_softmax_topk",
     "mc_dropout_logits",
     "mixer_gate_update",
+    "mod_topk_targets",
+    "mod_update",
     "modality_expert_choice",
     "omni_topk",
     "patchwise_select",
     "peer_topk",
+    "positions_of",
     "predicted_selection",
     "predictor_bce",
     "prefix_mean",
     "pregate_gate",
     "product_key_merge",
     "product_key_topk",
+    "project_schedule",
     "prototype_gates",
     "prototype_scores",
     "psr_allowed",
     "psr_num_unmasked",
     "psr_unmask_rank",
+    "ragged_index",
+    "rank_in_sequence",
     "recurrent_router_logits",
+    "recursion_balance_loss",
+    "recursion_layout",
+    "recursion_token_counts",
     "residual_mix",
     "reuse_group",
     "rnn_cell",
     "rope_rotate",
     "routing_contrastive_loss",
     "sample_second_expert",
+    "scatter_update",
     "schedule_shape",
+    "search_sparsity_schedule",
     "sigmoid_topk",
     "sinkhorn",
     "sinkhorn_topk",
@@ -173,14 +237,17 @@ __all__ = [
     "soft_moe_weights",
     "softmax_topk",
     "split_expert_order",
+    "static_keep_targets",
     "subkey_topc",
     "token_choice_routing",
     "token_expert_routing",
+    "topk_per_sequence",
     "tsallis_entropy",
     "tsallis_entropy_loss",
     "tsallis_topp",
     "uar_combine",
     "uoe_capacity",
     "uoe_scores",
+    "warmed_capacity",
     "z_loss",
 ]
