@@ -43,6 +43,9 @@ Depth routing:
     ragged_index, gather_tokens,             position order ([B, k, d]), ragged rows padded last
     scatter_update, positions_of
     mod_topk_targets, mod_update             mixture-of-depths' causal target and residual update (``mod``)
+    gamma_mod_selection,                     γ-MoD's masked selection, its k, its aux loss and the
+    gamma_mod_topk_count,                    ARank layer choice (``gamma_mod``)
+    gamma_mod_aux_loss, lowest_arank_layers
     recursion_layout, default_capacities,    mixture-of-recursions: middle-cycle sharing, nested
     recursion_token_counts, warmed_capacity, capacities, the causal BCE and the depth balance loss (``mor``)
     expert_choice_bce, recursion_balance_loss
@@ -66,6 +69,12 @@ Execution:
 """
 
 from moelab.core.activations import activation_backward, activation_forward
+from moelab.depth.gamma_mod import (
+    gamma_mod_aux_loss,
+    gamma_mod_selection,
+    gamma_mod_topk_count,
+    lowest_arank_layers,
+)
 from moelab.depth.gather import (
     capacity_count,
     gather_tokens,
@@ -181,6 +190,9 @@ __all__ = [
     "ftp_features",
     "ftp_guide_loss",
     "ftp_sparsity_loss",
+    "gamma_mod_aux_loss",
+    "gamma_mod_selection",
+    "gamma_mod_topk_count",
     "gated_base",
     "gather_tokens",
     "greedy_assignment",
@@ -191,6 +203,7 @@ __all__ = [
     "kmeans_l1",
     "load_balance_loss",
     "load_balance_seq_loss",
+    "lowest_arank_layers",
     "lstsq_gate",
     "masked_softmax_topk",
     "mc_dropout_logits",

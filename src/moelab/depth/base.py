@@ -30,7 +30,12 @@ from moelab.models.blocks import Rope, block_cache
 
 
 def run_blocks(
-    x: Tensor, blocks: nn.ModuleList, rope: Rope, ctx: RoutingContext, positions: Tensor | None, layers: range | list[int] | None = None
+    x: Tensor,
+    blocks: nn.ModuleList,
+    rope: Rope,
+    ctx: RoutingContext,
+    positions: Tensor | None,
+    layers: range | list[int] | None = None,
 ) -> Tensor:
     """Every block (or those of ``layers``) on every token, in order: the plain schedule."""
     for i in range(len(blocks)) if layers is None else layers:

@@ -65,12 +65,16 @@ def gather_tokens(x_BSD: Tensor, index_BK: Tensor) -> Tensor:
     return x_BSD.gather(1, index_BK[..., None].expand(-1, -1, x_BSD.shape[-1]))
 
 
-def scatter_update(x_BSD: Tensor, index_BK: Tensor, update_BKD: Tensor, valid_BK: Tensor | None = None) -> Tensor:
+def scatter_update(
+    x_BSD: Tensor, index_BK: Tensor, update_BKD: Tensor, valid_BK: Tensor | None = None
+) -> Tensor:
     """``x`` with ``update[b, j]`` added at ``index[b, j]`` (rows with ``valid`` False add nothing);
     out of place, differentiable in both."""
     if valid_BK is not None:
         update_BKD = update_BKD * valid_BK[..., None].to(update_BKD.dtype)
-    return x_BSD.scatter_add(1, index_BK[..., None].expand(-1, -1, x_BSD.shape[-1]), update_BKD.to(x_BSD.dtype))
+    return x_BSD.scatter_add(
+        1, index_BK[..., None].expand(-1, -1, x_BSD.shape[-1]), update_BKD.to(x_BSD.dtype)
+    )
 
 
 def positions_of(index_BK: Tensor, positions_BS: Tensor | None) -> Tensor:
