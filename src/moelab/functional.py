@@ -91,9 +91,7 @@ from moelab.depth.prune import (
     ftp_features,
     ftp_guide_loss,
     ftp_sparsity_loss,
-    project_schedule,
     rank_in_sequence,
-    search_sparsity_schedule,
     static_keep_targets,
 )
 from moelab.depth.recursion import (
@@ -104,6 +102,7 @@ from moelab.depth.recursion import (
     recursion_token_counts,
     warmed_capacity,
 )
+from moelab.depth.schedule_search import project_schedule, search_sparsity_schedule
 from moelab.experts.film import feature_modulation
 from moelab.experts.union import split_expert_order
 from moelab.kernels.grouped_mm import grouped_mm

@@ -24,12 +24,11 @@ from moelab.depth.prune import (
     ftp_loss_fn,
     ftp_sparsity_loss,
     keep_count,
-    project_schedule,
     pruned_val_loss,
     rank_in_sequence,
-    search_sparsity_schedule,
     static_keep_targets,
 )
+from moelab.depth.schedule_search import project_schedule, search_sparsity_schedule
 from moelab.models import MoELM, MoELMConfig
 
 BASE = dict(d_model=32, n_layers=4, n_heads=2, max_seq_len=64, moe_every=99)

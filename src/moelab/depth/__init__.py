@@ -5,13 +5,12 @@ from moelab.depth.gamma_mod import GammaMoD, convert, lowest_arank_layers, selec
 from moelab.depth.mod import MixtureOfDepths
 from moelab.depth.prune import (
     FTPRouter,
-    ScheduleSearch,
     attach_ftp,
     ftp_loss_fn,
     pruned_val_loss,
-    search_sparsity_schedule,
 )
 from moelab.depth.recursion import MixtureOfRecursions
+from moelab.depth.schedule_search import ScheduleSearch, search_sparsity_schedule
 
 __all__ = [
     "DepthRouter",

@@ -81,7 +81,8 @@ def run_ftp(
 
     from moelab.core.checks import positive_int
     from moelab.data import eval_batches
-    from moelab.depth.prune import attach_ftp, ftp_loss_fn, pruned_val_loss, search_sparsity_schedule
+    from moelab.depth.prune import attach_ftp, ftp_loss_fn, pruned_val_loss
+    from moelab.depth.schedule_search import search_sparsity_schedule
     from moelab.models import MoELMConfig
     from moelab.train.config import TrainConfig
     from moelab.train.resources import torch_threads
