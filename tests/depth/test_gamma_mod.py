@@ -380,6 +380,11 @@ def test_registry_builds_from_config():
     assert r.num_assignments == 2 * 3 * 8  # k = ceil(0.5 * 16) per sequence
 
 
+def test_a_config_with_no_mod_layer_is_refused_clearly():
+    with pytest.raises(ValueError, match="leaves no layer"):
+        MoELM(MoELMConfig(d_model=32, n_layers=4, n_heads=2, max_seq_len=32, moe_every=99, depth="gamma_mod"))
+
+
 # -- cached generation ------------------------------------------------------------------------------
 @pytest.mark.parametrize(("moe_every", "position_mode"), [(100, "true"), (1, "true"), (100, "compact")])
 def test_cached_equals_uncached_greedy_under_the_causal_rule(moe_every, position_mode):
