@@ -49,6 +49,12 @@ Depth routing:
     recursion_layout, default_capacities,    mixture-of-recursions: middle-cycle sharing, nested
     recursion_token_counts, warmed_capacity, capacities, the causal BCE and the depth balance loss (``mor``)
     expert_choice_bce, recursion_balance_loss
+    window_mean_pool, focal_loss,            Dr.LLM's router input, its loss, its decisions, and the
+    effective_number_weights,                layer-path search that labels them (``drllm``)
+    penalized_decisions, decision_routing,
+    decisions_of_routing, mcts_layer_paths,
+    mcts_layer_paths_batched, path_successors,
+    path_to_labels, labels_to_path
     causal_attention_probs,                  FTP's token features and losses, and its per-block
     attention_received, rank_in_sequence,    sparsity schedule search (``ftp``)
     ftp_features, static_keep_targets,
@@ -82,6 +88,21 @@ from moelab.depth.gather import (
     ragged_index,
     scatter_update,
     topk_per_sequence,
+)
+from moelab.depth.layer_router import (
+    decision_routing,
+    decisions_of_routing,
+    effective_number_weights,
+    focal_loss,
+    penalized_decisions,
+    window_mean_pool,
+)
+from moelab.depth.mcts import (
+    labels_to_path,
+    mcts_layer_paths,
+    mcts_layer_paths_batched,
+    path_successors,
+    path_to_labels,
 )
 from moelab.depth.mod import mod_topk_targets, mod_update
 from moelab.depth.prune import (
@@ -170,10 +191,13 @@ __all__ = [
     "chain_of_experts",
     "cluster_median",
     "combine",
+    "decision_routing",
+    "decisions_of_routing",
     "decompose_mlp",
     "default_capacities",
     "dispatch",
     "dynamic_topk",
+    "effective_number_weights",
     "erc_coupling",
     "erc_diag_dominance",
     "erc_epsilon",
@@ -185,6 +209,7 @@ __all__ = [
     "expert_choice_capacity",
     "expert_loss_estimate",
     "feature_modulation",
+    "focal_loss",
     "ftp_distillation_loss",
     "ftp_features",
     "ftp_guide_loss",
@@ -200,19 +225,25 @@ __all__ = [
     "gru_cell",
     "gumbel_sigmoid",
     "kmeans_l1",
+    "labels_to_path",
     "load_balance_loss",
     "load_balance_seq_loss",
     "lowest_arank_layers",
     "lstsq_gate",
     "masked_softmax_topk",
     "mc_dropout_logits",
+    "mcts_layer_paths",
+    "mcts_layer_paths_batched",
     "mixer_gate_update",
     "mod_topk_targets",
     "mod_update",
     "modality_expert_choice",
     "omni_topk",
     "patchwise_select",
+    "path_successors",
+    "path_to_labels",
     "peer_topk",
+    "penalized_decisions",
     "positions_of",
     "predicted_selection",
     "predictor_bce",
@@ -261,5 +292,6 @@ __all__ = [
     "uoe_capacity",
     "uoe_scores",
     "warmed_capacity",
+    "window_mean_pool",
     "z_loss",
 ]

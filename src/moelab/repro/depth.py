@@ -7,6 +7,7 @@ first arm's FLOPs, ``moelab compare --match-flops``), as the isoFLOP claims of t
 
 from __future__ import annotations
 
+from moelab.repro.drllm import DRLLM_REPRODUCTION
 from moelab.repro.ftp import FTP_REPRODUCTION
 from moelab.repro.gamma_mod import GAMMA_MOD_REPRODUCTION
 from moelab.repro.rules import Arm, Reproduction, Rows, lower, no_worse_loss
@@ -96,4 +97,4 @@ MOR_PARETO = Reproduction(
     match_flops=True,
 )
 
-DEPTH: list[Reproduction] = [MOD_ISOFLOP, GAMMA_MOD_REPRODUCTION, MOR_PARETO, FTP_REPRODUCTION]
+DEPTH: list[Reproduction] = [MOD_ISOFLOP, GAMMA_MOD_REPRODUCTION, MOR_PARETO, DRLLM_REPRODUCTION, FTP_REPRODUCTION]
