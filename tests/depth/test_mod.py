@@ -180,3 +180,25 @@ def test_bad_arguments(kw, match):
 def test_unknown_depth_router_is_named():
     with pytest.raises((KeyError, ValueError), match="nope"):
         MoELM(MoELMConfig(**BASE, depth="nope"))
+
+
+def test_routers_inside_a_routed_block_read_the_gathered_tokens_ids():
+    # Read-ME's pre-gate routes from token ids: inside a MoD block it must see the chosen tokens' ids
+    torch.manual_seed(0)
+    cfg = MoELMConfig(
+        **{**BASE, "moe_every": 1},
+        num_experts=4,
+        router="pregate",
+        depth="mod",
+        depth_kwargs={"capacity": 0.5},
+    )
+    model = MoELM(cfg).train()
+    ids = torch.randint(0, 256, (2, 12))
+    with moelab.trace(model) as tr:
+        model(ids, labels=ids).loss.backward()
+    routed = [n for n in tr.layers if n != "depth"]
+    # block 1 is routed by MoD: its MoE layer saw 6 of 12 tokens per row, and their own ids
+    r = tr.routing(routed[1])
+    assert r.num_tokens == 2 * 6
+    kept = tr.routing("depth").token_index
+    assert torch.equal(tr.tokens(routed[1]), ids.reshape(-1)[kept[:12]])

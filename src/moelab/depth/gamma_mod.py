@@ -57,7 +57,7 @@ from moelab.core.context import RoutingContext
 from moelab.core.flops import routed_counts, routed_flops
 from moelab.core.routing import Routing
 from moelab.depth.base import DepthRouter
-from moelab.depth.gather import gather_tokens, ragged_index
+from moelab.depth.gather import gather_tokens, gathered_context, ragged_index
 from moelab.models.blocks import KVCache, Rope, block_cache
 
 PAPER = "γ-MoD (Luo et al., ICLR 2025, arXiv 2410.13859; code Yaxin9Luo/Gamma-MOD)"
@@ -543,7 +543,7 @@ class GammaMoD(DepthRouter):
         hid = x_sel + a
         f_in = blk.ffn_norm(hid)
         if blk.is_moe:
-            sub = self.gathered_context(ctx, index, b, s).replace(layer_index=blk.index, batch_shape=(b, k))
+            sub = gathered_context(ctx, index, s).replace(layer_index=blk.index, batch_shape=(b, k))
             before = routed_counts(blk.ffn)
             y = blk.ffn(f_in, sub)
             blk.flops += routed_flops(blk.ffn, b * k, since=before)
@@ -561,17 +561,6 @@ class GammaMoD(DepthRouter):
             out = out * valid[..., None].to(out.dtype)  # padding rows add nothing
         full = torch.zeros_like(x).scatter_add(1, index[..., None].expand(-1, -1, x.shape[-1]), out)
         return torch.where(selected_BS[..., None], full, x)
-
-    @staticmethod
-    def gathered_context(ctx: RoutingContext, index_BK: Tensor, b: int, s: int) -> RoutingContext:
-        """``ctx`` with its per-token fields (ids, types, positions) gathered like the tokens, so a
-        routed FFN on the gathered tokens reads their own ids."""
-        changes = {}
-        for name in ("token_ids", "token_types", "positions"):
-            t = getattr(ctx, name)
-            if isinstance(t, Tensor) and t.numel() == b * s:
-                changes[name] = t.reshape(b, s).gather(1, index_BK).reshape(-1)
-        return ctx.replace(**changes)
 
 
 registry.register(

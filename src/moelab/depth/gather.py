@@ -18,6 +18,8 @@ import math
 import torch
 from torch import Tensor
 
+from moelab.core.context import RoutingContext
+
 
 def capacity_count(capacity: float, seq_len: int) -> int:
     """Tokens per sequence at capacity ``capacity``: ``ceil(capacity * S)``, at least 1 when S > 0
@@ -81,3 +83,17 @@ def positions_of(index_BK: Tensor, positions_BS: Tensor | None) -> Tensor:
     """The true positions of gathered tokens: ``positions[b, index[b, j]]`` (``index`` itself
     when the rows sit at ``0 .. S-1``)."""
     return index_BK if positions_BS is None else positions_BS.gather(1, index_BK)
+
+
+def gathered_context(ctx: RoutingContext, index_BK: Tensor, seq_len: int) -> RoutingContext:
+    """``ctx`` for a block run on gathered tokens: its per-token fields (``token_ids``,
+    ``token_types``, ``positions``: ``[B*S]``) gathered like the tokens, so routers inside the block
+    (pre-gates over token ids, token-type routers) read each gathered token's own values. Fields of
+    another length are left as they are."""
+    b = index_BK.shape[0]
+    changes = {}
+    for name in ("token_ids", "token_types", "positions"):
+        t = getattr(ctx, name)
+        if isinstance(t, Tensor) and t.numel() == b * seq_len:
+            changes[name] = t.reshape(b, seq_len).gather(1, index_BK).reshape(-1)
+    return ctx.replace(**changes)

@@ -42,6 +42,7 @@ from moelab.depth.base import DepthRouter
 from moelab.depth.gather import (
     capacity_count,
     gather_tokens,
+    gathered_context,
     positions_of,
     ragged_index,
     scatter_update,
@@ -245,7 +246,7 @@ class MixtureOfDepths(DepthRouter):
             return x
         x_sel = gather_tokens(x, index)
         pos = positions_of(index, positions)
-        out = blk(x_sel, rope, ctx, positions=pos, valid=valid, cache=cache)
+        out = blk(x_sel, rope, gathered_context(ctx, index, s), positions=pos, valid=valid, cache=cache)
         return mod_update(x, index, out - x_sel, weight, valid)
 
 

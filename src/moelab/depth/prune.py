@@ -60,6 +60,7 @@ from moelab.depth.base import DepthRouter, run_blocks
 from moelab.depth.gather import (
     capacity_count,
     gather_tokens,
+    gathered_context,
     positions_of,
     ragged_index,
     scatter_update,
@@ -537,7 +538,7 @@ class FTPRouter(DepthRouter):
             valid_arg = None if full_rows else valid
             x_sel = gather_tokens(x, index)
             pos = positions_of(index, pos_BS)
-            inner = _kept_context(ctx, index, pos, b, s)
+            inner = gathered_context(ctx, index, s).replace(positions=pos.reshape(-1))
             out = blk(x_sel, rope, inner, positions=pos, valid=valid_arg, cache=cache)
             delta = out - x_sel
             if ste is not None:
@@ -547,18 +548,6 @@ class FTPRouter(DepthRouter):
             assert ste is not None
             new = new + (ste * skipped.to(ste.dtype))[..., None].to(x.dtype) * dense_delta
         return new
-
-
-def _kept_context(ctx: RoutingContext, index_BK: Tensor, pos_BK: Tensor, b: int, s: int) -> RoutingContext:
-    """The context of a block run on gathered tokens: their true positions, ids and types
-    (routers inside the block, pre-gates and token-type routers, read them per token)."""
-    flat = (index_BK + torch.arange(b, device=index_BK.device)[:, None] * s).reshape(-1)
-    changes: dict[str, Any] = {"positions": pos_BK.reshape(-1)}
-    if ctx.token_ids is not None and ctx.token_ids.numel() == b * s:
-        changes["token_ids"] = ctx.token_ids[flat]
-    if ctx.token_types is not None and ctx.token_types.numel() == b * s:
-        changes["token_types"] = ctx.token_types[flat]
-    return ctx.replace(**changes)
 
 
 def _quiet_run(

@@ -56,7 +56,14 @@ from moelab.core.checks import positive_int
 from moelab.core.context import RoutingContext
 from moelab.core.routing import Routing
 from moelab.depth.base import DepthRouter
-from moelab.depth.gather import gather_tokens, positions_of, ragged_index, scatter_update, topk_per_sequence
+from moelab.depth.gather import (
+    gather_tokens,
+    gathered_context,
+    positions_of,
+    ragged_index,
+    scatter_update,
+    topk_per_sequence,
+)
 from moelab.models.blocks import KVCache, Rope, block_cache
 
 ROUTERS = ("expert_choice", "token_choice", "none")
@@ -419,7 +426,9 @@ class MixtureOfRecursions(DepthRouter):
         full = index.shape[1] == s and valid is None  # every token: no gather, no scatter
         x_sel = x if full else gather_tokens(x, index)
         pos = positions if full else positions_of(index, positions)
-        h = self._run_group(x_sel, pos, valid, r, blocks, rope, ctx)
+        h = self._run_group(
+            x_sel, pos, valid, r, blocks, rope, ctx if full else gathered_context(ctx, index, s)
+        )
         if gate_BS is None and self.update == "delta":
             # H <- Block(H) exactly (the plain block): replace, do not add a difference
             return h if full else _replace(x, index, h, valid, chosen)
@@ -494,7 +503,13 @@ class MixtureOfRecursions(DepthRouter):
             index, valid = ragged_index(active)
             v = None if valid.all() else valid
             h_sel = self._run_group(
-                gather_tokens(h, index), positions_of(index, positions), v, r, blocks, rope, ctx
+                gather_tokens(h, index),
+                positions_of(index, positions),
+                v,
+                r,
+                blocks,
+                rope,
+                gathered_context(ctx, index, s),
             )
             h = _replace(h, index, h_sel, v, active)
         self.last_depth = depth_BS.detach()
