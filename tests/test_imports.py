@@ -26,7 +26,7 @@ LEVELS = [
     {"kernels"},
     {"routers", "losses", "experts"},
     {"ops"},
-    {"layers"},
+    {"layers", "attention"},
     {"models", "data"},
     {"analysis"},
     {"depth"},

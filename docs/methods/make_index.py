@@ -37,6 +37,7 @@ KIND_TITLES = {
     "analysis": "Analysis",
     "architecture": "Architectures (how routed layers are arranged across a model)",
     "depth": "Depth routers (which blocks run on which tokens, and how often)",
+    "attention": "Attention routers (which keys each query attends to)",
 }
 
 

@@ -26,6 +26,7 @@ _KINDS: dict[str, str] = {
     "analysis": "a measurement of routing",
     "architecture": "how routed layers are arranged across a model (MoELMConfig settings)",
     "depth": "routes tokens to depth: which blocks run on which tokens, and how often",
+    "attention": "routes queries to keys: which key blocks or heads each query attends with",
 }
 
 # Where moelab's own methods of each kind register themselves. A lookup that misses imports the
@@ -41,6 +42,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "analysis": "moelab.analysis",
     "architecture": "moelab.models",
     "depth": "moelab.depth",
+    "attention": "moelab.attention",
 }
 
 # Third-party packages moelab integrates with, and the moelab module that integrates each. A

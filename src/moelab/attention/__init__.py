@@ -1,0 +1,1 @@
+"""Attention routing: which keys each query attends to (``moelab list attention``)."""
