@@ -61,6 +61,11 @@ Depth routing:
     ftp_guide_loss, ftp_sparsity_loss,
     ftp_distillation_loss, project_schedule,
     search_sparsity_schedule
+Attention routing:
+    uoe_head_gate, uoe_select_head_tokens,   UoE's selective heads: a per-token gate over heads, each
+    head_token_positions,                    head attending among its own tokens (``uoe_attention``)
+    gathered_head_attention,
+    selective_head_attention
 Losses:
     load_balance_loss, load_balance_seq_loss, z_loss
     erc_epsilon, erc_proxy_tokens,           expert-router coupling (``erc``)
@@ -74,6 +79,13 @@ Execution:
     activation_forward, activation_backward  the expert non-linearities
 """
 
+from moelab.attention.selective_heads import (
+    gathered_head_attention,
+    head_token_positions,
+    selective_head_attention,
+    uoe_head_gate,
+    uoe_select_head_tokens,
+)
 from moelab.core.activations import activation_backward, activation_forward
 from moelab.depth.gamma_mod import (
     gamma_mod_aux_loss,
@@ -219,11 +231,13 @@ __all__ = [
     "gamma_mod_topk_count",
     "gated_base",
     "gather_tokens",
+    "gathered_head_attention",
     "greedy_assignment",
     "group_limited_mask",
     "grouped_mm",
     "gru_cell",
     "gumbel_sigmoid",
+    "head_token_positions",
     "kmeans_l1",
     "labels_to_path",
     "load_balance_loss",
@@ -272,6 +286,7 @@ __all__ = [
     "scatter_update",
     "schedule_shape",
     "search_sparsity_schedule",
+    "selective_head_attention",
     "sigmoid_topk",
     "sinkhorn",
     "sinkhorn_topk",
@@ -290,7 +305,9 @@ __all__ = [
     "tsallis_topp",
     "uar_combine",
     "uoe_capacity",
+    "uoe_head_gate",
     "uoe_scores",
+    "uoe_select_head_tokens",
     "warmed_capacity",
     "window_mean_pool",
     "z_loss",
