@@ -62,6 +62,10 @@ Depth routing:
     ftp_distillation_loss, project_schedule,
     search_sparsity_schedule
 Attention routing:
+    moba_attention, moba_attention_reference, MoBA: each query attends its own key block and the
+    moba_gate, moba_block_means,             top_k - 1 best past blocks by q . mean(K_j); cached
+    moba_decode, moba_routing,               decoding; FlashMoBA's causal key convolution (``moba``)
+    causal_key_conv
     uoe_head_gate, uoe_select_head_tokens,   UoE's selective heads: a per-token gate over heads, each
     head_token_positions,                    head attending among its own tokens (``uoe_attention``)
     gathered_head_attention,
@@ -79,6 +83,15 @@ Execution:
     activation_forward, activation_backward  the expert non-linearities
 """
 
+from moelab.attention.moba import (
+    causal_key_conv,
+    moba_attention,
+    moba_attention_reference,
+    moba_block_means,
+    moba_decode,
+    moba_gate,
+    moba_routing,
+)
 from moelab.attention.selective_heads import (
     gathered_head_attention,
     head_token_positions,
@@ -200,6 +213,7 @@ __all__ = [
     "capacity_keep_mask",
     "capacity_schedule",
     "causal_attention_probs",
+    "causal_key_conv",
     "chain_of_experts",
     "cluster_median",
     "combine",
@@ -249,6 +263,12 @@ __all__ = [
     "mcts_layer_paths",
     "mcts_layer_paths_batched",
     "mixer_gate_update",
+    "moba_attention",
+    "moba_attention_reference",
+    "moba_block_means",
+    "moba_decode",
+    "moba_gate",
+    "moba_routing",
     "mod_topk_targets",
     "mod_update",
     "modality_expert_choice",

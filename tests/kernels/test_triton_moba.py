@@ -1,7 +1,7 @@
 """MoBA's Triton kernels under Triton's interpreter, against a plain dense reference.
 
 The reference is the definition written out: a per-query loop picks the blocks (own block plus the
-``top_k - 1`` best past blocks by ``q . mean(K_j)``, ties to the lower index), builds an explicit
+``top_k - 1`` best past blocks by ``q . mean(K_j)``, ties to the later block), builds an explicit
 ``[S, S]`` mask, and runs dense softmax attention in float64. Forward and the q/k/v gradients of
 ``moba_attention_triton`` must match it; ``top_k >= n`` must equal causal
 ``scaled_dot_product_attention`` and ``top_k = 1`` block-diagonal causal attention.
@@ -71,7 +71,7 @@ def reference_mask(q, k, block_size, top_k):
             for t in range(s_):
                 own = t // block_size
                 scores = {j: float(q[b, h, t] @ means[j]) for j in range(own)}
-                past = sorted(range(own), key=lambda j: (-scores[j], j))  # ties: lower index first
+                past = sorted(range(own), key=lambda j: (-scores[j], -j))  # ties: later block first
                 for j in past[: top_k - 1]:
                     mask[b, h, t, j * block_size : (j + 1) * block_size] = True
                 mask[b, h, t, own * block_size : t + 1] = True  # own block, causal
@@ -214,15 +214,15 @@ def test_custom_scale_and_strided_inputs():
     assert_matches_reference(q, k, v, 6, 2, scale=0.3)
 
 
-def test_ties_go_to_lower_block():
-    """Identical key blocks give equal gate scores: the lower past blocks win (with the own block)."""
+def test_ties_go_to_the_later_block():
+    """Identical key blocks give equal gate scores: the latest past blocks win (with the own block)."""
     block = torch.randn(1, 1, 4, 8)
     k = block.repeat(1, 1, 6, 1)  # 6 identical blocks of 4 keys
     q = torch.randn(1, 1, 24, 8)
     sel = moba_token_selection(q, k, 4, 3)[0, 0]
     for t in range(24):
         own = t // 4
-        expect = sorted({*range(min(2, own)), own})
+        expect = sorted({*range(max(0, own - 2), own), own})
         assert sel[t].nonzero().flatten().tolist() == expect, t
     torch.testing.assert_close(sel, reference_block_choice(q, k, 4, 3))
 

@@ -167,3 +167,28 @@ def test_session_past_max_seq_len_is_refused():
     m(torch.zeros(1, 6, dtype=torch.long), ctx=RoutingContext(session=s))
     with pytest.raises(ValueError, match="max_seq_len"):
         m(torch.zeros(1, 3, dtype=torch.long), ctx=RoutingContext(session=s))
+
+
+@pytest.mark.parametrize("key_conv", [None, 3])
+def test_moba_attention_in_moelm_generates_like_a_full_recompute(key_conv):
+    torch.manual_seed(7)
+    kw = {"block_size": 4, "top_k": 2, **({"key_conv": key_conv} if key_conv else {})}
+    m = _tiny(moe_every=99, attention="moba", attention_kwargs=kw)
+    if key_conv:  # a convolution that is not the identity, so the cached raw-key tail matters
+        for blk in m.blocks:
+            blk.attn.moba.key_conv.weight.data.normal_()
+    m.eval()
+    ids = torch.randint(0, 256, (2, 9))
+    assert torch.equal(moelab.generate(m, ids, 11), moelab.generate(m, ids, 11, use_cache=False))
+
+
+def test_moba_with_every_block_selected_is_dense_attention():
+    torch.manual_seed(8)
+    dense = _tiny(moe_every=99).eval()
+    moba = _tiny(moe_every=99, attention="moba", attention_kwargs={"block_size": 4, "top_k": 16}).eval()
+    moba.load_state_dict(dense.state_dict())
+    ids = torch.randint(0, 256, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(moba(ids).logits, dense(ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="depth router"):
+        MoELMConfig(attention="moba", depth="mod")

@@ -37,24 +37,22 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from moelab import registry
 from moelab.core.routing import Routing
 
-# MoBA's defaults (Lu et al. 2025, the paper's long-context setting and MoBAConfig): 512-token
-# blocks, top-3 including the query's own block. FlashMoBA's small-block setting is block 128 with
-# top_k scaled to keep the same sparsity (7/8 at 32k); see docs/methods/moba.md.
+# MoBA's experiments (Lu et al. 2025): 512-token blocks, top-3 including the query's own block.
+# FlashMoBA's small-block setting is block 128 with top_k scaled by 512/128 to keep the attended keys
+# (the sparsity) fixed; see docs/methods/moba.md.
 DEFAULT_BLOCK_SIZE = 512
 DEFAULT_TOP_K = 3
 
 # Most elements a temporary of the efficient path may have: the gate's [B, H, rows, n_blocks] scores
-# and the [tiles, rows, block_size] attention scores are computed in chunks of at most this size, so
-# memory stays linear in S (the constant is ~16 MiB of fp32 per buffer). Tests lower them.
+# and each batch of key blocks (gathered queries, scores) are computed in pieces of about this size,
+# so memory stays linear in S (~16 MiB of fp32 per buffer; our choice). Tests lower them.
 _GATE_CHUNK_ELEMENTS = 1 << 22
 _SCORE_CHUNK_ELEMENTS = 1 << 22
-# Query rows per tile of the efficient path: one GEMM [rows, Dh] x [Dh, block_size] per tile. A key
-# block's queries are cut into tiles of this many rows (the last padded).
-_TILE_ROWS = 64
 
 BACKENDS = ("auto", "torch", "reference", "triton")
 
@@ -201,45 +199,58 @@ def moba_block_means(k: Tensor, block_size: int) -> Tensor:
     block_size = _check_int("block_size", block_size)
     b, h, s, d = k.shape
     nb = -(-s // block_size)
-    pad = nb * block_size - s
-    sums = torch.nn.functional.pad(k, (0, 0, 0, pad)).reshape(b, h, nb, block_size, d).sum(3)
+    sums = _pad_seq(k, nb * block_size).reshape(b, h, nb, block_size, d).sum(3)
     counts = torch.full((nb,), float(block_size), dtype=k.dtype, device=k.device)
     counts[-1] = s - (nb - 1) * block_size
     return sums / counts[:, None]
 
 
+def _pad_seq(x: Tensor, length: int) -> Tensor:
+    """Zero-pad dim 2 of ``[B, H, S, Dh]`` to ``length`` (no copy when it already has it)."""
+    return x if x.shape[2] == length else torch.nn.functional.pad(x, (0, 0, 0, length - x.shape[2]))
+
+
 def _past_selection_chunks(q: Tensor, means: Tensor, offset: int, block_size: int, top_k: int):
-    """Yield ``(t0, t1, past)``: ``past [B, H, t1-t0, n_blocks]`` bool, the past blocks each query picks.
+    """Yield ``(t0, t1, picked)``: ``picked [B, H, t1-t0, w]`` long, the past blocks each query picks.
 
     ``q`` is ``[B, H, S_q, Dh]`` at positions ``offset + t``; ``means`` is ``[B, H, n_blocks, Dh]`` (already
     expanded to q's heads), both in the compute dtype. Each query picks ``min(top_k - 1, own)`` of its
-    ``own = p // block_size`` past blocks; the own block is not in ``past``. Queries are processed in
-    chunks so the ``[B, H, rows, n_blocks]`` scores stay under ``_GATE_CHUNK_ELEMENTS``.
+    ``own = p // block_size`` past blocks (slots beyond that hold -1); the own block is not in
+    ``picked``. Ties at the threshold keep exactly ``top_k - 1``, the later blocks first. Queries are
+    processed in chunks so the ``[B, H, rows, n_blocks]`` scores stay under ``_GATE_CHUNK_ELEMENTS``.
     """
     b, h, s_q, _ = q.shape
     nb = means.shape[2]
     picks = min(top_k - 1, nb - 1)  # past blocks to pick at most
-    blocks = torch.arange(nb, device=q.device)
     step = max(1, _GATE_CHUNK_ELEMENTS // max(1, b * h * nb))
     for t0 in range(0, s_q, step):
         t1 = min(s_q, t0 + step)
         own = (offset + torch.arange(t0, t1, device=q.device)) // block_size  # [c]
-        eligible = blocks[None, :] < own[:, None]  # [c, nb]: strictly past blocks
-        if picks <= 0:
-            yield t0, t1, torch.zeros(b, h, t1 - t0, nb, dtype=torch.bool, device=q.device)
+        n_past = int(own.max())  # blocks 0..n_past-1 are past for some query of the chunk
+        if min(picks, n_past) <= 0:
+            yield t0, t1, torch.zeros(b, h, t1 - t0, 0, dtype=torch.long, device=q.device)
             continue
-        if int(own.max()) <= picks:  # every query of the chunk has at most `picks` past blocks: all of them
-            yield t0, t1, eligible.expand(b, h, -1, -1).clone()
+        candidates = torch.arange(n_past, device=q.device)
+        eligible = candidates[None, :] < own[:, None]  # [c, n_past]: strictly past blocks
+        if n_past <= picks:  # no query of the chunk has more past blocks than it picks: all of them
+            yield t0, t1, torch.where(eligible, candidates, -1).expand(b, h, -1, -1)
             continue
-        scores = torch.matmul(q[:, :, t0:t1], means.transpose(-1, -2))  # [B, H, c, nb]
+        scores = torch.matmul(q[:, :, t0:t1], means[:, :, :n_past].transpose(-1, -2))  # [B, H, c, n_past]
         scores.masked_fill_(~eligible, float("-inf"))
-        kth = scores.topk(picks, dim=-1).values[..., -1:]  # the picks-th best (-inf if fewer are eligible)
-        above = scores > kth
-        tied = (scores == kth) & eligible
-        # Exactly `picks` blocks: all strictly above the threshold, then tied ones from the latest back.
-        missing = picks - above.sum(-1, keepdim=True)
-        tie_rank = tied.flip(-1).cumsum(-1).flip(-1)  # tied blocks at or after j
-        yield t0, t1, above | (tied & (tie_rank <= missing))
+        values, picked = scores.topk(picks, dim=-1)
+        picked.masked_fill_(values == float("-inf"), -1)  # a query with fewer past blocks than picks
+        kth = values[..., -1:]
+        tied_rows = ((scores >= kth) & eligible).sum(-1) > picks  # [B, H, c]: a tie at the threshold
+        if bool(tied_rows.any()):  # rare (equal means, zero queries): settle it deterministically
+            where = tied_rows.nonzero(as_tuple=True)
+            row_scores, row_kth = scores[where], kth[where]
+            above = row_scores > row_kth
+            tied = row_scores == row_kth
+            missing = picks - above.sum(-1, keepdim=True)
+            tie_rank = tied.flip(-1).cumsum(-1).flip(-1)  # tied blocks at or after j
+            chosen = above | (tied & (tie_rank <= missing))
+            picked[where] = torch.where(chosen, candidates, -1).sort(-1, descending=True).values[:, :picks]
+        yield t0, t1, picked
 
 
 def _expand_heads(x: Tensor, heads: int) -> Tensor:
@@ -272,12 +283,13 @@ def moba_gate(q: Tensor, k: Tensor, block_size: int = DEFAULT_BLOCK_SIZE, top_k:
     offset = s - s_q
     means = _expand_heads(moba_block_means(k.to(ct), block_size), h)
     nb = means.shape[2]
-    selected = torch.empty(b, h, s_q, nb, dtype=torch.bool, device=q.device)
-    for t0, t1, past in _past_selection_chunks(q.to(ct), means, offset, block_size, top_k):
-        selected[:, :, t0:t1] = past
+    # One spare column takes the -1 (empty) slots.
+    selected = torch.zeros(b, h, s_q, nb + 1, dtype=torch.bool, device=q.device)
+    for t0, t1, picked in _past_selection_chunks(q.to(ct), means, offset, block_size, top_k):
+        selected[:, :, t0:t1].scatter_(-1, torch.where(picked < 0, nb, picked), True)
     own = (offset + torch.arange(s_q, device=q.device)) // block_size
     selected[:, :, torch.arange(s_q, device=q.device), own] = True
-    return selected
+    return selected[..., :nb]
 
 
 # ---------------------------------------------------------------------------- reference
@@ -322,23 +334,27 @@ def moba_attention_reference(
 # ---------------------------------------------------------------------------- efficient path
 @dataclass
 class _Plan:
-    """Which query rows meet which key block, cut into tiles of ``rows`` queries against one block.
+    """Which queries meet which key block: the gate's (query, key block) entries, grouped by block.
 
-    ``tile_rows [n_tiles, rows]``: flat query index (``(b*H + h)*S_q + t``), padded with the dummy
-    index ``NQ``; ``tile_block [n_tiles]``: flat key block (``(b*H_kv + h_kv)*n_blocks + j``);
-    ``q_pos [NQ + 1]``: each query's position (the dummy's is past every key, so it masks nothing).
+    ``query [E]``: flat query index (``(b*H + h)*S_q + t``) of every entry, grouped by flat key block
+    (``(b*H_kv + h_kv)*n_blocks + j``) in block order; ``counts``: entries per flat key block (a list);
+    ``q_pos [NQ + 1]``: each query's position (row ``NQ`` is the padding dummy, after every key).
     """
 
-    tile_rows: Tensor
-    tile_block: Tensor
+    query: Tensor
+    counts: list[int]
     q_pos: Tensor
+    num_queries: int
     block_size: int
     n_blocks: int
     scale: float
 
 
-def _plan(q: Tensor, k: Tensor, block_size: int, top_k: int, scale: float, include_own: bool = True) -> _Plan:
-    """Build the tiles: the gate's selected past blocks of every query, and its own block if ``include_own``."""
+def _plan(q: Tensor, k: Tensor, block_size: int, top_k: int, scale: float, include_own: bool) -> _Plan:
+    """The gate's selected past blocks of every query (and its own block if ``include_own``), by key block.
+
+    ``q [B, H, S_q, Dh]`` at positions ``S - S_q + t``, ``k [B, H_kv, S, Dh]``, both in the compute dtype.
+    """
     b, h, s_q, _ = q.shape
     h_kv, s = k.shape[1], k.shape[2]
     group = h // h_kv
@@ -347,135 +363,193 @@ def _plan(q: Tensor, k: Tensor, block_size: int, top_k: int, scale: float, inclu
     dev = q.device
     nq = b * h * s_q
     means = _expand_heads(moba_block_means(k, block_size), h)
-    # (query, key block) entries: every query's own block (if asked), then the gate's past blocks.
+    bh = torch.arange(b * h, device=dev).view(b, h, 1, 1)
+    kv_of_bh = (bh // h) * h_kv + (bh % h) // group  # flat key head serving each query head
     query, block = [], []
     if include_own:
-        every = torch.arange(nq, device=dev)
-        bh_of = every // s_q
-        kv_row = (bh_of // h) * h_kv + (bh_of % h) // group  # flat key head of each query
-        query.append(every)
-        block.append(kv_row * nb + (offset + every % s_q) // block_size)
-    for t0, _t1, past in _past_selection_chunks(q, means, offset, block_size, top_k):
-        bb, hh, tt, jj = past.nonzero(as_tuple=True)
-        query.append((bb * h + hh) * s_q + t0 + tt)
-        block.append((bb * h_kv + hh // group) * nb + jj)
+        query.append(torch.arange(nq, device=dev))
+        own = (offset + torch.arange(s_q, device=dev)) // block_size
+        block.append((kv_of_bh * nb + own.view(1, 1, -1, 1)).reshape(-1))
+    for t0, t1, picked in _past_selection_chunks(q, means, offset, block_size, top_k):
+        rows = (bh * s_q + torch.arange(t0, t1, device=dev).view(1, 1, -1, 1)).expand_as(picked)
+        blocks = kv_of_bh * nb + picked
+        valid = picked >= 0
+        if bool(valid.all()):  # the common case: every query has its top_k - 1 past blocks
+            query.append(rows.reshape(-1))
+            block.append(blocks.reshape(-1))
+        else:
+            query.append(rows[valid])
+            block.append(blocks[valid])
     query_e = torch.cat(query) if query else torch.zeros(0, dtype=torch.long, device=dev)
     block_e = torch.cat(block) if block else torch.zeros(0, dtype=torch.long, device=dev)
-    # Group entries by key block, queries ascending inside a block (one sort of a unique key).
-    order = torch.sort(block_e * (nq + 1) + query_e).values
-    block_e, query_e = order // (nq + 1), order % (nq + 1)
-    # Tiles: each block's entries cut into runs of `rows`; the last run of a block is padded.
-    rows = min(_TILE_ROWS, s_q * group)
     n_kv_blocks = b * h_kv * nb
-    counts = torch.bincount(block_e, minlength=n_kv_blocks)
-    tiles = (counts + rows - 1) // rows
-    first_tile = torch.cumsum(tiles, 0) - tiles
-    first_entry = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(block_e.numel(), device=dev) - first_entry[block_e]
-    n_tiles = int(tiles.sum())
-    tile_rows = torch.full((n_tiles * rows,), nq, dtype=torch.long, device=dev)
-    tile_rows[(first_tile[block_e] + rank // rows) * rows + rank % rows] = query_e
-    tile_block = torch.repeat_interleave(torch.arange(n_kv_blocks, device=dev), tiles)
+    # Group by key block (int32 sorts about twice as fast as int64 on CPU).
+    key_dtype = torch.int32 if n_kv_blocks < 2**31 else torch.long
+    order = torch.argsort(block_e.to(key_dtype), stable=True)
+    counts = torch.bincount(block_e, minlength=n_kv_blocks).tolist()
     q_pos = torch.cat([offset + torch.arange(s_q, device=dev).repeat(b * h), torch.tensor([2**62], device=dev)])
-    return _Plan(tile_rows.view(n_tiles, rows), tile_block, q_pos, block_size, nb, scale)
+    return _Plan(query_e[order], counts, q_pos, nq, block_size, nb, scale)
+
+
+def _block_batches(plan: _Plan, per_row: int, per_block: int):
+    """Yield ``(blocks [n], rows [n, m])``: key blocks batched with their entries' queries.
+
+    Blocks go by decreasing entry count; a batch's blocks are padded to its first (largest) count
+    ``m`` with the dummy query ``NQ``. A batch closes before it would exceed ``_SCORE_CHUNK_ELEMENTS``
+    (``n * (m * per_row + per_block)`` elements of temporaries; one block alone may exceed it) or take
+    a block with fewer than 3/4 of ``m`` entries (padding stays under a quarter). Every block with
+    entries is in exactly one batch.
+    """
+    counts = plan.counts
+    starts, total = [], 0
+    for n in counts:
+        starts.append(total)
+        total += n
+    dev = plan.query.device
+
+    def emit(batch: list[int]) -> tuple[Tensor, Tensor]:
+        m = counts[batch[0]]
+        cnt = torch.tensor([counts[i] for i in batch], device=dev)
+        first = torch.cumsum(cnt, 0) - cnt
+        rank = torch.arange(int(cnt.sum()), device=dev) - torch.repeat_interleave(first, cnt)
+        src = torch.repeat_interleave(torch.tensor([starts[i] for i in batch], device=dev), cnt) + rank
+        dst = torch.repeat_interleave(torch.arange(len(batch), device=dev) * m, cnt) + rank
+        rows = torch.full((len(batch) * m,), plan.num_queries, dtype=torch.long, device=dev)
+        rows[dst] = plan.query[src]
+        return torch.tensor(batch, device=dev), rows.view(len(batch), m)
+
+    batch: list[int] = []
+    for i in sorted((i for i, n in enumerate(counts) if n), key=lambda i: -counts[i]):
+        if batch:
+            m = counts[batch[0]]
+            if (len(batch) + 1) * (m * per_row + per_block) > _SCORE_CHUNK_ELEMENTS or 4 * counts[i] < 3 * m:
+                yield emit(batch)
+                batch = []
+        batch.append(i)
+    if batch:
+        yield emit(batch)
 
 
 def _blocks(x: Tensor, block_size: int, n_blocks: int) -> Tensor:
     """``[B, H_kv, S, Dh] -> [B*H_kv*n_blocks, block_size, Dh]``, the last block zero-padded."""
-    b, h, s, d = x.shape
-    pad = n_blocks * block_size - s
-    return torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(b * h * n_blocks, block_size, d)
+    b, h, _, d = x.shape
+    return _pad_seq(x, n_blocks * block_size).reshape(b * h * n_blocks, block_size, d)
 
 
-def _tile_scores(plan: _Plan, q_ext: Tensor, k_blk: Tensor, rows: Tensor, blk: Tensor) -> Tensor:
-    """Scaled scores of a chunk of tiles, ``[c, rows, block_size]``, causally masked by position."""
-    scores = torch.bmm(q_ext[rows], k_blk[blk].transpose(1, 2)).mul_(plan.scale)
-    key_pos = (blk % plan.n_blocks)[:, None] * plan.block_size + torch.arange(plan.block_size, device=blk.device)
-    # Only the own block can hold keys after the query (and the padding of a partial last block).
-    return scores.masked_fill_(key_pos[:, None, :] > plan.q_pos[rows][:, :, None], float("-inf"))
+def _take(x: Tensor, index: Tensor) -> Tensor:
+    """``x[index]`` along dim 0 for any index shape (``index_select``: much faster than advanced indexing)."""
+    return x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])
 
 
-def _chunks(plan: _Plan):
-    n_tiles, rows = plan.tile_rows.shape
-    step = max(1, _SCORE_CHUNK_ELEMENTS // (rows * plan.block_size))
-    for c0 in range(0, n_tiles, step):
-        yield plan.tile_rows[c0 : c0 + step], plan.tile_block[c0 : c0 + step]
+def _extend(x: Tensor, fill: float = 0.0) -> Tensor:
+    """Append the dummy row (index ``NQ``) to a ``[NQ, ...]`` tensor."""
+    return torch.cat([x, x.new_full((1, *x.shape[1:]), fill)])
 
 
-class _MoBAFunction(torch.autograd.Function):
-    """Block-gathered MoBA attention with a flash-style backward (recomputes scores, saves ``out, lse``).
+class _Softmax:
+    """Per-query online softmax over pieces of attention, each ``(out, lse)`` over some of its keys.
 
-    Forward: for each chunk of tiles, scores against the tile's key block, masked by position; an
-    online softmax merged into per-query running max / sum / accumulator with scatter-adds (a query
-    meets its blocks in different tiles). Memory: ``O(S_q * top_k)`` indices, ``O(S * Dh)``
-    accumulators, plus chunks of at most ``_SCORE_CHUNK_ELEMENTS`` scores.
+    Holds ``acc [NQ+1, Dh]`` = sum of ``exp(lse_i - top) * out_i`` and ``total [NQ+1]`` = sum of
+    ``exp(lse_i - top)`` for each query, with ``top [NQ+1]`` the largest ``lse_i`` so far. Folding a
+    piece rescales only the queries whose ``top`` rises, so it costs the piece's size, not ``NQ * Dh``
+    (a query may appear several times in one piece).
+    """
+
+    def __init__(self, rows: int, dim: int, dtype: torch.dtype, device) -> None:
+        self.acc = torch.zeros(rows, dim, dtype=dtype, device=device)
+        self.total = torch.zeros(rows, dtype=dtype, device=device)
+        self.top = torch.full((rows,), float("-inf"), dtype=dtype, device=device)
+
+    def fold(self, index: Tensor, out: Tensor, lse: Tensor) -> None:
+        """Fold ``out [n, Dh]``, ``lse [n]`` of queries ``index [n]``."""
+        lse = lse.to(self.top.dtype)
+        top = self.top.scatter_reduce(0, index, lse, "amax")
+        risen = (top > self.top).nonzero().squeeze(1)
+        if risen.numel():
+            factor = torch.exp(self.top.index_select(0, risen) - top.index_select(0, risen))  # 0: first piece
+            self.acc.index_copy_(0, risen, self.acc.index_select(0, risen) * factor[:, None])
+            self.total.index_copy_(0, risen, self.total.index_select(0, risen) * factor)
+        self.top = top
+        weight = torch.exp(lse - top.index_select(0, index))
+        self.total.index_add_(0, index, weight)
+        self.acc.index_add_(0, index, out.to(self.acc.dtype) * weight[:, None])
+
+    def result(self, nq: int) -> tuple[Tensor, Tensor]:
+        """``(out [NQ, Dh], lse [NQ])``."""
+        total = self.total[:nq]
+        return self.acc[:nq] / total[:, None], self.top[:nq] + total.log()
+
+
+def _masked_scores(plan: _Plan, q_rows: Tensor, k_b: Tensor, rows: Tensor, blocks: Tensor) -> Tensor:
+    """Scaled scores ``[n, m, block_size]`` of batched queries against their blocks, masked by position."""
+    scores = torch.bmm(q_rows, k_b.transpose(1, 2)).mul_(plan.scale)
+    key_pos = (blocks % plan.n_blocks)[:, None] * plan.block_size + torch.arange(plan.block_size, device=rows.device)
+    # Only the own block holds keys after a query (and the zero padding of a partial last block).
+    return scores.masked_fill_(key_pos[:, None, :] > _take(plan.q_pos, rows)[:, :, None], float("-inf"))
+
+
+class _MoBAMath(torch.autograd.Function):
+    """MoBA with batched matmuls (any device): every (query, key block) entry, own block included,
+    batched by key block; per batch a masked softmax, merged per query by log-sum-exp. Backward
+    recomputes the scores from the saved output and log-sum-exp (as flash attention).
+
+    Memory: ``O(S * top_k)`` indices, ``O(S * Dh)`` accumulators and batches of at most
+    ``_SCORE_CHUNK_ELEMENTS`` scores. The fallback of :class:`_MoBACPUFlash`.
     """
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: _Plan) -> Tensor:
         b, h, s_q, d = q.shape
-        nq = b * h * s_q
-        q_ext = torch.cat([q.reshape(nq, d), q.new_zeros(1, d)])  # row NQ: the padding rows' dummy
-        k_blk = _blocks(k, plan.block_size, plan.n_blocks)
-        v_blk = _blocks(v, plan.block_size, plan.n_blocks)
-        run_max = q.new_full((nq + 1,), float("-inf"))
-        run_sum = q.new_zeros(nq + 1)
-        acc = q.new_zeros(nq + 1, d)
-        for rows, blk in _chunks(plan):
-            scores = _tile_scores(plan, q_ext, k_blk, rows, blk)
-            flat = rows.reshape(-1)
-            touched, inverse = torch.unique(flat, return_inverse=True)
-            chunk_max = scores.amax(-1).reshape(-1)
-            new_max = run_max[touched].scatter_reduce_(0, inverse, chunk_max, "amax")
-            # Rescale what the touched rows accumulated so far to the new max (0 where nothing yet).
-            alpha = torch.exp(run_max[touched] - new_max).nan_to_num_(0.0)
-            run_sum[touched] = run_sum[touched] * alpha
-            acc[touched] = acc[touched] * alpha[:, None]
-            run_max[touched] = new_max
-            probs = torch.exp(scores.sub_(new_max[inverse].view_as(rows)[..., None]))
-            run_sum.index_add_(0, flat, probs.sum(-1).reshape(-1))
-            acc.index_add_(0, flat, torch.bmm(probs, v_blk[blk]).reshape(-1, d))
-        out = (acc[:nq] / run_sum[:nq, None]).view(b, h, s_q, d)
-        lse = run_max[:nq] + run_sum[:nq].log()
+        nq, bs = plan.num_queries, plan.block_size
+        q_ext = _extend(q.reshape(nq, d))
+        k_blk = _blocks(k, bs, plan.n_blocks)
+        v_blk = _blocks(v, bs, plan.n_blocks)
+        softmax = _Softmax(nq + 1, d, q.dtype, q.device)
+        for blocks, rows in _block_batches(plan, per_row=2 * bs, per_block=2 * bs * d):
+            scores = _masked_scores(plan, _take(q_ext, rows), _take(k_blk, blocks), rows, blocks)
+            lse = scores.logsumexp(-1)  # [n, m]
+            out = torch.bmm(torch.exp(scores.sub_(lse[..., None])), _take(v_blk, blocks))
+            softmax.fold(rows.reshape(-1), out.reshape(-1, d), lse.reshape(-1))
+        out, lse = softmax.result(nq)
+        out = out.view(b, h, s_q, d)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan = plan
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
         b, h, s_q, d = q.shape
-        nq = b * h * s_q
-        q_ext = torch.cat([q.reshape(nq, d), q.new_zeros(1, d)])
-        k_blk = _blocks(k, plan.block_size, plan.n_blocks)
-        v_blk = _blocks(v, plan.block_size, plan.n_blocks)
+        nq, bs = plan.num_queries, plan.block_size
+        q_ext = _extend(q.reshape(nq, d))
+        k_blk = _blocks(k, bs, plan.n_blocks)
+        v_blk = _blocks(v, bs, plan.n_blocks)
         g = grad_out.reshape(nq, d).to(q.dtype)
-        g_ext = torch.cat([g, q.new_zeros(1, d)])
-        # lse = +inf on the dummy row: its probabilities are exactly 0 and it contributes nothing.
-        lse_ext = torch.cat([lse, lse.new_full((1,), float("inf"))])
-        delta = torch.cat([(g * out.reshape(nq, d)).sum(-1), q.new_zeros(1)])  # rowsum(dO * O)
+        g_ext = _extend(g)
+        lse_ext = _extend(lse, float("inf"))  # the dummy's probabilities are exactly 0
+        delta = _extend((g * out.reshape(nq, d)).sum(-1))  # rowsum(dO * O)
         dq = torch.zeros_like(q_ext)
         dk = torch.zeros_like(k_blk)
         dv = torch.zeros_like(v_blk)
-        for rows, blk in _chunks(plan):
-            scores = _tile_scores(plan, q_ext, k_blk, rows, blk)
-            probs = torch.exp(scores.sub_(lse_ext[rows][..., None]))  # the final attention weights
-            g_t = g_ext[rows]
-            dv.index_add_(0, blk, torch.bmm(probs.transpose(1, 2), g_t))
-            dscores = torch.bmm(g_t, v_blk[blk].transpose(1, 2)).sub_(delta[rows][..., None]).mul_(probs)
+        for blocks, rows in _block_batches(plan, per_row=3 * bs, per_block=4 * bs * d):
+            q_rows, g_rows, k_b, v_b = _take(q_ext, rows), _take(g_ext, rows), _take(k_blk, blocks), _take(v_blk, blocks)
+            probs = torch.exp(_masked_scores(plan, q_rows, k_b, rows, blocks).sub_(_take(lse_ext, rows)[..., None]))
+            dv.index_add_(0, blocks, torch.bmm(probs.transpose(1, 2), g_rows))
+            dscores = torch.bmm(g_rows, v_b.transpose(1, 2)).sub_(_take(delta, rows)[..., None]).mul_(probs)
             dscores.mul_(plan.scale)
-            dq.index_add_(0, rows.reshape(-1), torch.bmm(dscores, k_blk[blk]).reshape(-1, d))
-            dk.index_add_(0, blk, torch.bmm(dscores.transpose(1, 2), q_ext[rows]))
+            dq.index_add_(0, rows.reshape(-1), torch.bmm(dscores, k_b).reshape(-1, d))
+            dk.index_add_(0, blocks, torch.bmm(dscores.transpose(1, 2), q_rows))
         s = k.shape[2]
         unblock = lambda x: x.view(k.shape[0], k.shape[1], -1, d)[:, :, :s]  # noqa: E731
         return dq[:nq].view_as(q), unblock(dk), unblock(dv), None
 
 
-# The CPU flash-attention kernels behind scaled_dot_product_attention, called directly because they also
-# return the log-sum-exp (needed to merge a query's blocks) and their backward accepts the merged
+# The CPU flash-attention kernels behind scaled_dot_product_attention, called directly because they
+# also return the log-sum-exp (needed to merge a query's blocks) and their backward accepts the merged
 # output and log-sum-exp. Private ATen ops, present in every torch this project supports (>= 2.8);
-# the math path above is the fallback (other devices, or if the ops disappear).
+# _MoBAMath is the fallback (other devices, other dtypes, or if the ops disappear).
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _CPU_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 _USE_CPU_FLASH = _CPU_FLASH is not None and _CPU_FLASH_BWD is not None
@@ -486,10 +560,11 @@ _CPU_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 class _OwnSegments:
     """The own-block attention of queries at positions ``offset..S-1`` as two flash calls.
 
-    head: the queries in the first own block ``b0`` (rows ``0..head_rows-1``) against its keys
-    ``b0*bs .. b0*bs + head_keys - 1``, with an explicit causal mask (``None`` when no key is after any
-    query, e.g. one decoded token); body: the remaining queries, which start at a block boundary, as
-    ``body_blocks`` blocks of ``bs`` queries against the same ``bs`` keys, causal (top-left aligned).
+    head: when the queries start inside block ``b0`` (decoding), its queries (rows ``0..head_rows-1``)
+    against its keys ``head_key0 .. head_key0 + head_keys - 1``, with an explicit causal mask (None when
+    there is one query: the last key is its own); ``head_rows = 0`` otherwise. body: the remaining queries, which start at a block boundary,
+    as ``body_blocks`` blocks of ``bs`` queries against the same ``bs`` keys, causal (the kernel's
+    top-left alignment is right there); its last block is zero-padded.
     """
 
     head_rows: int
@@ -500,106 +575,93 @@ class _OwnSegments:
     body_blocks: int
 
 
-def _own_segments(offset: int, s_q: int, s: int, block_size: int, dtype: torch.dtype, device) -> _OwnSegments:
-    b0 = offset // block_size
-    key0 = b0 * block_size
-    head_end = min(s, key0 + block_size)  # first position after the head block's queries and keys
-    head_rows = head_end - offset
-    head_keys = head_end - key0
+def _own_segments(offset: int, s: int, block_size: int, dtype: torch.dtype, device) -> _OwnSegments:
+    key0 = offset // block_size * block_size
+    # The first own block needs a head call only if the queries start inside it.
+    head_end = key0 if offset == key0 else min(s, key0 + block_size)
+    head_rows, head_keys = head_end - offset, head_end - key0
     mask = None
-    if head_rows > 1:  # with one query (the last key), no key is after it
+    if head_rows > 1:
         q_pos = offset + torch.arange(head_rows, device=device)
         k_pos = key0 + torch.arange(head_keys, device=device)
         mask = torch.zeros(head_rows, head_keys, dtype=dtype, device=device)
-        mask.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
-        mask = mask[None, None]
-    body_key0 = head_end
-    return _OwnSegments(head_rows, key0, head_keys, mask, body_key0, -(-(s - body_key0) // block_size))
+        mask = mask.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))[None, None]
+    return _OwnSegments(head_rows, key0, head_keys, mask, head_end, -(-(s - head_end) // block_size))
 
 
 def _pad_rows(x: Tensor, rows: int) -> Tensor:
     """Zero-pad dim 1 of ``[N, L, ...]`` to ``rows``."""
     pad = rows - x.shape[1]
-    if pad == 0:
-        return x
-    return torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], dim=1)
+    return x if pad == 0 else torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], dim=1)
 
 
 class _MoBACPUFlash(torch.autograd.Function):
-    """MoBA on CPU with ATen's flash-attention kernels, as MoBA's own efficient implementation does
-    with FlashAttention: the own block (causal) in one call, the selected past blocks as tiles of
-    queries sharing a key block (gathered, non-causal), merged per query by log-sum-exp. Backward:
-    the flash backward of every piece with the merged output and log-sum-exp.
+    """MoBA on CPU with ATen's flash-attention kernels, as MoBA's efficient implementation does with
+    FlashAttention: the own block (causal) in one call over all blocks, the selected past blocks in
+    batches of key blocks with their queries gathered (non-causal), merged per query by log-sum-exp.
+    Backward: the flash backward of every piece, given the merged output and log-sum-exp.
 
     Attention runs in the input dtype (fp32, fp64, bf16) with fp32 softmax statistics, as
-    ``scaled_dot_product_attention``'s CPU kernel; merging is in fp32 (fp64 for fp64).
+    ``scaled_dot_product_attention``'s CPU kernel does; merging is in fp32 (fp64 for fp64).
     """
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, plan: _Plan) -> Tensor:
         b, h, s_q, d = q.shape
         s = k.shape[2]
-        bs, scale = plan.block_size, plan.scale
-        nq = b * h * s_q
+        nq, bs, scale = plan.num_queries, plan.block_size, plan.scale
         acc_dtype = _compute_dtype(q.dtype)
-        seg = _own_segments(s - s_q, s_q, s, bs, q.dtype, q.device)
+        seg = _own_segments(s - s_q, s, bs, q.dtype, q.device)
         q3 = q.reshape(b * h, s_q, d)
         kq = _expand_heads(k, h).reshape(b * h, s, d)
         vq = _expand_heads(v, h).reshape(b * h, s, d)
         outs, lses = [], []
-        hk = slice(seg.head_key0, seg.head_key0 + seg.head_keys)
-        o, lse = _CPU_FLASH(
-            q3[:, None, : seg.head_rows], kq[:, None, hk], vq[:, None, hk], 0.0, False,
-            attn_mask=seg.head_mask, scale=scale,
-        )
-        outs.append(o[:, 0])
-        lses.append(lse[:, 0])
+        if seg.head_rows:
+            head = slice(seg.head_key0, seg.head_key0 + seg.head_keys)
+            out, lse = _CPU_FLASH(
+                q3[:, None, : seg.head_rows], kq[:, None, head], vq[:, None, head], 0.0, False,
+                attn_mask=seg.head_mask, scale=scale,
+            )
+            outs.append(out[:, 0])
+            lses.append(lse[:, 0])
         if seg.body_blocks:
             rows = seg.body_blocks * bs
             shape = (b * h * seg.body_blocks, 1, bs, d)
-            o, lse = _CPU_FLASH(
+            out, lse = _CPU_FLASH(
                 _pad_rows(q3[:, seg.head_rows :], rows).reshape(shape),
                 _pad_rows(kq[:, seg.body_key0 :], rows).reshape(shape),
                 _pad_rows(vq[:, seg.body_key0 :], rows).reshape(shape),
                 0.0, True, scale=scale,
             )
-            outs.append(o.view(b * h, rows, d)[:, : s_q - seg.head_rows])
+            outs.append(out.view(b * h, rows, d)[:, : s_q - seg.head_rows])
             lses.append(lse.view(b * h, rows)[:, : s_q - seg.head_rows])
-        # Running (output, log-sum-exp) per query, from the own block; row NQ is the padding dummy.
-        out_run = torch.cat([torch.cat(outs, 1).reshape(nq, d).to(acc_dtype), q.new_zeros(1, d, dtype=acc_dtype)])
-        lse_run = torch.cat([torch.cat(lses, 1).reshape(nq).to(acc_dtype), q.new_full((1,), float("-inf"), dtype=acc_dtype)])
-        q_ext = torch.cat([q.reshape(nq, d), q.new_zeros(1, d)])
+        # Each query's attention over its own block, then folded with its past blocks batch by batch.
+        softmax = _Softmax(nq + 1, d, acc_dtype, q.device)
+        softmax.fold(torch.arange(nq, device=q.device), torch.cat(outs, 1).reshape(nq, d), torch.cat(lses, 1).reshape(nq))
+        q_ext = _extend(q.reshape(nq, d))
         k_blk = _blocks(k, bs, plan.n_blocks)
         v_blk = _blocks(v, bs, plan.n_blocks)
-        for rows, blk in _chunks(plan):
-            o, lse = _CPU_FLASH(q_ext[rows][:, None], k_blk[blk][:, None], v_blk[blk][:, None], 0.0, False, scale=scale)
-            flat = rows.reshape(-1)
-            touched, inverse = torch.unique(flat, return_inverse=True)
-            lse_e = lse.reshape(-1).to(acc_dtype)
-            old = lse_run[touched]
-            top = old.scatter_reduce(0, inverse, lse_e, "amax")
-            w_old = torch.exp(old - top)
-            w_e = torch.exp(lse_e - top[inverse])
-            total = w_old.index_add(0, inverse, w_e)
-            merged = torch.zeros(touched.numel(), d, dtype=acc_dtype, device=q.device)
-            merged.index_add_(0, inverse, o.reshape(-1, d).to(acc_dtype) * w_e[:, None])
-            out_run[touched] = (out_run[touched] * w_old[:, None] + merged) / total[:, None]
-            lse_run[touched] = top + total.log()
-        out = out_run[:nq].to(q.dtype).view(b, h, s_q, d)
-        ctx.save_for_backward(q, k, v, out, lse_run[:nq])
+        for blocks, rows in _block_batches(plan, per_row=2 * d, per_block=2 * bs * d):
+            out, lse = _CPU_FLASH(
+                _take(q_ext, rows)[:, None], _take(k_blk, blocks)[:, None], _take(v_blk, blocks)[:, None], 0.0, False, scale=scale
+            )
+            softmax.fold(rows.reshape(-1), out.reshape(-1, d), lse.reshape(-1))
+        out, lse = softmax.result(nq)
+        out = out.to(q.dtype).view(b, h, s_q, d)
+        ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan = plan
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
         plan: _Plan = ctx.plan
         b, h, s_q, d = q.shape
         h_kv, s = k.shape[1], k.shape[2]
-        bs, scale = plan.block_size, plan.scale
-        nq = b * h * s_q
+        nq, bs, scale = plan.num_queries, plan.block_size, plan.scale
         acc_dtype = _compute_dtype(q.dtype)
-        seg = _own_segments(s - s_q, s_q, s, bs, q.dtype, q.device)
+        seg = _own_segments(s - s_q, s, bs, q.dtype, q.device)
         g3 = grad_out.to(q.dtype).reshape(b * h, s_q, d)
         o3 = out.reshape(b * h, s_q, d)
         l2 = lse.reshape(b * h, s_q).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -610,14 +672,15 @@ class _MoBACPUFlash(torch.autograd.Function):
         dkq = torch.zeros(b * h, s, d, dtype=acc_dtype, device=q.device)
         dvq = torch.zeros(b * h, s, d, dtype=acc_dtype, device=q.device)
         hr = seg.head_rows
-        hk = slice(seg.head_key0, seg.head_key0 + seg.head_keys)
-        dq_, dk_, dv_ = _CPU_FLASH_BWD(
-            g3[:, None, :hr], q3[:, None, :hr], kq[:, None, hk], vq[:, None, hk], o3[:, None, :hr],
-            l2[:, None, :hr], 0.0, False, attn_mask=seg.head_mask, scale=scale,
-        )
-        dq3[:, :hr] += dq_[:, 0]
-        dkq[:, hk] += dk_[:, 0]
-        dvq[:, hk] += dv_[:, 0]
+        if hr:
+            head = slice(seg.head_key0, seg.head_key0 + seg.head_keys)
+            dq_, dk_, dv_ = _CPU_FLASH_BWD(
+                g3[:, None, :hr], q3[:, None, :hr], kq[:, None, head], vq[:, None, head], o3[:, None, :hr],
+                l2[:, None, :hr], 0.0, False, attn_mask=seg.head_mask, scale=scale,
+            )
+            dq3[:, :hr] += dq_[:, 0]
+            dkq[:, head] += dk_[:, 0]
+            dvq[:, head] += dv_[:, 0]
         if seg.body_blocks:
             rows = seg.body_blocks * bs
             shape = (b * h * seg.body_blocks, 1, bs, d)
@@ -634,23 +697,22 @@ class _MoBACPUFlash(torch.autograd.Function):
             dq3[:, hr:] += dq_.view(b * h, rows, d)[:, : s_q - hr]
             dkq[:, seg.body_key0 :] += dk_.view(b * h, rows, d)[:, : s - seg.body_key0]
             dvq[:, seg.body_key0 :] += dv_.view(b * h, rows, d)[:, : s - seg.body_key0]
-        q_ext = torch.cat([q.reshape(nq, d), q.new_zeros(1, d)])
-        g_ext = torch.cat([g3.reshape(nq, d), q.new_zeros(1, d)])
-        o_ext = torch.cat([o3.reshape(nq, d), q.new_zeros(1, d)])
-        l_ext = torch.cat([l2.reshape(nq), l2.new_zeros(1)])
+        # Past blocks: the dummy row has dO = 0 and O = 0, so it contributes exactly nothing.
+        q_ext, g_ext, o_ext = _extend(q3.reshape(nq, d)), _extend(g3.reshape(nq, d)), _extend(o3.reshape(nq, d))
+        l_ext = _extend(l2.reshape(nq))
         k_blk = _blocks(k, bs, plan.n_blocks)
         v_blk = _blocks(v, bs, plan.n_blocks)
         dq_ext = torch.zeros(nq + 1, d, dtype=acc_dtype, device=q.device)
         dk_blk = torch.zeros(k_blk.shape, dtype=acc_dtype, device=q.device)
         dv_blk = torch.zeros(v_blk.shape, dtype=acc_dtype, device=q.device)
-        for rows, blk in _chunks(plan):
+        for blocks, rows in _block_batches(plan, per_row=4 * d, per_block=4 * bs * d):
             dq_, dk_, dv_ = _CPU_FLASH_BWD(
-                g_ext[rows][:, None], q_ext[rows][:, None], k_blk[blk][:, None], v_blk[blk][:, None],
-                o_ext[rows][:, None], l_ext[rows][:, None], 0.0, False, scale=scale,
+                _take(g_ext, rows)[:, None], _take(q_ext, rows)[:, None], _take(k_blk, blocks)[:, None], _take(v_blk, blocks)[:, None],
+                _take(o_ext, rows)[:, None], _take(l_ext, rows)[:, None], 0.0, False, scale=scale,
             )
             dq_ext.index_add_(0, rows.reshape(-1), dq_.reshape(-1, d).to(acc_dtype))
-            dk_blk.index_add_(0, blk, dk_[:, 0].to(acc_dtype))
-            dv_blk.index_add_(0, blk, dv_[:, 0].to(acc_dtype))
+            dk_blk.index_add_(0, blocks, dk_[:, 0].to(acc_dtype))
+            dv_blk.index_add_(0, blocks, dv_[:, 0].to(acc_dtype))
         group = h // h_kv
 
         def to_kv(x_q: Tensor, x_blk: Tensor) -> Tensor:
@@ -662,13 +724,14 @@ class _MoBACPUFlash(torch.autograd.Function):
 
 
 def _moba_torch(q: Tensor, k: Tensor, v: Tensor, block_size: int, top_k: int, scale: float) -> Tensor:
+    """The efficient path: ATen's CPU flash kernels where they apply, batched matmuls elsewhere."""
     flash = _USE_CPU_FLASH and q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES
     ct = _compute_dtype(q.dtype)
     with torch.no_grad():
         plan = _plan(q.detach().to(ct), k.detach().to(ct), block_size, top_k, scale, include_own=not flash)
     if flash:
         return _MoBACPUFlash.apply(q, k, v, plan)
-    return _MoBAFunction.apply(q.to(ct), k.to(ct), v.to(ct), plan).to(q.dtype)
+    return _MoBAMath.apply(q.to(ct), k.to(ct), v.to(ct), plan).to(q.dtype)
 
 
 def _moba_triton(q: Tensor, k: Tensor, v: Tensor, block_size: int, top_k: int, scale: float) -> Tensor:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelab import registry
+from moelab.attention.moba import MoBAAttention, moba_decode
 from moelab.core.context import RoutingContext
 from moelab.core.flops import routed_counts, routed_flops
 from moelab.core.router import router_arguments
@@ -67,6 +68,9 @@ class KVCache:
         self.v: Tensor | None = None
         self.positions: Tensor | None = None
         self.valid: Tensor | None = None
+        self.extra: dict[
+            str, Tensor
+        ] = {}  # what an attention variant keeps besides K/V (MoBA's raw key tail)
 
     def __len__(self) -> int:
         return 0 if self.k is None else int(self.k.shape[2])
@@ -124,13 +128,30 @@ class Attention(nn.Module):
     without storing them (MoR's step-1 KV sharing at later recursion steps).
     """
 
-    def __init__(self, d_model: int, n_heads: int) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        attention: str = "sdpa",
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.flops = 0.0
+        self.moba: nn.Module | None = None
+        if (
+            attention == "moba"
+        ):  # MoBA block-sparse attention (moelab.attention.moba), options from the config
+            kw = dict(attention_kwargs or {})
+            kernel = kw.pop("key_conv", None)
+            self.moba = MoBAAttention(
+                key_conv_size=kernel, num_kv_heads=n_heads, head_dim=self.head_dim, **kw
+            )
+        elif attention != "sdpa":
+            raise ValueError(f"attention must be 'sdpa' or 'moba', got {attention!r}")
 
     def forward(
         self,
@@ -144,6 +165,8 @@ class Attention(nn.Module):
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         cos, sin = rope
+        if self.moba is not None:
+            return self._moba_forward(x, q, k, v, rope, positions, valid, cache, read_only)
         if cache is None and valid is None:
             # every row real and no cache: positions increase along each row (a gather keeps
             # position order), so causal masking by position is the lower triangle
@@ -174,6 +197,53 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             keys = float(mask.sum()) / max(1, mask.shape[0] * mask.shape[2])
         self.flops += 2.0 * b * s * (4 * d * d + 2 * d * keys)  # projections + scores and values
+        return self.out(y.transpose(1, 2).reshape(b, s, d))
+
+    def _moba_forward(
+        self,
+        x: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rope: Rope,
+        positions: Tensor | None,
+        valid: Tensor | None,
+        cache: KVCache | None,
+        read_only: bool,
+    ) -> Tensor:
+        """MoBA on a whole sequence in order (prefill or training), or on new tokens against the
+        cache (decoding: ``moba_decode``, each new query gating over the cached key blocks). The key
+        convolution runs on the rotated keys; decoding keeps its last ``kernel - 1`` inputs in the
+        cache (``cache.extra["moba_key_tail"]``)."""
+        if valid is not None or read_only or (positions is not None and cache is None):
+            raise ValueError(
+                "attention='moba' runs on whole sequences in position order; a depth router's gathered "
+                "tokens (positions/valid) or read-only caches are not supported with it"
+            )
+        b, s, d = x.shape
+        moba = self.moba
+        start = 0 if cache is None or cache.positions is None else int(cache.positions.max()) + 1
+        pc, ps = rope[0][start : start + s], rope[1][start : start + s]
+        q, k = apply_rope(q, pc, ps), apply_rope(k, pc, ps)
+        if cache is None:
+            y = moba(q, k, v)
+            keys = min((s + 1) / 2, moba.top_k * moba.block_size)
+        else:
+            if moba.key_conv is not None:
+                tail = cache.extra.get("moba_key_tail")
+                width = moba.key_conv.kernel_size - 1
+                if tail is None:
+                    tail = k.new_zeros(b, k.shape[1], width, k.shape[3])
+                k_in = k
+                k = moba.key_conv(k_in, tail)
+                cache.extra["moba_key_tail"] = torch.cat((tail, k_in), dim=2)[
+                    :, :, k_in.shape[2] + tail.shape[2] - width :
+                ]
+            pos = torch.arange(start, start + s, device=x.device).expand(b, s)
+            k_all, v_all, _, _ = cache.update(k, v, pos, torch.ones(b, s, dtype=torch.bool, device=x.device))
+            y = moba_decode(q, k_all, v_all, moba.block_size, moba.top_k, moba.scale)
+            keys = min(float(k_all.shape[2]), moba.top_k * moba.block_size)
+        self.flops += 2.0 * b * s * (4 * d * d + 2 * d * keys)
         return self.out(y.transpose(1, 2).reshape(b, s, d))
 
 
@@ -235,7 +305,7 @@ class Block(nn.Module):
         super().__init__()
         self.index = index
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
-        self.attn = Attention(cfg.d_model, cfg.n_heads)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention, cfg.attention_kwargs)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
         self.is_moe = cfg.is_moe_layer(index)
         if self.is_moe:

@@ -46,6 +46,10 @@ class MoELMConfig:
             schedules the blocks (which tokens each runs, how often); None: every block on every
             token, in order.
         depth_kwargs: its options (``{"capacity": 0.125}``); see the method's docs page.
+        attention: ``"sdpa"`` (dense causal attention) or ``"moba"`` (MoBA block-sparse attention,
+            ``moelab.attention.moba``).
+        attention_kwargs: MoBA's ``block_size``, ``top_k`` and ``key_conv`` (None, or FlashMoBA's
+            key-convolution width, 3 or 5); see docs/methods/moba.md.
     """
 
     vocab_size: int = 256
@@ -69,6 +73,8 @@ class MoELMConfig:
     tie_embeddings: bool = True
     depth: str | None = None
     depth_kwargs: dict[str, Any] = field(default_factory=dict)
+    attention: str = "sdpa"
+    attention_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in (
@@ -125,6 +131,15 @@ class MoELMConfig:
             )
         if not isinstance(self.depth_kwargs, dict):
             raise TypeError(f"depth_kwargs must be a dict, got {type(self.depth_kwargs).__name__}")
+        if self.attention not in ("sdpa", "moba"):
+            raise ValueError(f"attention must be 'sdpa' or 'moba', got {self.attention!r}")
+        if not isinstance(self.attention_kwargs, dict):
+            raise TypeError(f"attention_kwargs must be a dict, got {type(self.attention_kwargs).__name__}")
+        if self.attention == "moba" and self.depth is not None:
+            raise ValueError(
+                "attention='moba' with a depth router is not supported (MoBA's blocks need every token "
+                "of a sequence in order; depth routers gather subsets)"
+            )
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
 

@@ -28,6 +28,7 @@ from moelab.integrations.hf.loading import (
     load_causal_lm,
     load_tokenizer,
 )
+from moelab.integrations.hf.moba import moba_attention_forward, register_moba
 from moelab.integrations.hf.patch import init_router_from, patch, patched_layers
 from moelab.integrations.hf.trace import routing_from_gate_output, trace
 from moelab.integrations.hf.upcycle import dense_ffns, upcycle, upcycled_bank
@@ -52,10 +53,12 @@ __all__ = [
     "load_causal_lm",
     "load_tokenizer",
     "make_experts_forward",
+    "moba_attention_forward",
     "patch",
     "patched_layers",
     "register_experts_implementation",
     "register_family",
+    "register_moba",
     "replace_module",
     "routing_from_gate_output",
     "trace",

@@ -8,7 +8,7 @@ blocks (the last may be partial) and routes every query token to a few of them:
   ``q_t . mean(K_j)``, the mean over the block's real keys; the gate has no parameters;
 - blocks after ``b_t`` are excluded; the own block ``b_t`` is always selected and counts toward
   ``top_k``; among the past blocks ``j < b_t`` the ``top_k - 1`` best scores are taken. Ties go to
-  the lower block index (our choice; the paper and ``moba_naive`` leave it to ``torch.topk``);
+  the later block (flash-moba's reference gate; ``moba_naive`` leaves it to ``torch.topk``);
 - the query attends, with softmax scale ``1/sqrt(Dh)`` (or ``scale``), to every key of its selected
   past blocks and to the keys ``s <= t`` of its own block.
 
@@ -66,7 +66,7 @@ def moba_token_selection(q_BHSD: Tensor, k_BHSD: Tensor, block_size: int, top_k:
     ``n = ceil(S / block_size)``. Scores ``q_t . mean(K_j)`` in fp32 (mean over the block's real
     keys, so a partial last block is not diluted by padding); future blocks are excluded, the own
     block is forced in, and the other ``top_k - 1`` slots go to the best past blocks, ties to the
-    lower index (a stable descending sort). Queries with fewer than ``top_k`` candidate blocks take
+    later block (a stable descending sort over the reversed blocks). Queries with fewer than ``top_k`` candidate blocks take
     all of them. Not differentiable (a discrete choice): run it under ``no_grad`` or on detached inputs.
     """
     b, h, s, d = q_BHSD.shape
@@ -88,9 +88,10 @@ def moba_token_selection(q_BHSD: Tensor, k_BHSD: Tensor, block_size: int, top_k:
         scores_BHRN = q_BHSD[:, :, r0 : r0 + rows].float() @ kmean_BHND.transpose(-1, -2)
         scores_BHRN = scores_BHRN.masked_fill(kblock_N > qblock_R1, float("-inf"))
         scores_BHRN = scores_BHRN.masked_fill(kblock_N == qblock_R1, float("inf"))
-        # Stable sort: equal scores keep ascending block order, so ties go to the lower index
-        # (torch.topk does not promise any order among ties).
-        chosen_BHRK = scores_BHRN.sort(dim=-1, descending=True, stable=True).indices[..., :top_k]
+        # Stable sort of the reversed blocks: equal scores go to the later (more recent) block, as
+        # flash-moba's reference gate and moelab.attention.moba.moba_gate (torch.topk promises no order).
+        flipped_BHRK = scores_BHRN.flip(-1).sort(dim=-1, descending=True, stable=True).indices[..., :top_k]
+        chosen_BHRK = (n - 1) - flipped_BHRK
         real_BHRK = chosen_BHRK <= qblock_R1  # drops future blocks picked when b_t + 1 < top_k
         selected[:, :, r0 : r0 + rows].scatter_(-1, chosen_BHRK, real_BHRK)
     return selected
