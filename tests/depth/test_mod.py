@@ -202,3 +202,23 @@ def test_routers_inside_a_routed_block_read_the_gathered_tokens_ids():
     assert r.num_tokens == 2 * 6
     kept = tr.routing("depth").token_index
     assert torch.equal(tr.tokens(routed[1]), ids.reshape(-1)[kept[:12]])
+
+
+def test_a_routing_transform_decides_which_tokens_run():
+    # a transform that empties the depth router's routing: the routed blocks run no token at all
+    dense, mod = _pair(capacity=0.5)
+    mod.train()
+    ids = torch.randint(0, 256, (2, 10))
+
+    def none_run(routing, site):
+        keep = routing.token_index[:0]
+        return moelab.Routing(keep, keep, routing.weight[:0], routing.num_tokens, 1, validate=False)
+
+    with moelab.override_routing(mod, none_run, layers=["depth"]):
+        out = mod(ids).logits
+    rope = (dense.rope_cos, dense.rope_sin)
+    x = dense.embed(ids)
+    for i, blk in enumerate(dense.blocks):
+        if i not in mod.depth.layers:
+            x = blk(x, rope, moelab.RoutingContext())
+    torch.testing.assert_close(out, F.linear(dense.norm(x), dense.embed.weight), atol=1e-5, rtol=1e-5)

@@ -16,18 +16,52 @@ elementwise work (activations, norms), as the isoFLOP literature does.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
 from moelab.core.routed import RoutedLayer
 
+# The instance attributes modules count their cost in: ``flops`` (a float, FLOPs so far) and
+# ``ffn_tokens`` (an int, the tokens a routed FFN ran on, turned into FLOPs on read by
+# ``routed_flops``; ``moelab.models.blocks.Block`` keeps it). Routed layers add ``_routed_counts``.
+COUNTERS = ("flops", "ffn_tokens")
+
 
 def reset_flops(model: nn.Module) -> None:
-    """Zero every module's ``flops`` and every routed layer's counts (call before a forward)."""
+    """Zero every module's counters and every routed layer's counts (call before a forward)."""
     for m in model.modules():
-        if isinstance(getattr(m, "flops", None), float):
-            m.flops = 0.0
+        state = vars(m)
+        for name in COUNTERS:
+            if name in state:
+                state[name] = type(state[name])(0)
         if isinstance(m, RoutedLayer):
-            m.__dict__["_routed_counts"] = [0, 0]
+            state["_routed_counts"] = [0, 0]
+
+
+@contextmanager
+def uncounted(module: nn.Module) -> Iterator[None]:
+    """Run work that is not part of the model's cost (a reference run, a probe): every counter
+    under ``module`` is restored on exit."""
+    saved = []
+    for m in module.modules():
+        state = vars(m)
+        saved.append(
+            (
+                state,
+                {
+                    n: list(state[n]) if n == "_routed_counts" else state[n]
+                    for n in (*COUNTERS, "_routed_counts")
+                    if n in state
+                },
+            )
+        )
+    try:
+        yield
+    finally:
+        for state, values in saved:
+            state.update(values)
 
 
 def _banks(layer: nn.Module) -> list[nn.Module]:
@@ -40,30 +74,18 @@ def _banks(layer: nn.Module) -> list[nn.Module]:
     return list(seen.values())
 
 
-def routed_counts(ffn: nn.Module) -> dict[int, int]:
-    """Assignments routed so far by each routed layer under ``ffn`` (a snapshot for ``routed_flops``)."""
-    return {
-        id(m): m.__dict__.get("_routed_counts", (0, 0))[1]
-        for m in ffn.modules()
-        if isinstance(m, RoutedLayer)
-    }
-
-
-def routed_flops(ffn: nn.Module, num_tokens: int, since: dict[int, int] | None = None) -> float:
-    """Forward FLOPs of routed FFN ``ffn`` that ran on ``num_tokens`` tokens (module docstring):
-    the assignments counted since snapshot ``since`` (``routed_counts`` before the call; None:
-    since ``reset_flops``)."""
+def routed_flops(ffn: nn.Module, num_tokens: int) -> float:
+    """Forward FLOPs of routed FFN ``ffn`` since ``reset_flops``, having run on ``num_tokens``
+    tokens in all (module docstring): its routed layers' assignments since then."""
     banks = _banks(ffn)
     bank_params = {id(b): sum(p.numel() for p in b.parameters()) for b in banks}
     other = sum(p.numel() for p in ffn.parameters()) - sum(bank_params.values())
     total = 2.0 * other * num_tokens
     for m in ffn.modules():
-        if not isinstance(m, RoutedLayer):
-            continue
         bank = getattr(m, "experts", None)
-        if bank is None or id(bank) not in bank_params:
+        if not isinstance(m, RoutedLayer) or bank is None or id(bank) not in bank_params:
             continue
-        assignments = m.__dict__.get("_routed_counts", (0, 0))[1] - (since or {}).get(id(m), 0)
+        assignments = m.__dict__.get("_routed_counts", (0, 0))[1]
         total += 2.0 * bank_params[id(bank)] / max(1, int(bank.num_experts)) * assignments
     return total
 

@@ -54,10 +54,15 @@ from torch import Tensor, nn
 
 from moelab import registry
 from moelab.core.context import RoutingContext
-from moelab.core.flops import routed_counts, routed_flops
 from moelab.core.routing import Routing
 from moelab.depth.base import DepthRouter
-from moelab.depth.gather import gather_tokens, gathered_context, ragged_index
+from moelab.depth.gather import (
+    compute_routing,
+    gather_tokens,
+    gathered_context,
+    ragged_index,
+    routing_selection,
+)
 from moelab.models.blocks import KVCache, Rope, block_cache
 
 PAPER = "γ-MoD (Luo et al., ICLR 2025, arXiv 2410.13859; code Yaxin9Luo/Gamma-MOD)"
@@ -316,35 +321,14 @@ def gamma_mod_aux_loss(logits_BS2: Tensor, selected_BS: Tensor) -> Tensor:
 
 
 def mod_routing(selected_BS: Tensor, weight_BS: Tensor, logits_BS2: Tensor | None = None) -> Routing:
-    """The ``Routing`` of one MoD layer: the selected tokens -> expert 0 ("compute") with their gate
-    weight; ``logits`` the router's log-odds ``l_1 - l_0`` and ``probs`` ``p``, both ``[T, 1]``."""
-    t = selected_BS.numel()
-    flat = selected_BS.reshape(-1)
-    idx = flat.nonzero().squeeze(1)
+    """The ``Routing`` of one γ-MoD layer (``moelab.depth.gather.compute_routing``); ``logits`` the
+    router's log-odds ``l_1 - l_0`` and ``probs`` ``p``, both ``[T, 1]``."""
     logits = probs = None
     if logits_BS2 is not None:
-        lg = logits_BS2.reshape(t, 2)
+        lg = logits_BS2.reshape(-1, 2)
         logits = (lg[:, 1] - lg[:, 0])[:, None]
         probs = torch.softmax(lg.float(), dim=-1)[:, 1:].to(lg.dtype)
-    return Routing(
-        token_index=idx,
-        expert_index=torch.zeros_like(idx),
-        weight=weight_BS.reshape(-1)[idx],
-        num_tokens=t,
-        num_experts=1,
-        logits=logits,
-        probs=probs,
-        validate=False,
-    )
-
-
-def routing_selection(routing: Routing, b: int, s: int, like: Tensor) -> tuple[Tensor, Tensor]:
-    """``(selected [B, S] bool, weight [B, S])`` of a MoD routing (what a transform may have rewritten)."""
-    t = b * s
-    sel = torch.zeros(t, dtype=torch.bool, device=like.device)
-    sel[routing.token_index] = True
-    w = like.new_zeros(t).index_put((routing.token_index,), routing.weight.to(like.dtype))
-    return sel.view(b, s), w.view(b, s)
+    return compute_routing(selected_BS, weight_BS, logits, probs)
 
 
 def protected_of(token_types: Tensor | None, protected_types: Sequence[int], b: int, s: int) -> Tensor | None:
@@ -544,9 +528,8 @@ class GammaMoD(DepthRouter):
         f_in = blk.ffn_norm(hid)
         if blk.is_moe:
             sub = gathered_context(ctx, index, s).replace(layer_index=blk.index, batch_shape=(b, k))
-            before = routed_counts(blk.ffn)
             y = blk.ffn(f_in, sub)
-            blk.flops += routed_flops(blk.ffn, b * k, since=before)
+            blk.ffn_tokens += b * k
             # Chain-of-Experts drops the residual for norm(x) (as Block.forward)
             base = hid if getattr(blk.ffn, "keeps_block_residual", True) else f_in
         else:
@@ -629,7 +612,6 @@ __all__ = [
     "mod_routing",
     "protected_of",
     "resolve_layers",
-    "routing_selection",
     "select_layers_by_arank",
     "topk_rows",
 ]

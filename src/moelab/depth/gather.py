@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from moelab.core.context import RoutingContext
+from moelab.core.routing import Routing
 
 
 def capacity_count(capacity: float, seq_len: int) -> int:
@@ -97,3 +98,31 @@ def gathered_context(ctx: RoutingContext, index_BK: Tensor, seq_len: int) -> Rou
         if isinstance(t, Tensor) and t.numel() == b * seq_len:
             changes[name] = t.reshape(b, seq_len).gather(1, index_BK).reshape(-1)
     return ctx.replace(**changes)
+
+
+def compute_routing(
+    selected_BS: Tensor, weight_BS: Tensor, logits_T1: Tensor | None = None, probs_T1: Tensor | None = None
+) -> Routing:
+    """A block's routing as a depth router states it: the selected tokens (flattened, ``T = B*S``)
+    -> expert 0, "compute", each with its weight; ``logits``/``probs`` ``[T, 1]`` when given."""
+    index = selected_BS.reshape(-1).nonzero().squeeze(1)
+    return Routing(
+        token_index=index,
+        expert_index=torch.zeros_like(index),
+        weight=weight_BS.reshape(-1)[index],
+        num_tokens=selected_BS.numel(),
+        num_experts=1,
+        logits=logits_T1,
+        probs=probs_T1,
+        validate=False,
+    )
+
+
+def routing_selection(routing: Routing, b: int, s: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """``(selected [B, S] bool, weight [B, S])`` of a compute routing: what runs after a routing
+    transform rewrote it (``like``: a tensor of the weights' dtype and device)."""
+    t = b * s
+    sel = torch.zeros(t, dtype=torch.bool, device=like.device)
+    sel[routing.token_index] = True
+    w = like.new_zeros(t).index_put((routing.token_index,), routing.weight.to(like.dtype))
+    return sel.view(b, s), w.view(b, s)

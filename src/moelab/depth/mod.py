@@ -37,14 +37,15 @@ from torch import Tensor, nn
 from moelab import registry
 from moelab.core.checks import positive_int
 from moelab.core.context import RoutingContext
-from moelab.core.routing import Routing
 from moelab.depth.base import DepthRouter
 from moelab.depth.gather import (
     capacity_count,
+    compute_routing,
     gather_tokens,
     gathered_context,
     positions_of,
     ragged_index,
+    routing_selection,
     scatter_update,
     topk_per_sequence,
 )
@@ -142,6 +143,12 @@ class MixtureOfDepths(DepthRouter):
             else None
         )
         self.last_stats: dict[str, float] = {}
+        # parameters one token meets in a routed block's router (and predictor): its FLOPs are 2x these
+        self.router_params = d_model + (
+            0
+            if self.predictors is None
+            else sum(p.numel() for p in self.predictors[str(layers[0])].parameters())
+        )
 
     @classmethod
     def from_config(cls, config: Any, **kwargs: Any) -> MixtureOfDepths:
@@ -164,11 +171,7 @@ class MixtureOfDepths(DepthRouter):
         pred = None
         if self.predictors is not None:
             pred = self.predictors[str(layer)](x_BSD.detach()).squeeze(-1).float()
-        b, s, d = x_BSD.shape
-        params = d + (
-            0 if self.predictors is None else sum(p.numel() for p in self.predictors[str(layer)].parameters())
-        )
-        self.flops += 2.0 * params * b * s
+        self.flops += 2.0 * self.router_params * x_BSD.shape[0] * x_BSD.shape[1]
         return logits, pred
 
     def forward(
@@ -186,25 +189,28 @@ class MixtureOfDepths(DepthRouter):
                 x = blk(x, rope, ctx, positions=positions, cache=cache)
                 continue
             logits, pred = self.route_block(i, x)
+            decide = pred if pred is not None else logits  # what the causal rule thresholds
             k = capacity_count(self.capacity, s)
-            topk = self.training or self.eval_selection == "topk"
-            if topk:
-                index = topk_per_sequence(logits, k)
-                valid = None
+            need_topk = self.training or self.eval_selection == "topk" or s > 1
+            topk_index = topk_per_sequence(logits, k) if need_topk else None
+            in_topk = None
+            if topk_index is not None:
+                in_topk = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, topk_index, True)
+            if self.training or self.eval_selection == "topk":
+                selected, index, valid = in_topk, topk_index, None
             else:
-                decide = pred if pred is not None else logits
-                index, valid = ragged_index(decide > 0)
-            if self.training and self.aux_coef > 0 and s > 0:
-                target = mod_topk_targets(logits, k)
-                src = pred if pred is not None else logits
-                aux = aux + self.aux_coef * F.binary_cross_entropy_with_logits(src, target)
-            if not self.training and s > 1:  # the agreement of a decoded token alone says nothing
-                target = mod_topk_targets(logits, k).bool()
-                chosen = (pred if pred is not None else logits) > 0
-                stats["agree"].append(float((chosen == target).float().mean()))
-                stats["recall"].append(float((chosen & target).sum() / target.sum().clamp(min=1)))
-                stats["kept"].append(float(chosen.float().mean()))
-            x = self._run_selected(i, blk, x, index, valid, logits, rope, ctx, positions, cache)
+                selected = decide > 0
+                index, valid = ragged_index(selected)
+            if s > 0 and in_topk is not None and (self.training or s > 1):
+                target = in_topk.to(logits.dtype)  # 1[i in top-k]
+                if self.training and self.aux_coef > 0:
+                    aux = aux + self.aux_coef * F.binary_cross_entropy_with_logits(decide, target)
+                if not self.training:  # a decoded token alone (s = 1) says nothing about top-k
+                    chosen = decide > 0
+                    stats["agree"].append(float((chosen == in_topk).float().mean()))
+                    stats["recall"].append(float((chosen & in_topk).sum() / in_topk.sum().clamp(min=1)))
+                    stats["kept"].append(float(chosen.float().mean()))
+            x = self._run_selected(i, blk, x, selected, index, valid, logits, rope, ctx, positions, cache)
         self.aux_loss = aux
         if stats["agree"]:
             n = len(stats["agree"])
@@ -220,6 +226,7 @@ class MixtureOfDepths(DepthRouter):
         layer: int,
         blk: nn.Module,
         x: Tensor,
+        selected: Tensor,
         index: Tensor,
         valid: Tensor | None,
         logits: Tensor,
@@ -229,19 +236,13 @@ class MixtureOfDepths(DepthRouter):
         cache: Any,
     ) -> Tensor:
         b, s, d = x.shape
-        weight = self._weights(logits.gather(1, index))  # [B, K]
-        keep = torch.ones_like(index, dtype=torch.bool) if valid is None else valid
-        flat = (index + torch.arange(b, device=x.device)[:, None] * s)[keep]
-        routing = Routing(
-            token_index=flat,
-            expert_index=torch.zeros_like(flat),
-            weight=weight[keep],
-            num_tokens=b * s,
-            num_experts=1,
-            logits=logits.reshape(-1, 1),
-            validate=False,
-        )
-        self.routed(routing, ctx.replace(layer_index=layer), x.reshape(-1, d))
+        weight_BS = self._weights(logits)
+        routing = compute_routing(selected, weight_BS, logits.reshape(-1, 1))
+        ran = self.routed(routing, ctx.replace(layer_index=layer), x.reshape(-1, d))
+        if ran is not routing:  # a routing transform decides what runs
+            selected, weight_BS = routing_selection(ran, b, s, weight_BS)
+            index, valid = ragged_index(selected)
+        weight = weight_BS.gather(1, index)  # [B, K]
         if index.shape[1] == 0:  # no token runs this block (a skipped decode step)
             return x
         x_sel = gather_tokens(x, index)

@@ -54,15 +54,16 @@ from torch import Tensor, nn
 from moelab import registry
 from moelab.core.checks import positive_int
 from moelab.core.context import RoutingContext
-from moelab.core.routed import RoutedLayer
-from moelab.core.routing import Routing
+from moelab.core.flops import uncounted
 from moelab.depth.base import DepthRouter, run_blocks
 from moelab.depth.gather import (
     capacity_count,
+    compute_routing,
     gather_tokens,
     gathered_context,
     positions_of,
     ragged_index,
+    routing_selection,
     scatter_update,
     topk_per_sequence,
 )
@@ -477,25 +478,16 @@ class FTPRouter(DepthRouter):
         keep probability, 1 for the static scorer); returns the kept mask of what runs (a routing
         transform may change it)."""
         b, s, d = x.shape
-        flat = keep_BS.reshape(-1).nonzero().squeeze(-1)
         probs = torch.sigmoid(logits) if logits is not None else None
-        weight = probs.reshape(-1)[flat] if probs is not None else torch.ones(flat.shape[0], device=x.device)
-        routing = Routing(
-            token_index=flat,
-            expert_index=torch.zeros_like(flat),
-            weight=weight,
-            num_tokens=b * s,
-            num_experts=1,
-            logits=None if logits is None else logits.reshape(-1, 1),
-            probs=None if probs is None else probs.reshape(-1, 1),
-            validate=False,
+        weight = probs if probs is not None else torch.ones(b, s, device=x.device)
+        routing = compute_routing(
+            keep_BS,
+            weight,
+            None if logits is None else logits.reshape(-1, 1),
+            None if probs is None else probs.reshape(-1, 1),
         )
         out = self.routed(routing, ctx.replace(layer_index=layer), x.reshape(-1, d))
-        if out is routing:
-            return keep_BS
-        keep = torch.zeros(b * s, dtype=torch.bool, device=x.device)
-        keep[out.token_index] = True
-        return keep.view(b, s)
+        return keep_BS if out is routing else routing_selection(out, b, s, weight)[0]
 
     def _run_kept(
         self,
@@ -556,22 +548,11 @@ def _quiet_run(
     """``blk`` on every token, leaving no trace: a fresh context (no shared history or session),
     the modules' FLOP counters and routed counts restored (the straight-through estimator's
     reference run is not part of the pruned model's cost)."""
-    saved = [(m, m.flops) for m in blk.modules() if isinstance(getattr(m, "flops", None), float)]
-    counts = [
-        (m, list(m.__dict__.get("_routed_counts", [0, 0])))
-        for m in blk.modules()
-        if isinstance(m, RoutedLayer)
-    ]
-    try:
-        quiet = RoutingContext(
-            batch_shape=ctx.batch_shape, token_ids=ctx.token_ids, token_types=ctx.token_types, step=ctx.step
-        )
+    quiet = RoutingContext(
+        batch_shape=ctx.batch_shape, token_ids=ctx.token_ids, token_types=ctx.token_types, step=ctx.step
+    )
+    with uncounted(blk):
         return blk(x, rope, quiet, positions=positions)
-    finally:
-        for m, f in saved:
-            m.flops = f
-        for m, c in counts:
-            m.__dict__["_routed_counts"] = c
 
 
 # -- using FTP on a trained MoELM -------------------------------------------------------------------

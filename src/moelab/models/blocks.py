@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from moelab import registry
 from moelab.attention.moba import MoBAAttention, moba_decode
 from moelab.core.context import RoutingContext
-from moelab.core.flops import routed_counts, routed_flops
+from moelab.core.flops import routed_flops
 from moelab.core.router import router_arguments
 from moelab.layers.moe import MoE
 from moelab.models.config import MoELMConfig
@@ -142,9 +142,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.flops = 0.0
         self.moba: nn.Module | None = None
-        if (
-            attention == "moba"
-        ):  # MoBA block-sparse attention (moelab.attention.moba), options from the config
+        if attention == "moba":  # MoBA block-sparse attention (moelab.attention.moba)
             kw = dict(attention_kwargs or {})
             kernel = kw.pop("key_conv", None)
             self.moba = MoBAAttention(
@@ -193,9 +191,10 @@ class Attention(nn.Module):
                     k_pos, k_valid = torch.cat((cp, positions), dim=1), torch.cat((cval, valid), dim=1)
                 else:
                     k, v, k_pos, k_valid = cache.update(k, v, positions, valid)
-            mask = attention_mask(positions, k_pos, k_valid, valid)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            keys = float(mask.sum()) / max(1, mask.shape[0] * mask.shape[2])
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attention_mask(positions, k_pos, k_valid, valid)
+            )
+            keys = float(k.shape[2])  # a masked SDPA scores every key (and no count costs a sync)
         self.flops += 2.0 * b * s * (4 * d * d + 2 * d * keys)  # projections + scores and values
         return self.out(y.transpose(1, 2).reshape(b, s, d))
 
@@ -222,7 +221,7 @@ class Attention(nn.Module):
             )
         b, s, d = x.shape
         moba = self.moba
-        start = 0 if cache is None or cache.positions is None else int(cache.positions.max()) + 1
+        start = 0 if cache is None else len(cache)  # MoBA caches every token, in order
         pc, ps = rope[0][start : start + s], rope[1][start : start + s]
         q, k = apply_rope(q, pc, ps), apply_rope(k, pc, ps)
         if cache is None:
@@ -312,7 +311,14 @@ class Block(nn.Module):
             self.ffn: nn.Module = routed_ffn(cfg, cfg.experts_at(index))
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.dense_hidden or 4 * cfg.d_model)
-        self.flops = 0.0  # the routed FFN's forward FLOPs (moelab.core.flops); a dense FFN counts its own
+        self.ffn_tokens = 0  # tokens the routed FFN ran on since moelab.core.flops.reset_flops
+
+    @property
+    def flops(self) -> float:
+        """The routed FFN's forward FLOPs since ``reset_flops``, derived on read from the tokens it
+        ran and its routed layers' assignments (``moelab.core.flops.routed_flops``); a dense FFN
+        and the attention count their own."""
+        return routed_flops(self.ffn, self.ffn_tokens) if self.is_moe else 0.0
 
     def forward(
         self,
@@ -327,9 +333,8 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), rope, positions, valid, cache, read_only)
         h = self.ffn_norm(x)
         if self.is_moe:
-            before = routed_counts(self.ffn)
             y = self.ffn(h, ctx.replace(layer_index=self.index, batch_shape=(x.shape[0], x.shape[1])))
-            self.flops += routed_flops(self.ffn, x.shape[0] * x.shape[1], since=before)
+            self.ffn_tokens += x.shape[0] * x.shape[1]
             # Chain-of-Experts (paper default): the block output is x_C = norm(x) + y, the residual x
             # is dropped; every other layer keeps the pre-norm residual
             return (x if getattr(self.ffn, "keeps_block_residual", True) else h) + y

@@ -45,10 +45,9 @@ from moelab.depth.gamma_mod import (
     gamma_mod_aux_loss,
     mod_routing,
     protected_of,
-    routing_selection,
     select_layers_by_arank,
 )
-from moelab.depth.gather import gather_tokens, ragged_index
+from moelab.depth.gather import gather_tokens, ragged_index, routing_selection
 
 ATTRIBUTE = "gamma_mod"  # where the router module hangs on the converted model
 
