@@ -114,16 +114,17 @@ def router_setup(label: str, s: CompareSettings) -> tuple[dict[str, Any], dict[s
     depth arm the kwargs are the depth router's (its paper settings, then the arm's) and the
     losses those of the MoE layers' router."""
     overrides = {**s.aux_overrides.get("", {}), **s.aux_overrides.get(label, {})}
-    router = base_router(label, s)
+    depth = is_depth_arm(label, s)
     kw, aux = arm_settings(
         expert_router(label, s),
-        router_kwargs=None if router != expert_router(label, s) else s.router_kwargs.get(label),
+        router_kwargs=None if depth else s.router_kwargs.get(label),
         aux_losses=s.aux_losses.get(label),
         aux_overrides=overrides,
         model_aux_losses=s.model.get("aux_losses"),
     )
-    if is_depth_arm(label, s):
-        kw = {**PAPER_SETTINGS.get(router, {}).get("router_kwargs", {}), **(s.router_kwargs.get(label) or {})}
+    if depth:
+        paper = PAPER_SETTINGS.get(base_router(label, s), {}).get("router_kwargs", {})
+        kw = {**paper, **(s.router_kwargs.get(label) or {})}
     return kw, aux
 
 

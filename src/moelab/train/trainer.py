@@ -434,7 +434,6 @@ class Trainer:
             while self.step < end:
                 t0, c0 = time.perf_counter(), time.process_time()
                 task, _ = self.train_step()
-                self._train_flops = _last_flops(self.model, self._train_flops)
                 self.train_time += time.perf_counter() - t0
                 self.train_cpu_time += time.process_time() - c0
                 self.tokens_seen += self._step_tokens
@@ -449,7 +448,12 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == end:
                     self._report(display, report, callback)
                 final = self.step == cfg.steps
-                if (cfg.eval_every and self.step % cfg.eval_every == 0) or final:
+                evaluating = (cfg.eval_every and self.step % cfg.eval_every == 0) or final
+                if (
+                    evaluating or self.step == end
+                ):  # the training forward's cost, before an evaluation's replaces it
+                    self._train_flops = _last_flops(self.model, self._train_flops)
+                if evaluating:
                     last_eval = self.evaluate(with_trace=final, final=final)
                     self._eval_flops = _last_flops(self.model, self._eval_flops)
                     curve = self.evaluate() if final and self.final_val is not None else last_eval
