@@ -40,6 +40,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from moelab import registry
+from moelab.core.context import RoutingContext, check_context
+from moelab.core.routed import RoutedLayer
 from moelab.core.routing import Routing
 
 # MoBA's experiments (Lu et al. 2025): 512-token blocks, top-3 including the query's own block.
@@ -877,8 +879,14 @@ def moba_routing(selected: Tensor, per: str = "token", block_size: int | None = 
 
 
 # ---------------------------------------------------------------------------- module
-class MoBAAttention(nn.Module):
-    """MoBA's options as a module: ``forward(q, k, v) -> out`` (registered as attention ``moba``).
+class MoBAAttention(RoutedLayer):
+    """MoBA's options as a module: ``forward(q, k, v, ctx=None) -> out`` (registered as attention ``moba``).
+
+    A routed layer for tracing: inside ``moelab.trace(model)`` each forward also records its
+    selection as a ``Routing`` from query blocks to key blocks (:func:`moba_routing`, ``per="block"``;
+    rows ``(b·H + h)·⌈S/B⌉ + i``), so MoBA's routing is traced and summarised like any layer's.
+    Outside a trace nothing extra runs. The selection is the attention's own:
+    ``moelab.override_routing`` leaves MoBA out (``accepts_routing_transforms = False``).
 
     Args:
         block_size: tokens per key block (MoBA 512; FlashMoBA 128).
@@ -915,9 +923,17 @@ class MoBAAttention(nn.Module):
                 raise ValueError("key_conv_size needs num_kv_heads and head_dim (the KeyConv's shape)")
             self.key_conv = KeyConv(num_kv_heads, head_dim, key_conv_size)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    routed_kind = "attention"
+    accepts_routing_transforms = False
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, ctx: RoutingContext | None = None) -> Tensor:
         """``q [B, H, S, Dh]``, ``k, v [B, H_kv, S, Dh]`` (raw keys) -> ``[B, H, S, Dh]``."""
-        return moba_attention(q, k, v, self.block_size, self.top_k, self.key_conv, self.scale, self.backend)
+        out = moba_attention(q, k, v, self.block_size, self.top_k, self.key_conv, self.scale, self.backend)
+        if self.__dict__["_trace_to"] is not None:  # a trace is recording: log the selection
+            with torch.no_grad():
+                routing = self.routing(q.detach(), k.detach(), per="block")
+            self.routed(routing, check_context(ctx), q.detach().reshape(-1, q.shape[-1]))
+        return out
 
     def gate(self, q: Tensor, k: Tensor) -> Tensor:
         """The selection for raw keys ``k`` (convolved first when there is a key convolution)."""

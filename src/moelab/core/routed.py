@@ -55,7 +55,17 @@ class RoutedLayer(nn.Module):
     Subclasses call ``self.routed(routing, ctx, x_TD)`` between routing and execution. Anything
     that finds routed layers (tracing, ``override_routing``, ``aux_loss``) finds instances of this
     class, so a new family is traced and transformable by subclassing it.
+
+    ``routed_kind`` says what the layer routes to: ``"experts"`` (tokens to experts, the default),
+    ``"depth"`` (tokens to compute slots or depths: depth routers) or ``"attention"`` (queries to
+    heads or key blocks). Expert statistics read only ``"experts"`` layers
+    (``moelab.train.monitor.token_routed_layers``); traces record every kind.
+    ``accepts_routing_transforms = False`` marks a layer whose routing is traced but cannot be
+    rewritten (MoBA's selection is its attention's own): ``override_routing`` leaves it out.
     """
+
+    routed_kind: str = "experts"
+    accepts_routing_transforms: bool = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -109,17 +119,18 @@ def override_routing(
             model after ``moelab.hf.patch``.
         fn: ``fn(routing, site) -> Routing`` with the same ``num_tokens`` and ``num_experts``.
         layers: restrict to these layer names (an iterable of names, or a predicate on names).
+            Layers with ``accepts_routing_transforms = False`` (MoBA) are never included.
 
     Yields the names of the layers it applies to. Contexts nest: an inner transform runs after
     the outer ones. On exit (also on an exception) exactly this transform is removed.
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable (routing, site) -> Routing, got {type(fn).__name__}")
-    found = routed_layers(model)
+    found = [(n, m) for n, m in routed_layers(model) if m.accepts_routing_transforms]
     if not found:
         raise ValueError(
-            f"override_routing: {type(model).__name__} has no moelab routed layer "
-            "(for a transformers model, moelab.hf.patch(model) first)"
+            f"override_routing: {type(model).__name__} has no moelab routed layer that accepts routing "
+            "transforms (for a transformers model, moelab.hf.patch(model) first)"
         )
     if layers is None:
         chosen = found
@@ -129,7 +140,10 @@ def override_routing(
         wanted = set(layers)
         unknown = sorted(wanted - {n for n, _ in found})
         if unknown:
-            raise ValueError(f"layers {unknown} are not routed layers of the model; they are {[n for n, _ in found]}")
+            raise ValueError(
+                f"layers {unknown} are not routed layers of the model that accept routing transforms; "
+                f"those are {[n for n, _ in found]}"
+            )
         chosen = [(n, m) for n, m in found if n in wanted]
     entries = []
     for name, layer in chosen:
