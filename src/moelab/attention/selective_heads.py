@@ -385,6 +385,8 @@ class SelectiveHeadAttention(RoutedLayer):
         self.aux_terms: dict[str, Tensor] = {}
         self.flops = 0.0
 
+    routed_kind = "attention"  # tokens -> heads: kept out of the trainer's expert statistics
+
     # the routed-layer surface other parts read (load_balance_seq_unbiased, moelab compare)
     @property
     def num_experts(self) -> int:
@@ -587,7 +589,7 @@ class SelectiveHeadAttention(RoutedLayer):
         o = o * w_BHL[..., None].to(o.dtype)
         w_out = self.o_proj.weight.view(d, h, dh).permute(1, 2, 0)  # [H, Dh, d]
         y_BHLD = torch.matmul(o, w_out)
-        y = y.index_put((batch.expand_as(pos), pos), y_BHLD, accumulate=True)
+        y = y.index_put((batch.expand_as(pos), pos), y_BHLD.to(y.dtype), accumulate=True)
         # forward FLOPs (multiply-adds x 2): the gate per token, the four projections per (token,
         # head) taken, scores and values per attended pair (n (n + 1) / 2 per head when causal)
         n = valid.sum(-1).double()

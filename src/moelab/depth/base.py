@@ -53,6 +53,8 @@ class DepthRouter(RoutedLayer):
     ``MoELM`` calls when ``config.depth`` names it).
     """
 
+    routed_kind = "depth"
+
     def __init__(self) -> None:
         super().__init__()
         self.aux_loss: Tensor = torch.zeros(())

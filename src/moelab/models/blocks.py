@@ -14,6 +14,12 @@ Without validity or a cache the block takes the fast path
 row, as a gather in position order does); otherwise it builds the boolean mask above. Both give
 the same result on the same tokens (a test checks it).
 
+With ``MoELMConfig(attention="uoe_attention")`` a block's attention is Union of Experts' selective
+multi-head attention (``moelab.attention.selective_heads.SelectiveHeadAttention``, a routed layer:
+tokens -> heads) instead: it rotates by the same RoPE tables at the tokens' true positions, takes
+no ``valid``, cache or session (no KV cache: decode with ``moelab.generate(..., use_cache=False)``)
+and counts its own FLOPs and auxiliary loss.
+
 Every block reports what its last forward cost: ``Attention.flops`` and ``DenseFFN.flops`` are the
 forward FLOPs (multiply-adds x 2) accumulated since ``moelab.core.flops.reset_flops``; a block that
 runs on k of T tokens costs k tokens' worth.
@@ -29,6 +35,7 @@ from torch import Tensor, nn
 
 from moelab import registry
 from moelab.attention.moba import MoBAAttention, moba_decode
+from moelab.attention.selective_heads import SelectiveHeadAttention
 from moelab.core.context import RoutingContext
 from moelab.core.flops import routed_flops
 from moelab.core.router import router_arguments
@@ -149,7 +156,10 @@ class Attention(nn.Module):
                 key_conv_size=kernel, num_kv_heads=n_heads, head_dim=self.head_dim, **kw
             )
         elif attention != "sdpa":
-            raise ValueError(f"attention must be 'sdpa' or 'moba', got {attention!r}")
+            raise ValueError(
+                f"attention must be 'sdpa' or 'moba', got {attention!r} ('uoe_attention' is its own "
+                "layer, SelectiveHeadAttention, which Block builds)"
+            )
 
     def forward(
         self,
@@ -292,7 +302,10 @@ class Block(nn.Module):
     """Pre-norm transformer block: attention, then a dense or routed FFN.
 
     The FFN of block ``index`` is a routed layer (``routed_ffn``) when ``cfg.is_moe_layer(index)``,
-    a dense SwiGLU MLP otherwise.
+    a dense SwiGLU MLP otherwise. The attention is ``Attention`` (``"sdpa"``, ``"moba"``), or for
+    ``cfg.attention == "uoe_attention"`` a ``SelectiveHeadAttention`` (``cfg.attention_kwargs``
+    to its constructor) that runs with the block's context (``layer_index`` = ``index``, as the
+    routed FFN), so traces and ``ctx.history`` see its token -> head routing before the FFN's.
 
     ``forward(x [B, S, d], rope, ctx, positions=None, valid=None, cache=None, read_only=False)``
     returns the block output ``[B, S, d]`` (the residual included). The optional arguments go to
@@ -304,7 +317,11 @@ class Block(nn.Module):
         super().__init__()
         self.index = index
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention, cfg.attention_kwargs)
+        self.attn: nn.Module
+        if cfg.attention == "uoe_attention":
+            self.attn = SelectiveHeadAttention(cfg.d_model, cfg.n_heads, **dict(cfg.attention_kwargs))
+        else:
+            self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention, cfg.attention_kwargs)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=1e-6)
         self.is_moe = cfg.is_moe_layer(index)
         if self.is_moe:
@@ -330,12 +347,36 @@ class Block(nn.Module):
         cache: KVCache | None = None,
         read_only: bool = False,
     ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, positions, valid, cache, read_only)
+        # the routed layers' view: this block's index and the [B, S] the flat tokens come from
+        layer_ctx = ctx.replace(layer_index=self.index, batch_shape=(x.shape[0], x.shape[1]))
+        if isinstance(self.attn, SelectiveHeadAttention):
+            self._check_selective_call(ctx, valid, cache, read_only)
+            x = x + self.attn(self.attn_norm(x), layer_ctx, rope=rope, positions=positions)
+        else:
+            x = x + self.attn(self.attn_norm(x), rope, positions, valid, cache, read_only)
         h = self.ffn_norm(x)
         if self.is_moe:
-            y = self.ffn(h, ctx.replace(layer_index=self.index, batch_shape=(x.shape[0], x.shape[1])))
+            y = self.ffn(h, layer_ctx)
             self.ffn_tokens += x.shape[0] * x.shape[1]
             # Chain-of-Experts (paper default): the block output is x_C = norm(x) + y, the residual x
             # is dropped; every other layer keeps the pre-norm residual
             return (x if getattr(self.ffn, "keeps_block_residual", True) else h) + y
         return x + self.ffn(h)
+
+    @staticmethod
+    def _check_selective_call(
+        ctx: RoutingContext, valid: Tensor | None, cache: KVCache | None, read_only: bool
+    ) -> None:
+        """What ``SelectiveHeadAttention`` cannot do inside a block: decode against a KV cache, or
+        run on a depth router's padded gather."""
+        if cache is not None or ctx.session is not None:
+            raise ValueError(
+                "attention='uoe_attention' (SelectiveHeadAttention) has no KV cache, so it cannot decode "
+                "with a Session or cache; use moelab.generate(model, input_ids, max_new_tokens, "
+                "use_cache=False), which recomputes the whole sequence for every new token"
+            )
+        if valid is not None or read_only:
+            raise ValueError(
+                "attention='uoe_attention' runs on whole sequences; a depth router's padded gather "
+                "(valid) or read-only cache is not supported with it"
+            )

@@ -9,9 +9,50 @@ from typing import Any
 
 from moelab.core.checks import positive_int, top_k_in_range
 
+ATTENTIONS = ("sdpa", "moba", "uoe_attention")
+# SelectiveHeadAttention's arguments that MoELMConfig sets itself (d_model, n_heads; head_dim
+# = d_model / n_heads, which the RoPE tables are built for)
+_UOE_FROM_CONFIG = ("d_model", "n_heads", "head_dim")
+
 
 def _default_aux_losses() -> dict[str, float]:
     return {"load_balance": 1e-2, "z": 1e-3}
+
+
+def _check_uoe_attention_kwargs(kwargs: dict[str, Any], d_model: int, n_heads: int) -> None:
+    """``attention_kwargs`` for ``attention="uoe_attention"``: known names, and values that
+    ``SelectiveHeadAttention`` accepts (built once on the meta device: its own checks, no memory).
+    Errors name the argument, prefixed with ``attention_kwargs``."""
+    import inspect
+
+    import torch
+
+    from moelab.attention.selective_heads import SelectiveHeadAttention
+
+    params = inspect.signature(SelectiveHeadAttention.__init__).parameters
+    allowed = [n for n in params if n not in ("self", *_UOE_FROM_CONFIG)]
+    given = set(kwargs)
+    fixed = sorted(given & set(_UOE_FROM_CONFIG))
+    if fixed:
+        raise ValueError(
+            f"attention_kwargs must not set {fixed} for attention='uoe_attention': d_model and n_heads "
+            "come from the config, and head_dim is d_model / n_heads (the RoPE tables')"
+        )
+    unknown = sorted(given - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown attention_kwargs {unknown} for attention='uoe_attention'; known: {sorted(allowed)}"
+        )
+    if kwargs.get("causal", True) is not True:
+        raise ValueError(
+            f"attention_kwargs causal must be True for attention='uoe_attention' (MoELM is a causal "
+            f"language model), got {kwargs['causal']!r}"
+        )
+    try:
+        with torch.device("meta"):
+            SelectiveHeadAttention(d_model, n_heads, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"attention_kwargs for attention='uoe_attention': {e}") from None
 
 
 @dataclass
@@ -46,10 +87,21 @@ class MoELMConfig:
             schedules the blocks (which tokens each runs, how often); None: every block on every
             token, in order.
         depth_kwargs: its options (``{"capacity": 0.125}``); see the method's docs page.
-        attention: ``"sdpa"`` (dense causal attention) or ``"moba"`` (MoBA block-sparse attention,
-            ``moelab.attention.moba``).
-        attention_kwargs: MoBA's ``block_size``, ``top_k`` and ``key_conv`` (None, or FlashMoBA's
-            key-convolution width, 3 or 5); see docs/methods/moba.md.
+        attention: ``"sdpa"`` (dense causal attention), ``"moba"`` (MoBA block-sparse attention,
+            ``moelab.attention.moba``) or ``"uoe_attention"`` (Union of Experts' selective
+            multi-head attention, ``moelab.attention.selective_heads.SelectiveHeadAttention``: each
+            token picks ``heads_per_token`` of the ``n_heads`` heads; with ``router="uoe"`` a block
+            is a UoE block). Neither ``moba`` nor ``uoe_attention`` runs under a depth router;
+            ``uoe_attention`` has no KV cache (``moelab.generate(..., use_cache=False)``).
+        attention_kwargs: for ``moba``: ``block_size``, ``top_k`` and ``key_conv`` (None, or
+            FlashMoBA's key-convolution width, 3 or 5); see docs/methods/moba.md. For
+            ``uoe_attention``: SelectiveHeadAttention's arguments other than ``d_model``,
+            ``n_heads`` and ``head_dim`` (the config's): ``heads_per_token`` (default
+            ``n_heads // 2``), ``capacity``, ``pad_to_capacity``, ``scale_by_gate``,
+            ``rope_positions`` (default ``"token"``), ``aux_losses`` and ``aux_loss_kwargs`` (the
+            head gate's own, separate from the MoE layers' ``aux_losses``), ``bias``,
+            ``gate_bias``, ``normalize``, ``eps``, ``check_finite``; ``causal`` must stay True.
+            Checked when the config is built; see docs/methods/uoe_attention.md.
     """
 
     vocab_size: int = 256
@@ -131,8 +183,8 @@ class MoELMConfig:
             )
         if not isinstance(self.depth_kwargs, dict):
             raise TypeError(f"depth_kwargs must be a dict, got {type(self.depth_kwargs).__name__}")
-        if self.attention not in ("sdpa", "moba"):
-            raise ValueError(f"attention must be 'sdpa' or 'moba', got {self.attention!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if not isinstance(self.attention_kwargs, dict):
             raise TypeError(f"attention_kwargs must be a dict, got {type(self.attention_kwargs).__name__}")
         if self.attention == "moba" and self.depth is not None:
@@ -140,6 +192,14 @@ class MoELMConfig:
                 "attention='moba' with a depth router is not supported (MoBA's blocks need every token "
                 "of a sequence in order; depth routers gather subsets)"
             )
+        if self.attention == "uoe_attention":
+            if self.depth is not None:
+                raise ValueError(
+                    "attention='uoe_attention' with a depth router is not supported (depth routers "
+                    "gather subsets of tokens padded to a rectangle; SelectiveHeadAttention has no "
+                    "validity mask, so padding rows would pick heads and be attended to)"
+                )
+            _check_uoe_attention_kwargs(self.attention_kwargs, self.d_model, self.n_heads)
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
 

@@ -9,6 +9,9 @@ Architecture (LLaMA-style, pre-norm): token embedding -> ``n_layers`` x [RMSNorm
 multi-head attention with RoPE (``scaled_dot_product_attention``) -> residual; RMSNorm -> FFN ->
 residual] -> RMSNorm -> output projection (tied to the embedding by default). The FFN of block
 ``i`` is a ``moelab.MoE`` when ``(i + 1) % moe_every == 0`` and a dense SwiGLU MLP otherwise.
+The attention can be MoBA (``attention="moba"``) or Union of Experts' selective heads
+(``attention="uoe_attention"``: ``SelectiveHeadAttention``, a routed layer whose auxiliary loss
+and FLOPs count with the rest; with ``router="uoe"`` every MoE block is a UoE block).
 Routing is never reimplemented here: the model builds ``moelab.MoE`` layers and passes them one
 ``RoutingContext`` per forward (flattened ``token_ids``, ``layer_index`` = the block index).
 
@@ -29,6 +32,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from moelab import registry
+from moelab.attention.selective_heads import SelectiveHeadAttention
 from moelab.core.context import RoutingContext, check_context
 from moelab.core.flops import model_flops, reset_flops
 from moelab.core.io import save_safetensors
@@ -70,7 +74,8 @@ class MoELMOutput:
     Attributes:
         logits: ``[B, S, vocab]``.
         loss: ``ce_loss + aux_loss`` when labels were given, else None.
-        aux_loss: sum of every MoE layer's weighted auxiliary losses (scalar; 0 without MoE layers).
+        aux_loss: sum of every MoE layer's weighted auxiliary losses, plus the depth router's and
+            the selective-head attentions' (scalar; 0 without any).
         ce_loss: the next-token cross-entropy alone (mean over non-ignored targets), or None.
     """
 
@@ -118,7 +123,9 @@ class MoELM(nn.Module):
     def _init_weights(self) -> None:
         """GPT-2 style: N(0, 0.02), residual output projections scaled by ``1/sqrt(2 n_layers)``.
 
-        MoE layers keep their own initialisation (``moelab.MoE``'s router and expert inits).
+        MoE layers keep their own initialisation (``moelab.MoE``'s router and expert inits). A
+        ``SelectiveHeadAttention``'s projections are initialised as the dense attention's (its
+        ``o_proj`` as a residual output projection, biases zero); its head gate keeps its own.
         """
         std = 0.02
         nn.init.normal_(self.embed.weight, std=std)
@@ -126,8 +133,14 @@ class MoELM(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=std)
         out_std = std / math.sqrt(2 * self.config.n_layers)
         for blk in self.blocks:
-            nn.init.normal_(blk.attn.qkv.weight, std=std)
-            nn.init.normal_(blk.attn.out.weight, std=out_std)
+            if isinstance(blk.attn, SelectiveHeadAttention):
+                for proj in (blk.attn.q_proj, blk.attn.k_proj, blk.attn.v_proj, blk.attn.o_proj):
+                    nn.init.normal_(proj.weight, std=out_std if proj is blk.attn.o_proj else std)
+                    if proj.bias is not None:
+                        nn.init.zeros_(proj.bias)
+            else:
+                nn.init.normal_(blk.attn.qkv.weight, std=std)
+                nn.init.normal_(blk.attn.out.weight, std=out_std)
             if not blk.is_moe:
                 nn.init.normal_(blk.ffn.gate_up.weight, std=std)
                 nn.init.normal_(blk.ffn.down.weight, std=out_std)
@@ -221,6 +234,9 @@ class MoELM(nn.Module):
             total = total + moe.aux_loss
         if self.depth is not None:
             total = total + self.depth.aux_loss
+        for blk in self.blocks:  # selective-head attention: its head gate's losses (0 without)
+            if isinstance(blk.attn, SelectiveHeadAttention):
+                total = total + blk.attn.aux_loss
         return total
 
     # -- compute ----------------------------------------------------------------------------------

@@ -66,15 +66,19 @@ def val_routing(
 
 def causal_at_eval(model: nn.Module) -> bool:
     """Whether every router of ``model`` routes each token by itself in eval mode
-    (``Router.causal_at_eval``; a depth router's ``causal_at_eval`` too)."""
-    depth = [m for m in model.modules() if isinstance(m, DepthRouter)]
-    return all(r.causal_at_eval for _, r in model_routers(model)) and all(d.causal_at_eval for d in depth)
+    (``Router.causal_at_eval``; a depth router's or a routed attention's ``causal_at_eval`` too:
+    UoE's selective heads are not causal with a capacity or padding)."""
+    others = [m for _, m in routed_layers(model) if m.routed_kind != "experts"]
+    return all(r.causal_at_eval for _, r in model_routers(model)) and all(
+        getattr(m, "causal_at_eval", True) for m in others
+    )
 
 
 def token_routed_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """The routed layers of ``model`` that route tokens to experts (depth routers excluded: their
-    "experts" are compute slots, and their statistics would dilute the experts' load numbers)."""
-    return {n: m for n, m in routed_layers(model) if not isinstance(m, DepthRouter)}
+    """The routed layers of ``model`` that route tokens to experts (``routed_kind == "experts"``):
+    depth routers (their "experts" are compute slots) and attention routing (MoBA's key blocks,
+    UoE's heads) are left out, so their statistics do not dilute the experts' load numbers."""
+    return {n: m for n, m in routed_layers(model) if m.routed_kind == "experts"}
 
 
 class RoutingMonitor:
