@@ -137,7 +137,7 @@ def run_repro(
         **rep.judge(per_seed),
         "measured": rep.describe(rows),
         "seeds": seeds,
-        "steps": train.get("steps"),
+        "steps": {**train, **rep.train}.get("steps"),  # a reproduction may fix its own budget
         "arms": {
             label: {
                 "router": a.router,
