@@ -9,6 +9,7 @@ import torch
 
 from moelab.analysis import crosslingual as X
 from moelab.core.routing import Routing
+from moelab.data import bibles as B
 
 
 def kl(p: list[float], q: list[float]) -> float:
@@ -124,13 +125,13 @@ def test_parse_diatheke_output():
 
 
 def test_reader_errors_when_diatheke_is_missing(monkeypatch):
-    monkeypatch.setattr(X.shutil, "which", lambda name: None)
+    monkeypatch.setattr(B.shutil, "which", lambda name: None)
     with pytest.raises(X.DiathekeError, match="apt-get install"):
         X.read_bible("engWEB2015eb")
 
 
 def test_reader_errors_when_module_is_missing(monkeypatch):
-    monkeypatch.setattr(X, "diatheke_modules", lambda: ["spaRV1909eb"])
+    monkeypatch.setattr(B, "diatheke_modules", lambda: ["spaRV1909eb"])
     with pytest.raises(X.DiathekeError, match="engWEB2015eb"):
         X.read_bible("engWEB2015eb")
 
@@ -140,7 +141,7 @@ def test_parallel_verses_alignment(monkeypatch):
         "en": {"Gen 1:1": "In the beginning.", "Gen 1:2": "Only English.", "Gen 1:3": "x" * 50},
         "es": {"Gen 1:1": "En el principio.", "Gen 1:3": "y", "Gen 1:4": "Solo español."},
     }
-    monkeypatch.setattr(X, "read_bible", lambda module, key="Gen-Rev": books[module])
+    monkeypatch.setattr(B, "read_bible", lambda module, key="Gen-Rev": books[module])
     pairs = X.parallel_verses("en", "es")
     assert pairs == [("Gen 1:1", "In the beginning.", "En el principio.")]  # 1:3 fails the length ratio
 

@@ -9,22 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from moelab.data.bibles import bibles_missing
 
-def bibles_missing() -> str | None:
-    """Why the reproduction cannot run here (diatheke or a Bible module missing), or None."""
-    from moelab.analysis.crosslingual import ENGLISH_MODULE, SPANISH_MODULE, DiathekeError, diatheke_modules
-
-    try:
-        installed = diatheke_modules()
-    except DiathekeError as e:
-        return str(e)
-    missing = [m for m in (ENGLISH_MODULE, SPANISH_MODULE) if m not in installed]
-    if missing:
-        return (
-            f"SWORD module(s) {missing} are not installed; install them with: "
-            "apt-get install -y diatheke sword-text-web sword-text-sparv"
-        )
-    return None
+__all__ = ["bibles_missing", "run_bilingual"]
 
 
 def run_bilingual(
