@@ -27,14 +27,14 @@ LEVELS = [
     {"routers", "losses", "experts"},
     {"ops"},
     {"layers", "attention"},
-    {"models", "data"},
+    {"models", "data", "lora"},
     {"analysis"},
     {"depth"},
     {"functional"},
     {"train"},
     {"repro"},
     {"integrations"},
-    {"cli", "hf", "__init__"},
+    {"cli", "hf", "peft", "__init__"},
 ]
 LEVEL = {pkg: i for i, group in enumerate(LEVELS) for pkg in group}
 HEAVY = ("triton", "transformers", "matplotlib", "torch._dynamo", "moelab.analysis", "peft")
@@ -218,7 +218,7 @@ def test_registry_and_list_need_no_heavy_imports():
     assert int(count) > 10 and heavy.strip() == "[]"
 
 
-@pytest.mark.parametrize("name", ["hf"])
+@pytest.mark.parametrize("name", ["hf", "peft"])
 def test_short_names_are_the_same_modules(name):
     pytest.importorskip("transformers")
     import importlib

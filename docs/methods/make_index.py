@@ -38,12 +38,13 @@ KIND_TITLES = {
     "architecture": "Architectures (how routed layers are arranged across a model)",
     "depth": "Depth routers (which blocks run on which tokens, and how often)",
     "attention": "Attention routers (which keys each query attends to)",
+    "lora": "LoRA mixtures (routed adapters over a model's projections: `moelab.lora.apply`)",
 }
 
 
 def main() -> None:
     # Import optional parts so their methods register (each may be absent on a minimal install).
-    for mod in ("moelab.models", "moelab.analysis", "moelab.integrations.hf"):
+    for mod in ("moelab.models", "moelab.analysis", "moelab.integrations.hf", "moelab.lora"):
         try:
             __import__(mod)
         except Exception:  # noqa: BLE001 - a missing optional extra only shortens the table

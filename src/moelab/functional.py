@@ -150,6 +150,7 @@ from moelab.depth.recursion import (
 )
 from moelab.depth.schedule_search import project_schedule, search_sparsity_schedule
 from moelab.experts.film import feature_modulation
+from moelab.experts.lora import grouped_lora
 from moelab.experts.union import split_expert_order
 from moelab.kernels.grouped_mm import grouped_mm
 from moelab.layers.chain import chain_of_experts
@@ -248,6 +249,7 @@ __all__ = [
     "gathered_head_attention",
     "greedy_assignment",
     "group_limited_mask",
+    "grouped_lora",
     "grouped_mm",
     "gru_cell",
     "gumbel_sigmoid",

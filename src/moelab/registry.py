@@ -27,6 +27,7 @@ _KINDS: dict[str, str] = {
     "architecture": "how routed layers are arranged across a model (MoELMConfig settings)",
     "depth": "routes tokens to depth: which blocks run on which tokens, and how often",
     "attention": "routes queries to keys: which key blocks or heads each query attends with",
+    "lora": "a mixture of LoRA adapters over a model's projections (moelab.lora.apply presets)",
 }
 
 # Where moelab's own methods of each kind register themselves. A lookup that misses imports the
@@ -43,6 +44,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "architecture": "moelab.models",
     "depth": "moelab.depth",
     "attention": "moelab.attention",
+    "lora": "moelab.lora",
 }
 
 # Third-party packages moelab integrates with, and the moelab module that integrates each. A
