@@ -167,6 +167,7 @@ from moelab.ops.rows import combine, dispatch
 from moelab.routers.capacity import capacity_keep_mask, expert_capacity, token_choice_routing
 from moelab.routers.dynamoe import capacity_schedule, dynamic_topk, schedule_shape
 from moelab.routers.expert_choice import expert_choice, expert_choice_capacity
+from moelab.routers.hardsoft import hard_soft_topk
 from moelab.routers.mixer import (
     cluster_median,
     expert_loss_estimate,
@@ -253,6 +254,7 @@ __all__ = [
     "grouped_mm",
     "gru_cell",
     "gumbel_sigmoid",
+    "hard_soft_topk",
     "head_token_positions",
     "kmeans_l1",
     "labels_to_path",

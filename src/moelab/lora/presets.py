@@ -16,6 +16,10 @@ parameters only for losses that stay.
   ``moe_peft/adapters/dynmole/config.py``): ``keep_top_k=2``, ``top_p=0.75``,
   ``entropy_threshold=0.9``, ``q=1.1``, ``eps=1e-5``, ``router_dyn_loss_coef=1e-2``,
   ``router_aux_loss_coef=1e-3``.
+- ``lora_mixer``: LoRA-Mixer's experts routed inside the attention projections (``PAPER_TARGETS``),
+  the hard-soft top-k router ``hardsoft_topk`` (``moelab.routers.hardsoft``) and our
+  specialisation balance loss: ``load_balance`` plus the per-token Shannon entropy of the router
+  (``tsallis_entropy`` at ``q = 1``), both 1e-2 (our choice: the paper publishes neither).
 """
 
 from __future__ import annotations
@@ -65,7 +69,23 @@ MIXTURE_PRESETS: dict[str, MixturePreset] = {
         aux_losses={"tsallis_entropy": 1e-2, "load_balance": 1e-3},
         aux_loss_kwargs={"tsallis_entropy": {"q": 1.1, "eps": 1e-5}},
     ),
+    "lora_mixer": MixturePreset(
+        name="lora_mixer",
+        paper="LoRA-Mixer (hustcselwb 2025; README-only code): routed LoRA inside the attention projections, "
+        "hard-soft top-k, specialisation balance loss (its formula unpublished: ours)",
+        summary="experts in q/k/v/o, hard top-k forward with soft gradients, load balance + per-token "
+        "entropy shaping (our SBL)",
+        router="hardsoft_topk",
+        top_k=2,
+        # Our SBL: the global load balance plus the mean normalised Shannon entropy of each token's
+        # router distribution (Tsallis at q = 1), so decisions sharpen while usage stays balanced.
+        aux_losses={"load_balance": 1e-2, "tsallis_entropy": 1e-2},
+        aux_loss_kwargs={"tsallis_entropy": {"q": 1.0, "eps": 0.0}},
+    ),
 }
+
+# The projections each method's paper routes (``moelab.lora.apply(model, targets=...)``).
+PAPER_TARGETS: dict[str, tuple[str, ...]] = {"lora_mixer": ("q_proj", "k_proj", "v_proj", "o_proj")}
 
 
 def get_preset(method: str) -> MixturePreset:

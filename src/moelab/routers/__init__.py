@@ -8,6 +8,7 @@
 - ``rexmoe``: ReXMoE, routing over the union of adjacent layers' experts, with progressive scaling;
 - ``dynamoe``: DynaMoE, a per-token number of experts under a per-layer capacity schedule;
 - ``tsallis_topp``: DynMoLE's top-p router, all experts for uncertain tokens (Tsallis entropy);
+- ``hardsoft_topk``: LoRA-Mixer's hard top-k forward with soft (straight-through) gradients;
 - ``moma``: MoMa, expert choice inside modality groups of experts (token types), causal predictor;
 - ``promoe``: ProMoE, an unconditional expert by token type and prototypical (cosine) routing;
 - ``mixer``: MixER, hard top-1 whose gate is refit by K-means + least squares every n steps;
@@ -37,6 +38,7 @@ from moelab.routers.dynamoe import (
     schedule_shape,
 )
 from moelab.routers.expert_choice import ExpertChoiceRouter, expert_choice, expert_choice_capacity
+from moelab.routers.hardsoft import HardSoftTopKRouter, hard_soft_topk
 from moelab.routers.mixer import (
     KMeansResult,
     MixERRouter,
@@ -98,6 +100,7 @@ __all__ = [
     "Capacity",
     "DynaMoERouter",
     "ExpertChoiceRouter",
+    "HardSoftTopKRouter",
     "KMeansResult",
     "MixERRouter",
     "MoMaRouter",
@@ -133,6 +136,7 @@ __all__ = [
     "group_limited_mask",
     "gru_cell",
     "gumbel_sigmoid",
+    "hard_soft_topk",
     "kmeans_l1",
     "lstsq_gate",
     "mask_routing",
