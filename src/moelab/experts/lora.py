@@ -64,6 +64,42 @@ def grouped_lora(
     return grouped_mm(h_NR * scaling, lora_B_EOR.transpose(1, 2), offsets_E)
 
 
+def rank_dense_lora(
+    x_TD: Tensor,
+    lora_A_ERD: Tensor,
+    lora_B_EOR: Tensor,
+    weight_TE: Tensor,
+    scaling: float,
+    add_to: Tensor | None = None,
+) -> Tensor:
+    """``[T, d_out]``: ``sum_e weight[t, e] * scaling * B_e (A_e x_t)``, every expert at once in rank space.
+
+    When ``E * r`` is small beside the projection's widths (SmolLM2's 576 -> 1536 with 8 experts of
+    rank 8: ``E r = 64``), projecting every token through every expert's ``A`` costs a few percent
+    of the base GEMM, and so does mixing the ``[T, E r]`` intermediate back through ``B``: two dense
+    GEMMs, with the routing applied as a ``[T, E]`` weight on the small intermediate. That avoids
+    gathering rows, the ``[T k, d_out]`` per-assignment outputs and the scatter back, which is
+    what a routed LoRA's time goes to on CPU. Unselected experts have weight 0 and contribute
+    exactly 0 (their ``A`` still receives a zero gradient).
+
+    Args:
+        x_TD: ``[T, d_in]``; lora_A_ERD: ``[E, r, d_in]``; lora_B_EOR: ``[E, d_out, r]``;
+        weight_TE: ``[T, E]`` combine weights (``Routing.dense()``); scaling: ``alpha / r``.
+        add_to: an optional ``[T, d_out]`` (the base projection's fresh output): ``delta`` is then
+            accumulated into it in place (``addmm_``, no ``[T, d_out]`` temporary and no extra pass)
+            and it is returned. Autograd allows this: a linear layer's backward does not read its
+            output.
+    """
+    e, r, d_in = lora_A_ERD.shape
+    h_TER = (x_TD @ lora_A_ERD.reshape(e * r, d_in).T).view(-1, e, r)
+    h_TER = h_TER * (weight_TE.to(h_TER.dtype) * scaling).unsqueeze(-1)
+    b_OX = lora_B_EOR.permute(1, 0, 2).reshape(lora_B_EOR.shape[1], e * r)
+    h_TX = h_TER.reshape(-1, e * r)
+    if add_to is None:
+        return h_TX @ b_OX.T
+    return add_to.addmm_(h_TX, b_OX.T)
+
+
 # --------------------------------------------------------------------------------- the bank
 @registry.register(
     "bank",

@@ -11,22 +11,68 @@
 
 from moelab.experts.lora import PEFT_DEFAULT_LORA_ALPHA, LoRABank, grouped_lora
 from moelab.lora.apply import apply, matches_target, mixture_config, mixture_layers, remove, use_context
+from moelab.lora.flylora import (
+    FlyLoRALinear,
+    FlyLoRARouter,
+    apply_flylora,
+    flylora_layers,
+    flylora_state,
+    load_flylora_state,
+    merge_flylora,
+    merge_lora,
+    remove_flylora,
+)
 from moelab.lora.layer import RoutedLoRA
 from moelab.lora.presets import MIXTURE_PRESETS, MixturePreset, get_preset, resolve_mixture
+from moelab.lora.remix import (
+    REMIX_PRESET,
+    ReMixLoRA,
+    ReMixRouter,
+    effective_num_experts,
+    plackett_luce_log_prob,
+    recording,
+    remix_rloo_step,
+    remix_routers,
+    rloo_advantages,
+    rloo_surrogate,
+    router_effective_num_experts,
+    sample_without_replacement,
+)
 
 __all__ = [
     "MIXTURE_PRESETS",
     "PEFT_DEFAULT_LORA_ALPHA",
+    "REMIX_PRESET",
+    "FlyLoRALinear",
+    "FlyLoRARouter",
     "LoRABank",
     "MixturePreset",
+    "ReMixLoRA",
+    "ReMixRouter",
     "RoutedLoRA",
     "apply",
+    "apply_flylora",
+    "effective_num_experts",
+    "flylora_layers",
+    "flylora_state",
     "get_preset",
     "grouped_lora",
+    "load_flylora_state",
     "matches_target",
+    "merge_flylora",
+    "merge_lora",
     "mixture_config",
     "mixture_layers",
+    "plackett_luce_log_prob",
+    "recording",
+    "remix_rloo_step",
+    "remix_routers",
     "remove",
+    "remove_flylora",
     "resolve_mixture",
+    "rloo_advantages",
+    "rloo_surrogate",
+    "router_effective_num_experts",
+    "sample_without_replacement",
     "use_context",
 ]

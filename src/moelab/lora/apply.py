@@ -31,6 +31,9 @@ from moelab.lora.presets import resolve_mixture
 # Where ``apply`` keeps what ``remove`` and ``mixture_config`` need: an instance attribute of the
 # model, outside its modules, parameters and state dict.
 _STATE = "_moelab_lora_mixture"
+# Other adapter methods of moelab.lora that swap modules the same way (FlyLoRA) keep their state
+# under these attributes: an object with ``.wrapped``, ``.requires_grad`` and ``.layer_type``.
+OTHER_STATES = ("_moelab_flylora",)
 
 
 @dataclass
@@ -40,13 +43,13 @@ class _MixtureState:
     requires_grad: list[tuple[nn.Parameter, bool]]
 
 
-def _check_model(model: object) -> nn.Module:
+def check_model(model: object) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
     return model
 
 
-def _check_targets(targets: object) -> str | list[str]:
+def check_targets(targets: object) -> str | list[str]:
     if isinstance(targets, str):
         if not targets:
             raise ValueError(
@@ -75,7 +78,7 @@ def matches_target(name: str, targets: str | Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+def parent_module(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), child
 
@@ -83,7 +86,7 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def mixture_layers(model: nn.Module) -> dict[str, RoutedLoRA]:
     """``{qualified name: RoutedLoRA}`` of every LoRA mixture layer in ``model``, in module order
     (empty when there is none)."""
-    return {n: m for n, m in _check_model(model).named_modules() if isinstance(m, RoutedLoRA)}
+    return {n: m for n, m in check_model(model).named_modules() if isinstance(m, RoutedLoRA)}
 
 
 def apply(
@@ -119,13 +122,13 @@ def apply(
     match no module, a target matching a module that is not an ``nn.Linear`` or a fused 3-D
     expert parameter, and a model that already holds a mixture. On an error nothing is changed.
     """
-    _check_model(model)
-    if _STATE in vars(model) or mixture_layers(model):
+    check_model(model)
+    if _STATE in vars(model) or any(k in vars(model) for k in OTHER_STATES) or mixture_layers(model):
         raise ValueError(
-            f"model: this {type(model).__name__} already has LoRA mixture layers "
-            f"({list(mixture_layers(model))[:3]}...); call moelab.lora.remove(model) first"
+            f"model: this {type(model).__name__} already has LoRA mixture layers or adapters "
+            "(moelab.lora.apply or apply_flylora); call moelab.lora.remove(model) first"
         )
-    targets = _check_targets(targets)
+    targets = check_targets(targets)
     if router is not None and not isinstance(router, str):
         # One Router object would be shared by every wrapped projection.
         raise TypeError(f"router must be a registered router name (str) or None, got {type(router).__name__}")
@@ -171,7 +174,7 @@ def apply(
     for p, _ in flags:
         p.requires_grad_(False)
     for i, (name, layer) in enumerate(layers.items()):
-        parent, child = _parent(model, name)
+        parent, child = parent_module(model, name)
         setattr(parent, child, layer)
         layer.layer_index = i
     first = next(iter(layers.values())).experts
@@ -193,26 +196,28 @@ def remove(model: nn.Module) -> None:
     """Undo ``apply``: put the original module objects back and restore every parameter's
     ``requires_grad`` flag. The base weights were never changed, so ``state_dict()`` and the
     modules equal the model's before ``apply``, bit for bit."""
-    state = vars(_check_model(model)).get(_STATE)
-    if state is None:
+    key = next((k for k in (_STATE, *OTHER_STATES) if k in vars(check_model(model))), None)
+    if key is None:
         raise ValueError(f"model: this {type(model).__name__} has no LoRA mixture from moelab.lora.apply")
+    state = vars(model)[key]
+    layer_type = getattr(state, "layer_type", RoutedLoRA)
     current = {}
     for name in state.wrapped:
         try:
-            parent, child = _parent(model, name)
+            parent, child = parent_module(model, name)
             layer = getattr(parent, child)
         except AttributeError:
             layer = None
-        if not isinstance(layer, RoutedLoRA):
+        if not isinstance(layer, layer_type):
             raise ValueError(
-                f"model: {name!r} is no longer the RoutedLoRA apply() put there; cannot restore it"
+                f"model: {name!r} is no longer the {layer_type.__name__} apply() put there; cannot restore it"
             )
         current[name] = (parent, child, layer)
     for parent, child, layer in current.values():
         setattr(parent, child, layer.base)
     for p, flag in state.requires_grad:
         p.requires_grad_(flag)
-    del vars(model)[_STATE]
+    del vars(model)[key]
 
 
 def mixture_config(model: nn.Module) -> dict[str, Any]:
@@ -221,7 +226,7 @@ def mixture_config(model: nn.Module) -> dict[str, Any]:
     ``router_kwargs``, ``top_k``, ``aux_losses``, ``aux_loss_kwargs`` (the resolved values, the
     method's defaults filled in). ``apply(model, **config minus "wrapped")`` rebuilds the same
     mixture on a fresh copy of the base model."""
-    state = vars(_check_model(model)).get(_STATE)
+    state = vars(check_model(model)).get(_STATE)
     if state is None:
         raise ValueError(f"model: this {type(model).__name__} has no LoRA mixture from moelab.lora.apply")
     config = copy.deepcopy(state.config)

@@ -21,7 +21,7 @@ from moelab.core.context import RoutingContext, check_context
 from moelab.core.routed import RoutedLayer
 from moelab.core.router import Router
 from moelab.core.routing import Routing
-from moelab.experts.lora import LoRABank
+from moelab.experts.lora import LoRABank, rank_dense_lora
 from moelab.layers.moe import aux_losses_of, layer_input, layer_router, setup_experts_and_losses
 from moelab.lora.presets import resolve_mixture
 from moelab.ops.executors import resolve_executor
@@ -103,6 +103,16 @@ class RoutedLoRA(RoutedLayer):
         """The LoRA experts (``self.experts``, the name ``moelab.MoE`` and the executors use)."""
         return self.experts
 
+    @property
+    def in_features(self) -> int:
+        """The base projection's ``in_features`` (code that reads ``nn.Linear`` attributes keeps working)."""
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        """The base projection's ``out_features``."""
+        return self.base.out_features
+
     def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:
         return self.forward_routed(x, ctx)[0]
 
@@ -121,9 +131,35 @@ class RoutedLoRA(RoutedLayer):
         routing = self.router(x_TD, ctx)
         self.aux_terms, self.aux_loss = aux_losses_of(self, routing, ctx)  # the router's own routing
         routing = self.routed(routing, ctx, x_TD)
-        executor = resolve_executor(self.backend, x_TD.device, self.experts)
-        delta = self.dispatcher(x_TD, routing, self.experts, executor)
+        if self._rank_dense(routing) and y.dtype == x_TD.dtype:
+            bank = self.experts
+            out = rank_dense_lora(
+                x_TD,
+                bank.lora_A,
+                bank.lora_B,
+                routing.dense(),
+                bank.scaling,
+                add_to=y.reshape(-1, self.d_out),
+            )
+            return out.view(y.shape), routing
+        else:
+            executor = resolve_executor(self.backend, x_TD.device, self.experts)
+            delta = self.dispatcher(x_TD, routing, self.experts, executor)
         return y + delta.view(y.shape).to(y.dtype), routing
+
+    def _rank_dense(self, routing: Routing) -> bool:
+        """Whether ``backend="auto"`` runs every expert in rank space (``rank_dense_lora``): a
+        local dispatcher, no dropout, and ``E r`` at most a quarter of the narrower projection
+        width, where the dense low-rank GEMMs cost less than gathering rows (``bench/lora.py``)."""
+        bank = self.experts
+        width = min(bank.d_in, bank.d_out)
+        return (
+            self.backend == "auto"
+            and self.dispatcher.name == "local"
+            and not (bank.dropout and bank.training)
+            and 4 * bank.num_experts * bank.rank <= width
+            and routing.num_tokens > 0
+        )
 
     def _own_context(self) -> RoutingContext:
         """``self.context`` (set by ``use_context``) at this layer's index, else a fresh context."""

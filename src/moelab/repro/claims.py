@@ -359,10 +359,11 @@ REPRODUCTIONS: dict[str, Reproduction] = {
 }
 
 # The router zoo's (issue #9), the composite layers' (issue #10), depth routing's (issue #11) and
-# attention routing's (issue #12) reproductions live in their own modules; they use the helpers above.
+# attention routing's (issue #12) and LoRA mixtures' (issue #13) reproductions live in their own modules; they use the helpers above.
 from moelab.repro.attention import ATTENTION  # noqa: E402
 from moelab.repro.composite import COMPOSITE  # noqa: E402
 from moelab.repro.depth import DEPTH  # noqa: E402
+from moelab.repro.lora import LORA  # noqa: E402
 from moelab.repro.zoo import ZOO  # noqa: E402
 
-REPRODUCTIONS.update({r.name: r for r in ZOO + COMPOSITE + DEPTH + ATTENTION})
+REPRODUCTIONS.update({r.name: r for r in ZOO + COMPOSITE + DEPTH + ATTENTION + LORA})

@@ -1,0 +1,457 @@
+"""LoRA-mixture reproductions: ``lora_mixer_entropy`` and ``dynmole_entropy`` on one small harness.
+
+The harness, per seed (``run_lora_arms``):
+
+1. **base**: a dense ``MoELM`` (``LORA_MODEL``: d = 128, 4 layers, byte tokens, context 256)
+   pretrained on the default stdlib corpus for ``train["pretrain_steps"]`` steps with
+   ``moelab.train.Trainer`` (``LORA_PRETRAIN``). One base per seed, shared by the arms (each
+   arm adapts a deep copy) and by both reproductions run in one process (``_BASES``).
+2. **mixture**: ``moelab.lora.apply`` on every attention (``qkv``, ``out``) and FFN
+   (``gate_up``, ``down``) projection of the copy, ``NUM_EXPERTS`` = 4 experts of rank
+   ``RANK`` = 8, with the arm's router and losses (the method's preset otherwise). The same
+   seed draws the same LoRA and router initialisation in every arm.
+3. **fine-tuning** on a multi-task mix of the generated built-in tasks (``LORA_TASKS``:
+   arithmetic, brackets, sort; ``moelab.data.tasks``), examples packed whole into rows of
+   ``SEQ_LEN`` tokens (greedy, no example split; the rest padded; our choice: no padding
+   waste, as packing SFT trainers do), plain AdamW on the mixtures' parameters only, linear
+   warm-up then cosine decay (``LORA_FINETUNE``); loss = the targets' cross-entropy plus the
+   mixtures' auxiliary losses (``moelab.aux_loss``). The same batches in every arm.
+4. **metrics** on each task's val split (packed per task), after ``EARLY_FRACTION`` of the
+   steps (``*_early``) and at the end: ``val_loss_<task>`` (target tokens' cross-entropy),
+   ``val_loss`` (unweighted mean over tasks, our choice: sort's long targets do not dominate);
+   from the mixture layers' routing on the val tokens (padding excluded), averaged over the
+   layers (``routing_metrics``): ``entropy`` (mean per-token Shannon entropy of the router's
+   softmax, over ``log E``), ``max_over_mean`` and ``usage_cv`` (the expert-usage histogram's
+   max / mean and coefficient of variation), ``ess`` (``(sum w)^2 / sum w^2`` of each token's
+   combine weights, ``1 / sum w^2`` when they sum to 1), ``experts_per_token`` and ``task_mi``
+   (mutual information between task and expert over ``log E``: how task-specialised the
+   routing is). ``train_s``: the arm's fine-tuning seconds.
+
+Exact-match accuracy by greedy decoding is not measured (its cost would exceed the loss
+evaluation many times at this budget).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import random
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from moelab.repro.rules import Arm, Condition, Reproduction, Rows, diff, fmt, lower
+
+LORA_MODEL = {"d_model": 128, "n_layers": 4, "n_heads": 4, "moe_every": 1000, "max_seq_len": 256}
+SEQ_LEN = 256  # packed row length; arithmetic prompts reach ~270 bytes, longer examples are dropped
+LORA_TASKS = ("arithmetic", "brackets", "sort")
+TASK_SIZES = {"train": 600, "val": 48, "test": 0}  # examples per task (our choice)
+TARGETS = ("qkv", "out", "gate_up", "down")  # MoELM's attention and FFN projections
+NUM_EXPERTS = 4
+RANK = 8
+# Base pretraining (our choice: enough for byte statistics and some Python at this size).
+LORA_PRETRAIN = {"pretrain_steps": 200, "pretrain_lr": 3e-3, "pretrain_warmup": 20}
+# Mixture fine-tuning (our choice: LoRA at a higher lr than MixLoRA's 2e-4, for a short run
+# from B = 0). ``batch_size`` counts packed rows of SEQ_LEN tokens.
+LORA_FINETUNE = {"steps": 120, "batch_size": 8, "lr": 2e-3, "warmup_steps": 12, "weight_decay": 0.0}
+LORA_TRAIN = {**LORA_PRETRAIN, **LORA_FINETUNE}
+EARLY_FRACTION = 1 / 3  # the early checkpoint of "speeds convergence"
+EVAL_ROWS = 16  # packed val rows per forward
+BALANCE_MARGIN = 0.1  # max/mean load of the shaped arm may exceed the other's by this much (ours)
+
+# (seed, model, pretraining settings) -> (MoELMConfig, state dict): one base per seed per process.
+_BASES: dict[str, tuple[Any, dict[str, Tensor]]] = {}
+
+
+# --------------------------------------------------------------------------------- data
+def pack_examples(encoded: dict[str, Tensor], length: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Pack ``encode_examples`` rows whole, in order, into rows of ``length`` tokens (greedy:
+    an example that does not fit starts a new row; one longer than ``length`` is dropped).
+
+    Returns ``(input_ids [N, L], labels [N, L], mask [N, L] bool)``: labels ``-100`` off the
+    targets and on padding, ``mask`` True on real tokens. Raises ``ValueError`` when nothing fits.
+    """
+    ids_rows: list[list[int]] = [[]]
+    lab_rows: list[list[int]] = [[]]
+    for ids, labels, keep in zip(
+        encoded["input_ids"], encoded["labels"], encoded["attention_mask"], strict=True
+    ):
+        n = int(keep.sum())
+        if n > length:
+            continue
+        if len(ids_rows[-1]) + n > length:
+            ids_rows.append([])
+            lab_rows.append([])
+        ids_rows[-1].extend(ids[:n].tolist())
+        lab_rows[-1].extend(labels[:n].tolist())
+    if not ids_rows[-1]:
+        ids_rows.pop()
+        lab_rows.pop()
+    if not ids_rows:
+        raise ValueError(f"pack_examples: no example fits in length={length}")
+    ids_NL = torch.full((len(ids_rows), length), pad_id, dtype=torch.long)
+    labels_NL = torch.full((len(ids_rows), length), -100, dtype=torch.long)
+    mask_NL = torch.zeros((len(ids_rows), length), dtype=torch.bool)
+    for i, (ids, labels) in enumerate(zip(ids_rows, lab_rows, strict=True)):
+        ids_NL[i, : len(ids)] = torch.tensor(ids)
+        labels_NL[i, : len(ids)] = torch.tensor(labels)
+        mask_NL[i, : len(ids)] = True
+    return ids_NL, labels_NL, mask_NL
+
+
+def task_data(seed: int) -> tuple[tuple[Tensor, Tensor, Tensor], dict[str, tuple[Tensor, Tensor, Tensor]]]:
+    """``(train, {task: val})`` packed rows (``pack_examples``) of ``LORA_TASKS`` for ``seed``;
+    the train examples of all tasks shuffled together (seeded) before packing."""
+    from moelab.data.tasks import encode_examples, load_tasks
+    from moelab.data.tokenizers import ByteTokenizer
+
+    tok = ByteTokenizer()
+    pad = tok.encode("\n")[0]
+    tasks = load_tasks(LORA_TASKS, seed=seed, sizes=TASK_SIZES)
+    train = [ex for t in tasks.values() for ex in t.examples("train")]
+    random.Random(seed).shuffle(train)
+    packed = pack_examples(encode_examples(train, tok), SEQ_LEN, pad)
+    val = {n: pack_examples(encode_examples(t.examples("val"), tok), SEQ_LEN, pad) for n, t in tasks.items()}
+    return packed, val
+
+
+# --------------------------------------------------------------------------------- the base
+def pretrained_base(seed: int, model: dict[str, Any], train: dict[str, Any], progress: bool, console: Any):
+    """A fresh copy of ``seed``'s pretrained dense ``MoELM`` (trained once per process; module
+    docstring). ``model``: ``MoELMConfig`` fields (unknown ones ignored); ``train``: the
+    reproduction's settings (``pretrain_steps``, ``pretrain_lr``, ``pretrain_warmup``,
+    ``batch_size``, ``threads``)."""
+    from moelab.data import load_data
+    from moelab.models.config import MoELMConfig
+    from moelab.models.lm import MoELM
+    from moelab.train.config import TrainConfig
+    from moelab.train.trainer import Trainer
+
+    known = {f.name for f in fields(MoELMConfig)}
+    settings = {
+        "steps": int(train["pretrain_steps"]),
+        "batch_size": int(train["batch_size"]),
+        "seq_len": SEQ_LEN,
+        "lr": float(train["pretrain_lr"]),
+        "warmup_steps": min(int(train["pretrain_warmup"]), int(train["pretrain_steps"])),
+        "eval_every": 0,
+        "eval_batches": 2,
+        "seed": seed,
+        "threads": int(train.get("threads") or 0),
+    }
+    chosen = {k: v for k, v in model.items() if k in known}
+    key = json.dumps([seed, chosen, settings], sort_keys=True, default=str)
+    if key not in _BASES:
+        tcfg = TrainConfig.from_dict(settings)
+        data = load_data(tcfg.data, tcfg.tokenizer, bpe_vocab_size=tcfg.bpe_vocab_size)
+        cfg = MoELMConfig.from_dict(chosen | {"vocab_size": data.vocab_size})
+        if cfg.moe_layers:
+            raise ValueError(
+                f"the LoRA reproductions adapt a dense model: set moe_every > n_layers, got {cfg.moe_every}"
+            )
+        if cfg.max_seq_len < SEQ_LEN:
+            raise ValueError(f"model max_seq_len must be >= {SEQ_LEN} (packed rows), got {cfg.max_seq_len}")
+        trainer = Trainer(
+            cfg, tcfg, data=data, progress=progress, console=console, description=f"base s{seed}"
+        )
+        trainer.train()
+        state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        _BASES[key] = (cfg, state)
+    cfg, state = _BASES[key]
+    net = MoELM(cfg)
+    net.load_state_dict(state)
+    return net
+
+
+# --------------------------------------------------------------------------------- metrics
+def routing_metrics(records: list[tuple[str, Any, Tensor, int]], num_experts: int) -> dict[str, float]:
+    """Routing statistics of ``records`` = ``[(task, routing, valid_T bool, layer)]`` (one per
+    mixture layer and forward; ``valid_T`` marks the real tokens of the ``routing.num_tokens``),
+    pooled per layer over forwards, then averaged over layers (module docstring): ``entropy``,
+    ``max_over_mean``, ``usage_cv``, ``ess``, ``experts_per_token``, ``task_mi``."""
+    if not records:
+        raise ValueError("routing_metrics: records is empty (no mixture layer ran)")
+    log_e = math.log(num_experts)
+    per_layer: dict[int, dict[str, Any]] = {}
+    for task, r, valid_T, layer in records:
+        acc = per_layer.setdefault(
+            layer, {"entropy": 0.0, "tokens": 0, "ess": 0.0, "assign": 0, "counts": {}}
+        )
+        valid_T = valid_T.reshape(-1)
+        keep_A = valid_T[r.token_index]  # assignments of real tokens
+        probs_TE = r.probs if r.probs is not None else torch.softmax(r.logits, dim=-1)
+        p_TE = probs_TE.detach().float()[valid_T]
+        entropy_T = -(p_TE * p_TE.clamp_min(1e-30).log()).sum(-1) / log_e
+        w_A, token_A = r.weight.detach().float()[keep_A], r.token_index[keep_A]
+        sum_T = torch.zeros(r.num_tokens).index_add_(0, token_A, w_A)
+        sq_T = torch.zeros(r.num_tokens).index_add_(0, token_A, w_A * w_A)
+        has_T = valid_T & (sq_T > 0)  # a token no expert took counts ESS 0
+        acc["entropy"] += float(entropy_T.sum())
+        acc["tokens"] += int(valid_T.sum())
+        acc["ess"] += float((sum_T[has_T] ** 2 / sq_T[has_T]).sum())
+        acc["assign"] += int(keep_A.sum())
+        counts_E = torch.bincount(r.expert_index[keep_A], minlength=num_experts).double()
+        acc["counts"][task] = acc["counts"].get(task, 0) + counts_E
+    out = dict.fromkeys(("entropy", "max_over_mean", "usage_cv", "ess", "experts_per_token", "task_mi"), 0.0)
+    for acc in per_layer.values():
+        table_NE = torch.stack(list(acc["counts"].values()))  # [tasks, E] assignments
+        usage_E = table_NE.sum(0)
+        mean = usage_E.mean()
+        tokens = max(1, acc["tokens"])
+        out["entropy"] += acc["entropy"] / tokens
+        out["ess"] += acc["ess"] / tokens
+        out["experts_per_token"] += acc["assign"] / tokens
+        out["max_over_mean"] += float(usage_E.max() / mean)
+        out["usage_cv"] += float(usage_E.std(unbiased=False) / mean)
+        joint_NE = table_NE / table_NE.sum()
+        outer_NE = joint_NE.sum(1, keepdim=True) * joint_NE.sum(0, keepdim=True)
+        nz = joint_NE > 0
+        out["task_mi"] += float((joint_NE[nz] * (joint_NE[nz] / outer_NE[nz]).log()).sum()) / log_e
+    return {k: v / len(per_layer) for k, v in out.items()}
+
+
+def evaluate(
+    model: nn.Module, val: dict[str, tuple[Tensor, Tensor, Tensor]], num_experts: int | None = NUM_EXPERTS
+) -> dict[str, float]:
+    """``val_loss_<task>`` (target tokens' cross-entropy), ``val_loss`` (their unweighted mean)
+    and, unless ``num_experts`` is None (a model without mixtures), ``routing_metrics`` on
+    every real val token."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    from moelab.core.routed import override_routing
+
+    records: list[tuple[str, Any, Tensor, int]] = []
+    row: dict[str, float] = {}
+    was_training = model.training
+    model.eval()
+    for task, (ids, labels, mask) in val.items():
+        total, count = 0.0, 0
+        for lo in range(0, ids.shape[0], EVAL_ROWS):
+            chunk = slice(lo, lo + EVAL_ROWS)
+            seen: list[Any] = []
+
+            def record(routing: Any, site: Any, seen: list = seen) -> Any:
+                seen.append(routing)
+                return routing
+
+            watch = override_routing(model, record) if num_experts is not None else contextlib.nullcontext()
+            with torch.no_grad(), watch:
+                logits = model(ids[chunk]).logits
+            lab = labels[chunk][:, 1:].reshape(-1)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), lab, ignore_index=-100, reduction="sum"
+            )
+            total += float(loss)
+            count += int((lab != -100).sum())
+            records.extend((task, r, mask[chunk].reshape(-1), layer) for layer, r in enumerate(seen))
+        row[f"val_loss_{task}"] = total / max(1, count)
+    row["val_loss"] = sum(row[f"val_loss_{t}"] for t in val) / len(val)
+    if num_experts is not None:
+        row.update(routing_metrics(records, num_experts))
+    model.train(was_training)
+    return row
+
+
+def _lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# --------------------------------------------------------------------------------- one arm, one seed
+def finetune_arm(
+    base: nn.Module,
+    arm: Arm,
+    *,
+    method: str,
+    seed: int,
+    train: dict[str, Any],
+    data: tuple[Tensor, Tensor, Tensor],
+    val: dict[str, tuple[Tensor, Tensor, Tensor]],
+) -> dict[str, float]:
+    """Put ``arm``'s mixture (``method``'s preset, ``arm.router`` / ``router_kwargs`` /
+    ``aux_losses`` instead of the preset's) on a deep copy of ``base``, fine-tune it on ``data``
+    and measure on ``val`` (module docstring). Returns the arm's row."""
+    from moelab.core.routed import aux_loss
+    from moelab.lora import apply
+
+    model = copy.deepcopy(base)
+    torch.manual_seed(seed)  # the same LoRA and router initialisation in every arm
+    apply(
+        model,
+        list(TARGETS),
+        method=method,
+        num_experts=NUM_EXPERTS,
+        rank=RANK,
+        router=arm.router,
+        router_kwargs=dict(arm.router_kwargs),
+        aux_losses=dict(arm.aux_losses),
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(train["lr"]), weight_decay=float(train["weight_decay"]))
+    ids, labels, _ = data
+    steps, batch = int(train["steps"]), int(train["batch_size"])
+    warmup = min(int(train["warmup_steps"]), steps)
+    early_at = max(1, round(EARLY_FRACTION * steps))
+    order = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(ids.shape[0], generator=order)
+    cursor = 0
+    row: dict[str, float] = {}
+    train_s = 0.0
+    model.train()
+    for step in range(steps):
+        t0 = time.perf_counter()
+        if cursor + batch > perm.numel():  # a new epoch, reshuffled
+            perm, cursor = torch.randperm(ids.shape[0], generator=order), 0
+        pick = perm[cursor : cursor + batch]
+        cursor += batch
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, warmup, float(train["lr"]))
+        out = model(ids[pick], labels=labels[pick])
+        loss = out.ce_loss + aux_loss(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        train_s += time.perf_counter() - t0
+        if step + 1 == early_at:
+            early = evaluate(model, val)
+            row.update({f"{k}_early": early[k] for k in ("val_loss", "entropy", "max_over_mean")})
+    row.update(evaluate(model, val))
+    row["train_s"] = train_s
+    row["steps"] = float(steps)
+    return row
+
+
+def run_lora_arms(
+    *,
+    seed: int,
+    model: dict[str, Any],
+    train: dict[str, Any],
+    out: Path | None = None,
+    progress: bool = False,
+    console: Any = None,
+    method: str,
+    arms: dict[str, Arm],
+) -> Rows:
+    """One seed of a LoRA-mixture reproduction (module docstring): the seed's base, then every
+    arm of ``arms`` with ``method``'s mixture. ``model``: ``MoELMConfig`` overrides (fields a
+    dense byte model does not use are ignored); ``train``: ``LORA_TRAIN``'s keys and
+    ``threads``. Returns one row per arm and ``_base`` (the base's val loss on the tasks)."""
+    from moelab.train.resources import torch_threads
+
+    settings = {**LORA_TRAIN, **{k: v for k, v in train.items() if k in LORA_TRAIN and v is not None}}
+    settings["threads"] = train.get("threads")
+    base = pretrained_base(seed, {**LORA_MODEL, **model}, settings, progress, console)
+    rows: Rows = {}
+    with torch_threads(settings["threads"]):
+        data, val = task_data(seed)
+        base_row = evaluate(base, val, num_experts=None)
+        for label, arm in arms.items():
+            if progress and console is not None:
+                console.print(f"{method} seed {seed}: {label}")
+            rows[label] = finetune_arm(
+                base, arm, method=method, seed=seed, train=settings, data=data, val=val
+            )
+    rows["_base"] = base_row
+    return rows
+
+
+# --------------------------------------------------------------------------------- the reproductions
+def _routing_text(r: dict[str, float]) -> str:
+    return (
+        f"entropy {fmt(r['entropy'])}, max/mean load {fmt(r['max_over_mean'])} (CV {fmt(r['usage_cv'])}), "
+        f"ESS {fmt(r['ess'])}, task MI {fmt(r['task_mi'])}, val loss {r['val_loss']:.3f}"
+    )
+
+
+def _describe_pair(on: str, off: str, what: str) -> Any:
+    def describe(r: Rows) -> str:
+        tasks = ", ".join(
+            f"{t} {r[on][f'val_loss_{t}']:.3f} / {r[off][f'val_loss_{t}']:.3f}" for t in LORA_TASKS
+        )
+        return (
+            f"{what}; after {r[on]['steps']:.0f} steps on {', '.join(LORA_TASKS)} (mean over seeds, "
+            f"{NUM_EXPERTS} experts of rank {RANK} on qkv/out/gate_up/down of a {LORA_MODEL['n_layers']}-layer "
+            f"d={LORA_MODEL['d_model']} byte LM): {on}: {_routing_text(r[on])}; {off}: {_routing_text(r[off])}. "
+            f"Val loss after {EARLY_FRACTION:.2g} of the steps {r[on]['val_loss_early']:.3f} / "
+            f"{r[off]['val_loss_early']:.3f}; per task {tasks}; base (no mixture) {r['_base']['val_loss']:.3f}; "
+            f"{r[on]['train_s']:.0f} s / {r[off]['train_s']:.0f} s per arm"
+        )
+
+    return describe
+
+
+def _arms_without(method: str, loss: str, on: str, off: str) -> dict[str, Arm]:
+    """Two arms of ``method``'s preset: ``on`` with every preset loss, ``off`` without ``loss``."""
+    from moelab.lora.presets import get_preset
+
+    preset = get_preset(method)
+    kwargs = dict(preset.router_kwargs)
+    rest = {k: v for k, v in preset.aux_losses.items() if k != loss}
+    return {on: Arm(preset.router, kwargs, dict(preset.aux_losses)), off: Arm(preset.router, kwargs, rest)}
+
+
+LORA_MIXER_ARMS = _arms_without("lora_mixer", "tsallis_entropy", "entropy_on", "entropy_off")
+DYNMOLE_ARMS = _arms_without("dynmole", "tsallis_entropy", "tsallis", "no_tsallis")
+
+LORA_MIXER_ENTROPY = Reproduction(
+    name="lora_mixer_entropy",
+    method="lora_mixer",
+    paper="LoRA-Mixer (hustcselwb 2025): specialisation balance loss (its form ours); PAPERS.md B",
+    claim=(
+        "The entropy-shaping term of LoRA-Mixer's specialisation balance loss lowers the per-token router "
+        "entropy while expert usage stays balanced (max/mean load no worse by more than "
+        f"{BALANCE_MARGIN})."
+    ),
+    arms=LORA_MIXER_ARMS,
+    conditions=(
+        lower("entropy", "entropy_on", "entropy_off", name="router entropy / log E"),
+        Condition(
+            "max/mean load: entropy_on - entropy_off",
+            diff("max_over_mean", "entropy_on", "entropy_off"),
+            "lower",
+            threshold=BALANCE_MARGIN,
+        ),
+    ),
+    describe=_describe_pair(
+        "entropy_on", "entropy_off", "hard-soft top-2, load balance 1e-2, entropy term 1e-2 on / off"
+    ),
+    model=LORA_MODEL,
+    train=dict(LORA_TRAIN),
+    runner=functools.partial(run_lora_arms, method="lora_mixer", arms=LORA_MIXER_ARMS),
+)
+
+DYNMOLE_ENTROPY = Reproduction(
+    name="dynmole_entropy",
+    method="dynmole",
+    paper="DynMoLE (Li et al. 2025); code mikecovlee/DynMoLE; PAPERS.md B",
+    claim=(
+        "DynMoLE's Tsallis entropy loss lowers the router's entropy and speeds convergence (a lower val loss "
+        f"after {EARLY_FRACTION:.2g} of the fine-tuning steps)."
+    ),
+    arms=DYNMOLE_ARMS,
+    conditions=(
+        lower("entropy", "tsallis", "no_tsallis", name="router entropy / log E"),
+        lower("val_loss_early", "tsallis", "no_tsallis", name="val loss at 1/3 of the steps"),
+    ),
+    describe=_describe_pair(
+        "tsallis",
+        "no_tsallis",
+        "tsallis_topp (top-p 0.75, threshold 0.9), Tsallis loss 1e-2 on / off, load balance 1e-3",
+    ),
+    model=LORA_MODEL,
+    train=dict(LORA_TRAIN),
+    runner=functools.partial(run_lora_arms, method="dynmole", arms=DYNMOLE_ARMS),
+)
+
+LORA: list[Reproduction] = [LORA_MIXER_ENTROPY, DYNMOLE_ENTROPY]
