@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from tiny_llama import tiny_llama
 from torch import nn
 
 import moelab
@@ -242,24 +243,6 @@ def test_router_alone_satisfies_the_router_contract():
 # ------------------------------------------------------------------ a tiny transformers Llama
 transformers = pytest.importorskip("transformers")
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def ids(seed: int = 1) -> torch.Tensor:

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from tiny_llama import tiny_llama
 from torch import nn
 
 import moelab
@@ -32,24 +33,6 @@ WRAPPED = [
     for i in range(2)
     for p in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
 ]
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

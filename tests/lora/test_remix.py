@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from tiny_llama import tiny_llama
 from torch import Tensor, nn
 
 import moelab
@@ -266,25 +267,6 @@ def test_registered_as_lora_method_and_router():
     assert registry.get("router", "remix").obj is ReMixRouter
     assert REMIX_PRESET.router == "remix" and REMIX_PRESET.top_k == 2
     assert "remix" in {m.name for m in moelab.list_methods("lora")}
-
-
-def tiny_llama(seed: int = 0) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def test_one_rloo_step_on_a_tiny_llama_changes_only_routers_and_loras():

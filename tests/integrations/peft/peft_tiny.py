@@ -5,30 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tiny_llama import tiny_llama as shared_tiny_llama
 from torch import Tensor, nn
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 
 
 def tiny_llama(seed: int = 0) -> nn.Module:
-    """A 2-layer random ``LlamaForCausalLM`` (hidden 32, vocab 64), identical for one seed, in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    """The shared tiny Llama (``tests/tiny_llama.py``) with a 64-token vocabulary."""
+    return shared_tiny_llama(seed, vocab_size=64)
 
 
 def tiny_ids(seed: int = 1) -> Tensor:
