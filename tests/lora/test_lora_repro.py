@@ -47,9 +47,9 @@ def test_pack_examples_keeps_examples_whole_and_in_order():
 def _naive_metrics(records, num_experts):
     """The metrics of ``routing_metrics``, one token and one assignment at a time."""
     layers = sorted({rec[3] for rec in records})
-    out = dict.fromkeys(("entropy", "max_over_mean", "usage_cv", "ess", "experts_per_token", "task_mi"), 0.0)
+    out = dict.fromkeys(lora_repro.ROUTING_METRICS, 0.0)
     for layer in layers:
-        ent, ess, tokens, assign = 0.0, 0.0, 0, 0
+        ent, ress, ess, tokens, assign = 0.0, 0.0, 0.0, 0, 0
         table = {}
         for task, r, valid, lay in records:
             if lay != layer:
@@ -61,6 +61,7 @@ def _naive_metrics(records, num_experts):
                 tokens += 1
                 p = r.probs[t].tolist()
                 ent += -sum(x * math.log(x) for x in p if x > 0) / math.log(num_experts)
+                ress += sum(p) ** 2 / sum(x * x for x in p)
                 ws = [float(r.weight[a]) for a in range(len(r.token_index)) if int(r.token_index[a]) == t]
                 es = [int(r.expert_index[a]) for a in range(len(r.token_index)) if int(r.token_index[a]) == t]
                 if ws:
@@ -80,6 +81,7 @@ def _naive_metrics(records, num_experts):
                     pj = c[e] / total
                     mi += pj * math.log(pj / (pt * usage[e] / total))
         out["entropy"] += ent / tokens
+        out["router_ess"] += ress / tokens
         out["ess"] += ess / tokens
         out["experts_per_token"] += assign / tokens
         out["max_over_mean"] += max(usage) / mean
@@ -123,14 +125,27 @@ def test_routing_metrics_extremes():
     probs[:, 2] = 1.0
     r = Routing(torch.arange(6), torch.full((6,), 2), torch.ones(6), 6, 4, probs=probs)
     m = lora_repro.routing_metrics([("a", r, torch.ones(6, dtype=torch.bool), 0)], 4)
-    assert m["entropy"] == pytest.approx(0.0, abs=1e-6)
+    assert m["entropy"] == pytest.approx(0.0, abs=1e-6) and m["router_ess"] == pytest.approx(1.0)
     assert m["ess"] == pytest.approx(1.0) and m["experts_per_token"] == pytest.approx(1.0)
     assert m["max_over_mean"] == pytest.approx(4.0) and m["task_mi"] == pytest.approx(0.0)
     with pytest.raises(ValueError, match="empty"):
         lora_repro.routing_metrics([], 4)
 
 
-@pytest.mark.parametrize("rep", lora_repro.LORA, ids=lambda r: r.name)
+MIXTURE_REPS = [r for r in lora_repro.LORA if getattr(r.runner, "func", None) is lora_repro.run_lora_arms]
+
+
+def test_every_reproduction_is_listed():
+    assert [r.name for r in lora_repro.LORA] == [
+        "lora_mixer_entropy",
+        "dynmole_entropy",
+        "remix_ess",
+        "flylora_merge",
+    ]
+    assert [r.name for r in MIXTURE_REPS] == ["lora_mixer_entropy", "dynmole_entropy", "remix_ess"]
+
+
+@pytest.mark.parametrize("rep", MIXTURE_REPS, ids=lambda r: r.name)
 def test_runner_on_a_tiny_budget(monkeypatch, rep):
     monkeypatch.setattr(lora_repro, "TASK_SIZES", {"train": 24, "val": 6, "test": 0})
     monkeypatch.setattr(lora_repro, "_BASES", {})
@@ -138,17 +153,21 @@ def test_runner_on_a_tiny_budget(monkeypatch, rep):
     assert set(rows) == {*rep.arms, "_base"}
     for label in rep.arms:
         row = rows[label]
-        for key in ("val_loss", "val_loss_early", "entropy", "max_over_mean", "usage_cv", "ess", "task_mi"):
+        for key in ("val_loss", "val_loss_early", "ess_early", "router_ess", *lora_repro.ROUTING_METRICS):
             assert math.isfinite(row[key]), (label, key)
         for task in lora_repro.LORA_TASKS:
             assert math.isfinite(row[f"val_loss_{task}"])
         assert 0.0 <= row["entropy"] <= 1.0 + 1e-6
         assert 1.0 <= row["max_over_mean"] <= lora_repro.NUM_EXPERTS
         assert 1.0 <= row["ess"] <= row["experts_per_token"] + 1e-6 <= lora_repro.NUM_EXPERTS + 1e-6
+        assert 1.0 - 1e-6 <= row["router_ess"] <= lora_repro.NUM_EXPERTS + 1e-6
         assert row["steps"] == TINY_TRAIN["steps"]
     if rep.method == "lora_mixer":  # hard-soft top-2: two equal weights per token
         for label in rep.arms:
             assert rows[label]["ess"] == pytest.approx(2.0)
+    if rep.method == "remix":  # equal weights 1/2 on the top-2 at eval; MoLoRA's softmax weights differ
+        assert rows["remix"]["ess"] == pytest.approx(2.0)
+        assert rows["mole"]["ess"] < 2.0
     # the arms start from the same base and initialisation: only their losses differ, so
     # after 4 tiny steps the two rows are close but not identical
     a, b = (rows[label] for label in rep.arms)
@@ -237,3 +256,131 @@ def test_arms_follow_the_presets():
         assert off.aux_losses == {k: v for k, v in preset.aux_losses.items() if k != "tsallis_entropy"}
         assert rep.runner.keywords == {"method": method, "arms": rep.arms}
     assert lora_repro.LORA_MIXER_ENTROPY.arms["entropy_off"].aux_losses == {"load_balance": 1e-2}
+
+
+def test_remix_arm_trains_by_rloo(monkeypatch):
+    """The ReMix arm's loop calls ``remix_rloo_step`` (M forwards) every step and moves the router."""
+    import moelab.lora.remix as remix
+
+    monkeypatch.setattr(lora_repro, "_BASES", {})
+    settings = lora_repro._settings({**TINY_TRAIN, "rloo_samples": 2})
+    base = lora_repro.pretrained_base(0, {**lora_repro.LORA_MODEL, **TINY_MODEL}, settings, False, None)
+    calls = []
+    real = remix.remix_rloo_step
+
+    def counting(model, loss_fn, batch, num_samples):
+        calls.append(num_samples)
+        return real(model, loss_fn, batch, num_samples=num_samples)
+
+    monkeypatch.setattr(remix, "remix_rloo_step", counting)
+    from moelab.lora import apply
+
+    model = lora_repro.copy.deepcopy(base)
+    torch.manual_seed(0)
+    apply(model, list(lora_repro.TARGETS), method="remix", num_experts=4, rank=4)
+    gates = {n: p.detach().clone() for n, p in model.named_parameters() if "router" in n and p.requires_grad}
+    assert gates
+    ids = torch.randint(0, 256, (6, 40))
+    labels = ids.clone()
+    labels[:, :20] = -100
+    lora_repro.finetune(model, seed=0, train=settings, data=(ids, labels, ids >= 0))
+    assert calls == [2] * TINY_TRAIN["steps"]
+    moved = [n for n, p in model.named_parameters() if n in gates and not torch.equal(p, gates[n])]
+    assert moved  # the experts moved after the first step, then the routers got an RLOO signal
+
+
+def test_sequence_losses_match_a_per_row_loop():
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    logits = torch.randn(3, 7, 11)
+    model.forward = lambda ids: type("Out", (), {"logits": logits})()
+    labels = torch.randint(0, 11, (3, 7))
+    labels[0, :4] = -100
+    labels[2, :] = -100  # no targets: 0
+    got = lora_repro._sequence_losses(model, torch.zeros(3, 7, dtype=torch.long), labels)
+    for b in range(3):
+        terms = [
+            -torch.log_softmax(logits[b, s], -1)[labels[b, s + 1]]
+            for s in range(6)
+            if labels[b, s + 1] != -100
+        ]
+        want = sum(terms) / len(terms) if terms else torch.tensor(0.0)
+        assert float(got[b]) == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+
+
+def _tiny_merge(monkeypatch):
+    monkeypatch.setattr(lora_repro, "TASK_SIZES", {"train": 24, "val": 6, "test": 0})
+    monkeypatch.setattr(lora_repro, "_BASES", {})
+
+
+def test_merge_runner_on_a_tiny_budget(monkeypatch):
+    _tiny_merge(monkeypatch)
+    rep = lora_repro.FLYLORA_MERGE
+    rows = rep.runner(seed=0, model=dict(TINY_MODEL), train=dict(TINY_TRAIN))
+    assert set(rows) == {"flylora", "lora", "_base"}
+    for label in ("flylora", "lora"):
+        row = rows[label]
+        for t in lora_repro.MERGE_TASKS:
+            assert math.isfinite(row[f"own_{t}"]) and math.isfinite(row[f"merged_{t}"])
+            assert row[f"own_{t}"] != rows["_base"][f"own_{t}"]  # the adapter trained
+            assert row[f"merged_{t}"] != row[f"own_{t}"]  # the merge is another adapter
+        want = sum(row[f"merged_{t}"] - row[f"own_{t}"] for t in lora_repro.MERGE_TASKS) / 2
+        assert row["degradation"] == pytest.approx(want)
+        assert row["steps"] == TINY_TRAIN["steps"]
+    judged = rep.judge([rows, rows])
+    assert len(judged["conditions"]) == 1
+    assert isinstance(rep.describe(rows), str)
+
+
+@pytest.mark.parametrize("kind", ["flylora", "lora"])
+def test_merging_two_identical_adapters_changes_nothing(monkeypatch, kind):
+    """Both tasks the same data: the two adapters train identically, so their average is each of
+    them and the degradation is 0 (the states are read, averaged and loaded back exactly)."""
+    _tiny_merge(monkeypatch)
+    settings = lora_repro._settings(TINY_TRAIN)
+    base = lora_repro.pretrained_base(0, {**lora_repro.LORA_MODEL, **TINY_MODEL}, settings, False, None)
+    data = lora_repro.single_task_data(0, ("sort",))["sort"]
+    row = lora_repro.merge_arm(base, kind, seed=0, train=settings, tasks={"a": data, "b": data})
+    assert row["own_a"] == row["own_b"]
+    assert row["merged_a"] == pytest.approx(row["own_a"], abs=1e-6)
+    assert row["degradation"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_adapters_of_one_seed_share_their_start():
+    from moelab.models.config import MoELMConfig
+    from moelab.models.lm import MoELM
+
+    base = MoELM(MoELMConfig.from_dict({**lora_repro.LORA_MODEL, **TINY_MODEL, "vocab_size": 256}))
+    for kind in ("flylora", "lora"):
+        a = lora_repro._adapter_state(lora_repro._with_adapter(base, kind, 3), kind)
+        b = lora_repro._adapter_state(lora_repro._with_adapter(base, kind, 3), kind)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        if kind == "lora":  # a one-expert mixture of rank MERGE_LORA_RANK: lora_A and lora_B train
+            shapes = {k.rpartition(".")[2]: v.shape for k, v in a.items()}
+            assert shapes["lora_A"][:2] == (1, lora_repro.MERGE_LORA_RANK)
+        else:
+            assert any(k.endswith("lora_A") for k in a)
+    with pytest.raises(ValueError, match="kind"):
+        lora_repro._with_adapter(base, "dora", 0)
+
+
+def test_remix_verdicts_on_synthetic_rows():
+    rep = lora_repro.REMIX_ESS
+    m = lora_repro.ESS_MARGIN
+    holds = [_rows("remix", "mole", ess=(2.0, 1.2 + d)) for d in (0.0, 0.02, 0.04)]
+    assert rep.judge(holds)["verdict"] == "holds"
+    # MoLoRA's weights did not collapse: within the margin of ReMix's k = 2
+    close = [_rows("remix", "mole", ess=(2.0, 2.0 - m / 4 + d)) for d in (0.0, 0.01, 0.02)]
+    assert rep.judge(close)["verdict"] == "does not hold"
+    assert rep.judge(holds[:1])["verdict"] == "inconclusive"
+    assert rep.conditions[0].text() == f"combine-weight ESS: remix - mole > {m:+g}"
+    assert rep.arms["mole"].aux_losses == {} and rep.arms["remix"].router == "remix"
+    assert rep.runner.keywords["methods"] == {"remix": "remix", "mole": "mole"}
+
+
+def test_flylora_merge_verdicts_on_synthetic_rows():
+    rep = lora_repro.FLYLORA_MERGE
+    less = [_rows("flylora", "lora", degradation=(0.05 + d, 0.30)) for d in (0.0, 0.01, 0.02)]
+    assert rep.judge(less)["verdict"] == "holds"
+    more = [_rows("flylora", "lora", degradation=(0.40 + d, 0.30)) for d in (0.0, 0.01, 0.02)]
+    assert rep.judge(more)["verdict"] == "does not hold"

@@ -260,6 +260,16 @@ class FlyLoRALinear(RoutedLayer):
         optimizer step; ``moelab.step_end(model)`` calls it through the router)."""
         self.router.step_end()
 
+    @property
+    def in_features(self) -> int:
+        """The base projection's ``in_features`` (code that reads ``nn.Linear`` attributes keeps working)."""
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        """The base projection's ``out_features``."""
+        return self.base.out_features
+
     def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:
         return self.forward_routed(x, ctx)[0]
 

@@ -1,4 +1,6 @@
-"""LoRA-mixture reproductions: ``lora_mixer_entropy`` and ``dynmole_entropy`` on one small harness.
+"""LoRA-mixture reproductions on one small harness: ``lora_mixer_entropy``, ``dynmole_entropy``,
+``remix_ess`` (ReMix against a softmax MoLoRA without balancing) and ``flylora_merge`` (two
+single-task adapters averaged, FlyLoRA against LoRA; ``merge_arm``).
 
 The harness, per seed (``run_lora_arms``):
 
@@ -15,13 +17,16 @@ The harness, per seed (``run_lora_arms``):
    ``SEQ_LEN`` tokens (greedy, no example split; the rest padded; our choice: no padding
    waste, as packing SFT trainers do), plain AdamW on the mixtures' parameters only, linear
    warm-up then cosine decay (``LORA_FINETUNE``); loss = the targets' cross-entropy plus the
-   mixtures' auxiliary losses (``moelab.aux_loss``). The same batches in every arm.
+   mixtures' auxiliary losses (``moelab.aux_loss``); ``moelab.step_end`` after each optimizer
+   step. A ReMix mixture trains by ``remix_rloo_step`` (``rloo_samples`` forwards a step, one
+   reward per packed row). The same batches in every arm.
 4. **metrics** on each task's val split (packed per task), after ``EARLY_FRACTION`` of the
    steps (``*_early``) and at the end: ``val_loss_<task>`` (target tokens' cross-entropy),
    ``val_loss`` (unweighted mean over tasks, our choice: sort's long targets do not dominate);
    from the mixture layers' routing on the val tokens (padding excluded), averaged over the
    layers (``routing_metrics``): ``entropy`` (mean per-token Shannon entropy of the router's
-   softmax, over ``log E``), ``max_over_mean`` and ``usage_cv`` (the expert-usage histogram's
+   softmax, over ``log E``), ``router_ess`` (``1 / sum p^2`` of that softmax over all ``E``
+   experts: ``router_effective_num_experts``), ``max_over_mean`` and ``usage_cv`` (the expert-usage histogram's
    max / mean and coefficient of variation), ``ess`` (``(sum w)^2 / sum w^2`` of each token's
    combine weights, ``1 / sum w^2`` when they sum to 1), ``experts_per_token`` and ``task_mi``
    (mutual information between task and expert over ``log E``: how task-specialised the
@@ -63,7 +68,27 @@ LORA_FINETUNE = {"steps": 120, "batch_size": 8, "lr": 2e-3, "warmup_steps": 12, 
 LORA_TRAIN = {**LORA_PRETRAIN, **LORA_FINETUNE}
 EARLY_FRACTION = 1 / 3  # the early checkpoint of "speeds convergence"
 EVAL_ROWS = 16  # packed val rows per forward
+EARLY_KEYS = ("val_loss", "entropy", "max_over_mean", "ess", "router_ess")  # measured at the early checkpoint
 BALANCE_MARGIN = 0.1  # max/mean load of the shaped arm may exceed the other's by this much (ours)
+
+ROUTING_METRICS = (
+    "entropy",
+    "router_ess",
+    "max_over_mean",
+    "usage_cv",
+    "ess",
+    "experts_per_token",
+    "task_mi",
+)
+
+# flylora_merge: two single-task adapters merged by averaging (our choices: the two generated
+# tasks least alike; LoRA at PEFT's usual r = 8 with FlyLoRA's scaling alpha / r = 2; 60 steps per
+# adapter keep four adapters per seed near a minute at 2 threads).
+MERGE_TASKS = ("arithmetic", "sort")
+MERGE_TARGETS = TARGETS  # every projection, as the mixture reproductions
+MERGE_LORA_RANK = 8
+MERGE_LORA_ALPHA = 16.0
+MERGE_TRAIN = {**LORA_TRAIN, "steps": 60, "warmup_steps": 6}
 
 # (seed, model, pretraining settings) -> (MoELMConfig, state dict): one base per seed per process.
 _BASES: dict[str, tuple[Any, dict[str, Tensor]]] = {}
@@ -173,15 +198,18 @@ def pretrained_base(seed: int, model: dict[str, Any], train: dict[str, Any], pro
 def routing_metrics(records: list[tuple[str, Any, Tensor, int]], num_experts: int) -> dict[str, float]:
     """Routing statistics of ``records`` = ``[(task, routing, valid_T bool, layer)]`` (one per
     mixture layer and forward; ``valid_T`` marks the real tokens of the ``routing.num_tokens``),
-    pooled per layer over forwards, then averaged over layers (module docstring): ``entropy``,
-    ``max_over_mean``, ``usage_cv``, ``ess``, ``experts_per_token``, ``task_mi``."""
+    pooled per layer over forwards, then averaged over layers (module docstring): the
+    ``ROUTING_METRICS`` ``entropy``, ``router_ess``, ``max_over_mean``, ``usage_cv``, ``ess``,
+    ``experts_per_token``, ``task_mi``."""
+    from moelab.lora.remix import router_effective_num_experts
+
     if not records:
         raise ValueError("routing_metrics: records is empty (no mixture layer ran)")
     log_e = math.log(num_experts)
     per_layer: dict[int, dict[str, Any]] = {}
     for task, r, valid_T, layer in records:
         acc = per_layer.setdefault(
-            layer, {"entropy": 0.0, "tokens": 0, "ess": 0.0, "assign": 0, "counts": {}}
+            layer, {"entropy": 0.0, "router_ess": 0.0, "tokens": 0, "ess": 0.0, "assign": 0, "counts": {}}
         )
         valid_T = valid_T.reshape(-1)
         keep_A = valid_T[r.token_index]  # assignments of real tokens
@@ -193,18 +221,21 @@ def routing_metrics(records: list[tuple[str, Any, Tensor, int]], num_experts: in
         sq_T = torch.zeros(r.num_tokens).index_add_(0, token_A, w_A * w_A)
         has_T = valid_T & (sq_T > 0)  # a token no expert took counts ESS 0
         acc["entropy"] += float(entropy_T.sum())
+        if p_TE.shape[0]:  # the mean over these tokens of 1 / sum_e p_e^2, back to a sum
+            acc["router_ess"] += float(router_effective_num_experts(p_TE)) * p_TE.shape[0]
         acc["tokens"] += int(valid_T.sum())
         acc["ess"] += float((sum_T[has_T] ** 2 / sq_T[has_T]).sum())
         acc["assign"] += int(keep_A.sum())
         counts_E = torch.bincount(r.expert_index[keep_A], minlength=num_experts).double()
         acc["counts"][task] = acc["counts"].get(task, 0) + counts_E
-    out = dict.fromkeys(("entropy", "max_over_mean", "usage_cv", "ess", "experts_per_token", "task_mi"), 0.0)
+    out = dict.fromkeys(ROUTING_METRICS, 0.0)
     for acc in per_layer.values():
         table_NE = torch.stack(list(acc["counts"].values()))  # [tasks, E] assignments
         usage_E = table_NE.sum(0)
         mean = usage_E.mean()
         tokens = max(1, acc["tokens"])
         out["entropy"] += acc["entropy"] / tokens
+        out["router_ess"] += acc["router_ess"] / tokens
         out["ess"] += acc["ess"] / tokens
         out["experts_per_token"] += acc["assign"] / tokens
         out["max_over_mean"] += float(usage_E.max() / mean)
@@ -268,40 +299,47 @@ def _lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
 
 
 # --------------------------------------------------------------------------------- one arm, one seed
-def finetune_arm(
-    base: nn.Module,
-    arm: Arm,
+def _sequence_losses(model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
+    """``[B]``: each row's mean target cross-entropy (a row without targets gives 0)."""
+    import torch.nn.functional as F
+
+    logits = model(ids).logits[:, :-1]
+    lab = labels[:, 1:]
+    ce_BS = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), lab.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(lab.shape)
+    return ce_BS.sum(1) / (lab != -100).sum(1).clamp_min(1)
+
+
+def finetune(
+    model: nn.Module,
     *,
-    method: str,
     seed: int,
     train: dict[str, Any],
     data: tuple[Tensor, Tensor, Tensor],
-    val: dict[str, tuple[Tensor, Tensor, Tensor]],
+    val: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None,
+    num_experts: int | None = NUM_EXPERTS,
 ) -> dict[str, float]:
-    """Put ``arm``'s mixture (``method``'s preset, ``arm.router`` / ``router_kwargs`` /
-    ``aux_losses`` instead of the preset's) on a deep copy of ``base``, fine-tune it on ``data``
-    and measure on ``val`` (module docstring). Returns the arm's row."""
+    """Fine-tune ``model``'s trainable parameters on ``data`` (module docstring: AdamW, warm-up
+    then cosine, clipping at 1, the seed's batch order). The loss: the targets' cross-entropy
+    plus the mixtures' auxiliary losses when ``num_experts`` is set. A model with ReMix routers
+    trains by ``remix_rloo_step`` (``train["rloo_samples"]`` forwards per step, one reward per
+    packed row; the experts learn from the mean of the ``M`` rows' mean losses, our choice).
+    ``moelab.step_end`` runs after every optimizer step (FlyLoRA's bias update). With ``val``,
+    measures ``evaluate`` after ``EARLY_FRACTION`` of the steps (``*_early`` keys).
+    Returns ``train_s``, ``steps`` and the early keys."""
     from moelab.core.routed import aux_loss
-    from moelab.lora import apply
+    from moelab.core.router import step_end
+    from moelab.lora.remix import REMIX_NUM_SAMPLES, remix_rloo_step, remix_routers
 
-    model = copy.deepcopy(base)
-    torch.manual_seed(seed)  # the same LoRA and router initialisation in every arm
-    apply(
-        model,
-        list(TARGETS),
-        method=method,
-        num_experts=NUM_EXPERTS,
-        rank=RANK,
-        router=arm.router,
-        router_kwargs=dict(arm.router_kwargs),
-        aux_losses=dict(arm.aux_losses),
-    )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(train["lr"]), weight_decay=float(train["weight_decay"]))
     ids, labels, _ = data
     steps, batch = int(train["steps"]), int(train["batch_size"])
     warmup = min(int(train["warmup_steps"]), steps)
     early_at = max(1, round(EARLY_FRACTION * steps))
+    rloo = bool(remix_routers(model))
+    samples = int(train.get("rloo_samples") or REMIX_NUM_SAMPLES)
     order = torch.Generator().manual_seed(seed)
     perm = torch.randperm(ids.shape[0], generator=order)
     cursor = 0
@@ -316,20 +354,70 @@ def finetune_arm(
         cursor += batch
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, warmup, float(train["lr"]))
-        out = model(ids[pick], labels=labels[pick])
-        loss = out.ce_loss + aux_loss(model)
+        if rloo:
+            ce, surrogate = remix_rloo_step(
+                model, lambda m, b: _sequence_losses(m, ids[b], labels[b]), pick, num_samples=samples
+            )
+            loss = ce + surrogate
+        else:
+            loss = model(ids[pick], labels=labels[pick]).ce_loss
+        if num_experts is not None:
+            loss = loss + aux_loss(model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        step_end(model)
         train_s += time.perf_counter() - t0
-        if step + 1 == early_at:
-            early = evaluate(model, val)
-            row.update({f"{k}_early": early[k] for k in ("val_loss", "entropy", "max_over_mean")})
-    row.update(evaluate(model, val))
+        if val is not None and step + 1 == early_at:
+            early = evaluate(model, val, num_experts)
+            keys = EARLY_KEYS if num_experts is not None else ("val_loss",)
+            row.update({f"{k}_early": early[k] for k in keys})
     row["train_s"] = train_s
     row["steps"] = float(steps)
     return row
+
+
+def finetune_arm(
+    base: nn.Module,
+    arm: Arm,
+    *,
+    method: str,
+    seed: int,
+    train: dict[str, Any],
+    data: tuple[Tensor, Tensor, Tensor],
+    val: dict[str, tuple[Tensor, Tensor, Tensor]],
+) -> dict[str, float]:
+    """Put ``arm``'s mixture (``method``'s preset, ``arm.router`` / ``router_kwargs`` /
+    ``aux_losses`` instead of the preset's) on a deep copy of ``base``, fine-tune it on ``data``
+    (``finetune``) and measure on ``val`` (module docstring). Returns the arm's row."""
+    from moelab.lora import apply
+
+    model = copy.deepcopy(base)
+    torch.manual_seed(seed)  # the same LoRA and router initialisation in every arm
+    apply(
+        model,
+        list(TARGETS),
+        method=method,
+        num_experts=NUM_EXPERTS,
+        rank=RANK,
+        router=arm.router,
+        router_kwargs=dict(arm.router_kwargs),
+        aux_losses=dict(arm.aux_losses),
+    )
+    row = finetune(model, seed=seed, train=train, data=data, val=val)
+    timing = {k: row.pop(k) for k in ("train_s", "steps")}
+    row.update(evaluate(model, val))
+    row.update(timing)
+    return row
+
+
+def _settings(train: dict[str, Any]) -> dict[str, Any]:
+    """``LORA_TRAIN`` with ``train``'s overrides of its keys and ``rloo_samples``; ``threads``."""
+    known = {*LORA_TRAIN, "rloo_samples"}
+    settings = {**LORA_TRAIN, **{k: v for k, v in train.items() if k in known and v is not None}}
+    settings["threads"] = train.get("threads")
+    return settings
 
 
 def run_lora_arms(
@@ -342,26 +430,164 @@ def run_lora_arms(
     console: Any = None,
     method: str,
     arms: dict[str, Arm],
+    methods: dict[str, str] | None = None,
 ) -> Rows:
     """One seed of a LoRA-mixture reproduction (module docstring): the seed's base, then every
-    arm of ``arms`` with ``method``'s mixture. ``model``: ``MoELMConfig`` overrides (fields a
-    dense byte model does not use are ignored); ``train``: ``LORA_TRAIN``'s keys and
-    ``threads``. Returns one row per arm and ``_base`` (the base's val loss on the tasks)."""
+    arm of ``arms`` with ``method``'s mixture (``methods[label]`` instead where given). ``model``:
+    ``MoELMConfig`` overrides (fields a dense byte model does not use are ignored); ``train``:
+    ``LORA_TRAIN``'s keys, ``rloo_samples`` and ``threads``. Returns one row per arm and
+    ``_base`` (the base's val loss on the tasks)."""
     from moelab.train.resources import torch_threads
 
-    settings = {**LORA_TRAIN, **{k: v for k, v in train.items() if k in LORA_TRAIN and v is not None}}
-    settings["threads"] = train.get("threads")
+    settings = _settings(train)
     base = pretrained_base(seed, {**LORA_MODEL, **model}, settings, progress, console)
     rows: Rows = {}
     with torch_threads(settings["threads"]):
         data, val = task_data(seed)
         base_row = evaluate(base, val, num_experts=None)
         for label, arm in arms.items():
+            arm_method = (methods or {}).get(label, method)
             if progress and console is not None:
-                console.print(f"{method} seed {seed}: {label}")
+                console.print(f"{arm_method} seed {seed}: {label}")
             rows[label] = finetune_arm(
-                base, arm, method=method, seed=seed, train=settings, data=data, val=val
+                base, arm, method=arm_method, seed=seed, train=settings, data=data, val=val
             )
+    rows["_base"] = base_row
+    return rows
+
+
+# --------------------------------------------------------------------------------- adapter merging
+def single_task_data(
+    seed: int, tasks: tuple[str, ...]
+) -> dict[str, tuple[tuple[Tensor, Tensor, Tensor], ...]]:
+    """``{task: (train, val)}`` packed rows (``pack_examples``) of each task alone, for ``seed``."""
+    from moelab.data.tasks import encode_examples, load_tasks
+    from moelab.data.tokenizers import ByteTokenizer
+
+    tok = ByteTokenizer()
+    pad = tok.encode("\n")[0]
+    loaded = load_tasks(tasks, seed=seed, sizes=TASK_SIZES)
+    out = {}
+    for name, t in loaded.items():
+        train = list(t.examples("train"))
+        random.Random(seed).shuffle(train)
+        out[name] = (
+            pack_examples(encode_examples(train, tok), SEQ_LEN, pad),
+            pack_examples(encode_examples(t.examples("val"), tok), SEQ_LEN, pad),
+        )
+    return out
+
+
+def _with_adapter(base: nn.Module, kind: str, seed: int) -> nn.Module:
+    """A deep copy of ``base`` with a fresh ``kind`` adapter (``"flylora"``: ``apply_flylora`` at
+    the paper's r = 32, k = 8, A from ``seed``; ``"lora"``: a one-expert ``moelab.lora`` mixture,
+    a plain LoRA of rank ``MERGE_LORA_RANK``) on ``MERGE_TARGETS``. The same seed gives the same
+    initialisation, so adapters of one kind share their starting point (FlyLoRA: its frozen A)."""
+    from moelab.lora import apply, apply_flylora
+
+    model = copy.deepcopy(base)
+    torch.manual_seed(seed)
+    if kind == "flylora":
+        apply_flylora(model, list(MERGE_TARGETS), seed=seed)
+    elif kind == "lora":
+        apply(
+            model,
+            list(MERGE_TARGETS),
+            num_experts=1,
+            top_k=1,
+            rank=MERGE_LORA_RANK,
+            alpha=MERGE_LORA_ALPHA,
+            router="topk",
+            aux_losses={},
+        )
+    else:
+        raise ValueError(f"kind must be 'flylora' or 'lora', got {kind!r}")
+    return model
+
+
+def _adapter_state(model: nn.Module, kind: str) -> dict[str, Tensor]:
+    """The adapter's tensors: ``flylora_state`` (A, B, bias), or every trainable parameter of the
+    LoRA (its ``lora_A``, ``lora_B`` and the one-expert router, whose weight is always 1)."""
+    from moelab.lora import flylora_state
+
+    if kind == "flylora":
+        return flylora_state(model)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_adapter(model: nn.Module, kind: str, state: dict[str, Tensor]) -> None:
+    from moelab.lora import load_flylora_state
+
+    if kind == "flylora":
+        load_flylora_state(model, state)
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+
+
+def merge_arm(
+    base: nn.Module,
+    kind: str,
+    *,
+    seed: int,
+    train: dict[str, Any],
+    tasks: dict[str, tuple[tuple[Tensor, Tensor, Tensor], ...]],
+) -> dict[str, float]:
+    """Train one ``kind`` adapter per task of ``tasks`` (``single_task_data``) from the same
+    initialisation, merge them by averaging (``merge_flylora`` / ``merge_lora``: every tensor
+    averaged, as FlyLoRA's ``fast_lora_average``) and measure each task's val loss with its own
+    adapter (``own_<task>``) and with the merge (``merged_<task>``). ``degradation``: the mean
+    over tasks of merged - own. ``train_s``: the adapters' fine-tuning seconds together."""
+    from moelab.lora import merge_flylora, merge_lora
+
+    row: dict[str, float] = {"train_s": 0.0}
+    states = []
+    for name, (data, val) in tasks.items():
+        model = _with_adapter(base, kind, seed)
+        done = finetune(model, seed=seed, train=train, data=data, num_experts=None)
+        row["train_s"] += done["train_s"]
+        row["steps"] = done["steps"]
+        row[f"own_{name}"] = evaluate(model, {name: val}, num_experts=None)["val_loss"]
+        states.append(_adapter_state(model, kind))
+    merged = (merge_flylora if kind == "flylora" else merge_lora)(states)
+    _load_adapter(model, kind, merged)
+    for name, (_, val) in tasks.items():
+        row[f"merged_{name}"] = evaluate(model, {name: val}, num_experts=None)["val_loss"]
+    row["degradation"] = sum(row[f"merged_{t}"] - row[f"own_{t}"] for t in tasks) / len(tasks)
+    return row
+
+
+def run_merge_arms(
+    *,
+    seed: int,
+    model: dict[str, Any],
+    train: dict[str, Any],
+    out: Path | None = None,
+    progress: bool = False,
+    console: Any = None,
+    kinds: tuple[str, ...] = ("flylora", "lora"),
+) -> Rows:
+    """One seed of ``flylora_merge``: the seed's base (shared with the other LoRA reproductions),
+    then ``merge_arm`` for each adapter kind on ``MERGE_TASKS``. ``_base``: the base's val loss
+    per task (``own_<task>`` / ``merged_<task>`` keys, both the base's)."""
+    from moelab.train.resources import torch_threads
+
+    settings = _settings(train)
+    base = pretrained_base(seed, {**LORA_MODEL, **model}, settings, progress, console)
+    rows: Rows = {}
+    with torch_threads(settings["threads"]):
+        tasks = single_task_data(seed, MERGE_TASKS)
+        base_row: dict[str, float] = {}
+        for name, (_, val) in tasks.items():
+            base_row[f"own_{name}"] = base_row[f"merged_{name}"] = evaluate(
+                base, {name: val}, num_experts=None
+            )["val_loss"]
+        for kind in kinds:
+            if progress and console is not None:
+                console.print(f"flylora_merge seed {seed}: {kind}")
+            rows[kind] = merge_arm(base, kind, seed=seed, train=settings, tasks=tasks)
     rows["_base"] = base_row
     return rows
 
@@ -454,4 +680,101 @@ DYNMOLE_ENTROPY = Reproduction(
     runner=functools.partial(run_lora_arms, method="dynmole", arms=DYNMOLE_ARMS),
 )
 
-LORA: list[Reproduction] = [LORA_MIXER_ENTROPY, DYNMOLE_ENTROPY]
+
+def _mole_router_kwargs() -> dict[str, Any]:
+    from moelab.lora.presets import get_preset
+
+    return dict(get_preset("mole").router_kwargs)
+
+
+# ReMix against a softmax MoLoRA without balancing (the collapse ReMix's paper describes is of an
+# unbalanced router; MixLoRA's balance loss would hide it). The same top-2 and experts in both.
+REMIX_ARMS = {
+    "remix": Arm("remix", {}, {}),
+    "mole": Arm("topk", dict(_mole_router_kwargs()), {}),
+}
+REMIX_METHODS = {"remix": "remix", "mole": "mole"}
+# ReMix runs M = 4 forwards and backwards per step (RLOO), about 4x a MoLoRA step: 48 steps keep
+# one seed of both arms near a minute at 2 threads (our choice). The base is the other
+# reproductions' (same pretraining and batch).
+REMIX_TRAIN = {**LORA_TRAIN, "steps": 48, "warmup_steps": 5, "rloo_samples": 4}
+ESS_MARGIN = 0.2  # ReMix's combine-weight ESS must exceed MoLoRA's by more than this (ours)
+
+
+def _describe_remix(r: Rows) -> str:
+    def arm(label: str) -> str:
+        x = r[label]
+        return (
+            f"{label}: combine-weight ESS {fmt(x['ess'])} (early {fmt(x['ess_early'])}), router ESS "
+            f"{fmt(x['router_ess'])} of {NUM_EXPERTS} (early {fmt(x['router_ess_early'])}), entropy "
+            f"{fmt(x['entropy'])}, max/mean load {fmt(x['max_over_mean'])}, val loss {x['val_loss']:.3f} "
+            f"({x['train_s']:.0f} s)"
+        )
+
+    return (
+        f"top-2 of {NUM_EXPERTS} LoRA experts of rank {RANK} on qkv/out/gate_up/down of a "
+        f"{LORA_MODEL['n_layers']}-layer d={LORA_MODEL['d_model']} byte LM, {r['remix']['steps']:.0f} steps on "
+        f"{', '.join(LORA_TASKS)} (mean over seeds). ReMix (equal weights 1/2, RLOO with M = "
+        f"{REMIX_TRAIN['rloo_samples']}, top-k at eval) vs softmax MoLoRA (MixLoRA's renormalised top-2, no "
+        f"balance loss); ESS = 1 / sum w^2 on the val tokens. {arm('remix')}; {arm('mole')}; base val loss "
+        f"{r['_base']['val_loss']:.3f}"
+    )
+
+
+REMIX_ESS = Reproduction(
+    name="remix_ess",
+    method="remix",
+    paper="ReMix (Qiu et al., ICLR 2026, arXiv 2603.10160; no code published); PAPERS.md B.6",
+    claim=(
+        "ReMix keeps the effective number of experts (ESS = 1 / sum w^2 of the combine weights) near k, "
+        "while a softmax MoLoRA's router (no balance loss) collapses toward 1: ReMix's ESS exceeds "
+        f"MoLoRA's by more than {ESS_MARGIN}."
+    ),
+    arms=REMIX_ARMS,
+    # diff > ESS_MARGIN as the threshold (not a band around 0): a MoLoRA within the margin of k
+    # has not collapsed, and the claim then does not hold.
+    conditions=(
+        Condition(
+            "combine-weight ESS: remix - mole", diff("ess", "remix", "mole"), "higher", threshold=ESS_MARGIN
+        ),
+    ),
+    describe=_describe_remix,
+    model=LORA_MODEL,
+    train=dict(REMIX_TRAIN),
+    runner=functools.partial(run_lora_arms, method="remix", arms=REMIX_ARMS, methods=REMIX_METHODS),
+)
+
+
+def _describe_merge(r: Rows) -> str:
+    def arm(label: str) -> str:
+        x = r[label]
+        tasks = ", ".join(f"{t} {x[f'own_{t}']:.3f} -> {x[f'merged_{t}']:.3f}" for t in MERGE_TASKS)
+        return f"{label}: {tasks}, degradation {x['degradation']:+.3f} ({x['train_s']:.0f} s)"
+
+    base = ", ".join(f"{t} {r['_base'][f'own_{t}']:.3f}" for t in MERGE_TASKS)
+    return (
+        f"two adapters ({' and '.join(MERGE_TASKS)}) trained separately for {r['flylora']['steps']:.0f} steps each "
+        f"from the same initialisation, merged by averaging; val loss own adapter -> merged (mean over seeds). "
+        f"FlyLoRA r = 32, k = 8, alpha 64 (paper); LoRA r = {MERGE_LORA_RANK}, alpha {MERGE_LORA_ALPHA:g}; on "
+        f"{'/'.join(MERGE_TARGETS)} of the {LORA_MODEL['n_layers']}-layer d={LORA_MODEL['d_model']} byte LM. "
+        f"{arm('flylora')}; {arm('lora')}; base {base}"
+    )
+
+
+FLYLORA_MERGE = Reproduction(
+    name="flylora_merge",
+    method="flylora",
+    paper="FlyLoRA (Zou et al., NeurIPS 2025); code gfyddha/FlyLoRA merge_lora_adapters.py; PAPERS.md B",
+    claim=(
+        "Merging two task adapters by averaging degrades FlyLoRA less than LoRA (degradation = the mean "
+        "over the two tasks of merged val loss - own-adapter val loss)."
+    ),
+    arms={"flylora": Arm("flylora"), "lora": Arm("topk", {}, {})},
+    conditions=(lower("degradation", "flylora", "lora", name="merge degradation"),),
+    describe=_describe_merge,
+    model=LORA_MODEL,
+    train=dict(MERGE_TRAIN),
+    runner=run_merge_arms,
+)
+
+LORA: list[Reproduction] = [LORA_MIXER_ENTROPY, DYNMOLE_ENTROPY, REMIX_ESS, FLYLORA_MERGE]
