@@ -11,6 +11,16 @@
 
 from moelab.experts.lora import PEFT_DEFAULT_LORA_ALPHA, LoRABank, grouped_lora
 from moelab.lora.apply import apply, matches_target, mixture_config, mixture_layers, remove, use_context
+from moelab.lora.dymoe import (
+    DYMOE_PRESET,
+    DyMoEGuidance,
+    ExpandedLoRABank,
+    expand,
+    expand_layer,
+    expand_router,
+    expanded_layers,
+    guidance,
+)
 from moelab.lora.flylora import (
     FlyLoRALinear,
     FlyLoRARouter,
@@ -40,9 +50,12 @@ from moelab.lora.remix import (
 )
 
 __all__ = [
+    "DYMOE_PRESET",
     "MIXTURE_PRESETS",
     "PEFT_DEFAULT_LORA_ALPHA",
     "REMIX_PRESET",
+    "DyMoEGuidance",
+    "ExpandedLoRABank",
     "FlyLoRALinear",
     "FlyLoRARouter",
     "LoRABank",
@@ -53,10 +66,15 @@ __all__ = [
     "apply",
     "apply_flylora",
     "effective_num_experts",
+    "expand",
+    "expand_layer",
+    "expand_router",
+    "expanded_layers",
     "flylora_layers",
     "flylora_state",
     "get_preset",
     "grouped_lora",
+    "guidance",
     "load_flylora_state",
     "matches_target",
     "merge_flylora",
