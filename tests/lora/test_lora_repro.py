@@ -141,6 +141,7 @@ def test_every_reproduction_is_listed():
         "dynmole_entropy",
         "remix_ess",
         "flylora_merge",
+        "dymoe_forgetting",
     ]
     assert [r.name for r in MIXTURE_REPS] == ["lora_mixer_entropy", "dynmole_entropy", "remix_ess"]
 
@@ -384,3 +385,75 @@ def test_flylora_merge_verdicts_on_synthetic_rows():
     assert rep.judge(less)["verdict"] == "holds"
     more = [_rows("flylora", "lora", degradation=(0.40 + d, 0.30)) for d in (0.0, 0.01, 0.02)]
     assert rep.judge(more)["verdict"] == "does not hold"
+
+
+def test_dymoe_runner_on_a_tiny_budget(monkeypatch):
+    monkeypatch.setattr(lora_repro, "TASK_SIZES", {"train": 24, "val": 6, "test": 0})
+    monkeypatch.setattr(lora_repro, "_BASES", {})
+    rep = lora_repro.DYMOE_FORGETTING
+    rows = rep.runner(seed=0, model=dict(TINY_MODEL), train=dict(TINY_TRAIN))
+    assert set(rows) == {"tag", "no_tag", "_base"}
+    tasks = lora_repro.DYMOE_TASKS
+    tag, no_tag = rows["tag"], rows["no_tag"]
+    # task 1 is trained once, before the arms part
+    assert tag[f"after_{tasks[0]}"] == no_tag[f"after_{tasks[0]}"]
+    for row in (tag, no_tag):
+        for key in ("val_loss", "forgetting", *(f"{k}_{t}" for k in ("after", "val_loss") for t in tasks)):
+            assert math.isfinite(row[key]), key
+        # the last task was trained last: its final loss is its loss right after
+        assert row[f"val_loss_{tasks[-1]}"] == pytest.approx(row[f"after_{tasks[-1]}"])
+        want = sum(row[f"val_loss_{t}"] - row[f"after_{t}"] for t in tasks[:-1]) / (len(tasks) - 1)
+        assert row["forgetting"] == pytest.approx(want)
+        assert 0.0 <= row["drift"] <= 1.0 and 0.0 <= row["new_typed"] <= 1.0
+        assert row["steps"] == TINY_TRAIN["steps"]
+    # the same new experts in both arms: only TAG differs, so after 4 tiny steps they are close
+    assert tag["val_loss"] == pytest.approx(no_tag["val_loss"], abs=0.05)
+    assert tag["val_loss"] != no_tag["val_loss"]
+    assert math.isfinite(rows["_base"]["val_loss"])
+    assert len(rep.judge([rows, rows])["conditions"]) == 1
+    assert isinstance(rep.describe(rows), str)
+
+
+def test_dymoe_drift_reads_the_new_group_mass(monkeypatch):
+    """``new_group_drift`` against the routers' softmax read by hand on the real tokens."""
+    from moelab.core.routed import override_routing
+    from moelab.lora import apply
+    from moelab.lora.dymoe import expand, guidance
+    from moelab.models.config import MoELMConfig
+    from moelab.models.lm import MoELM
+
+    monkeypatch.setattr(lora_repro, "TASK_SIZES", {"train": 24, "val": 6, "test": 0})
+    torch.manual_seed(0)
+    model = MoELM(MoELMConfig.from_dict({**lora_repro.LORA_MODEL, **TINY_MODEL, "vocab_size": 256}))
+    apply(model, list(lora_repro.TARGETS), method="dymoe", num_experts=2, rank=4)
+    expand(model, 2)
+    with torch.no_grad():  # make the new group's share differ from token to token
+        for name, p in model.named_parameters():
+            if name.endswith("weight_new"):
+                p.normal_(0.0, 1.0)
+    ((_, val),) = lora_repro.single_task_data(0, ("sort",)).values()
+    ids, _, mask = val
+    seen = []
+
+    def record(routing, site):
+        seen.append(torch.softmax(routing.logits.float(), -1)[:, 2:].sum(-1))
+        return routing
+
+    model.eval()
+    with torch.no_grad(), override_routing(model, record):
+        model(ids)
+    valid = mask.reshape(-1)
+    want = sum(float(m[valid].mean()) for m in seen) / len(seen)
+    with guidance(model, tag=True, new_threshold=0.4):
+        got = lora_repro.new_group_drift(model, val)
+    assert got["drift"] == pytest.approx(want, rel=1e-5)
+    assert 0.0 < got["new_typed"] < 1.0
+
+
+def test_dymoe_verdicts_on_synthetic_rows():
+    rep = lora_repro.DYMOE_FORGETTING
+    less = [_rows("tag", "no_tag", forgetting=(0.02 + d, 0.10)) for d in (0.0, 0.01, 0.02)]
+    assert rep.judge(less)["verdict"] == "holds"
+    more = [_rows("tag", "no_tag", forgetting=(0.15 + d, 0.10)) for d in (0.0, 0.01, 0.02)]
+    assert rep.judge(more)["verdict"] == "does not hold"
+    assert rep.judge(less[:1])["verdict"] == "inconclusive"

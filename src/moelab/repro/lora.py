@@ -1,6 +1,7 @@
 """LoRA-mixture reproductions on one small harness: ``lora_mixer_entropy``, ``dynmole_entropy``,
-``remix_ess`` (ReMix against a softmax MoLoRA without balancing) and ``flylora_merge`` (two
-single-task adapters averaged, FlyLoRA against LoRA; ``merge_arm``).
+``remix_ess`` (ReMix against a softmax MoLoRA without balancing), ``flylora_merge`` (two
+single-task adapters averaged, FlyLoRA against LoRA; ``merge_arm``) and ``dymoe_forgetting``
+(a 3-task continual sequence on a DyMoE mixture, TAG on / off; ``run_dymoe_arms``).
 
 The harness, per seed (``run_lora_arms``):
 
@@ -777,4 +778,165 @@ FLYLORA_MERGE = Reproduction(
     runner=run_merge_arms,
 )
 
-LORA: list[Reproduction] = [LORA_MIXER_ENTROPY, DYNMOLE_ENTROPY, REMIX_ESS, FLYLORA_MERGE]
+
+# --------------------------------------------------------------------------------- continual tuning (DyMoE)
+# dymoe_forgetting: a 3-task sequence on one DyMoE mixture (our choices: DYMOE_TASKS in the order
+# of the multi-task reproductions; 2 experts per task, so the first expansion starts near an even
+# old / new split; 40 steps per task keep one seed of both arms near a minute at 2 threads: task 1
+# is trained once and shared, each arm then trains tasks 2 and 3).
+DYMOE_TASKS = LORA_TASKS
+DYMOE_EXPERTS_PER_TASK = 2
+DYMOE_TRAIN = {**LORA_TRAIN, "steps": 40, "warmup_steps": 4}
+
+
+def new_group_drift(model: nn.Module, val: tuple[Tensor, Tensor, Tensor]) -> dict[str, float]:
+    """On ``val``'s real tokens, under the ``guidance`` already active on ``model``: ``drift``,
+    the mean router mass on the newest expert group (``layer.new_group_mass``), and
+    ``new_typed``, the share of tokens typed NEW (those TAG leaves on the new experts), both
+    averaged over the expanded layers."""
+    from moelab.lora.dymoe import NEW, expanded_layers
+
+    layers = list(expanded_layers(model).values())
+    if not layers:
+        raise ValueError("new_group_drift: the model has no expanded mixture layer")
+    ids, _, mask = val
+    mass, typed, tokens = 0.0, 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for lo in range(0, ids.shape[0], EVAL_ROWS):
+            chunk = slice(lo, lo + EVAL_ROWS)
+            model(ids[chunk])
+            valid_T = mask[chunk].reshape(-1)
+            tokens += int(valid_T.sum())
+            for layer in layers:
+                mass += float(layer.new_group_mass[valid_T].sum())
+                typed += float((layer.token_types[valid_T] == NEW).sum())
+    model.train(was_training)
+    n = max(1, tokens) * len(layers)
+    return {"drift": mass / n, "new_typed": typed / n}
+
+
+def continual_arm(
+    model: nn.Module,
+    *,
+    tag: bool,
+    seed: int,
+    train: dict[str, Any],
+    tasks: dict[str, tuple[tuple[Tensor, Tensor, Tensor], ...]],
+    row: dict[str, float],
+) -> dict[str, float]:
+    """Continue a DyMoE mixture trained on the first task of ``tasks`` (``{task: (train, val)}``,
+    in order) through the others: per task ``expand`` by ``DYMOE_EXPERTS_PER_TASK``, then
+    ``finetune`` on that task alone under ``guidance`` (typing and RSR always, TAG when ``tag``;
+    the documented defaults: thresholds 0.2 / 0.5, RSR 1e-2 + 1e-2), ``after_<task>`` its val loss right after. Final metrics
+    under the last task's guidance: ``val_loss_<task>``, ``val_loss``, ``forgetting`` (mean over
+    all but the last task of final - after), ``drift`` / ``new_typed`` (``new_group_drift``,
+    mean over the old tasks), ``train_s`` (all tasks). ``row`` holds the first task's
+    ``after_<task>`` and ``train_s``."""
+    from moelab.lora.dymoe import expand, guidance
+
+    names = list(tasks)
+    row = dict(row)
+    for name in names[1:]:
+        expand(model, DYMOE_EXPERTS_PER_TASK)
+        data, val = tasks[name]
+        with guidance(model, tag=tag):
+            done = finetune(model, seed=seed, train=train, data=data)
+            row[f"after_{name}"] = evaluate(model, {name: val}, num_experts=None)["val_loss"]
+        row["train_s"] += done["train_s"]
+        row["steps"] = done["steps"]
+    old = names[:-1]
+    with guidance(model, tag=tag):
+        for name in names:
+            row[f"val_loss_{name}"] = evaluate(model, {name: tasks[name][1]}, num_experts=None)["val_loss"]
+        drifts = [new_group_drift(model, tasks[name][1]) for name in old]
+    row["val_loss"] = sum(row[f"val_loss_{t}"] for t in names) / len(names)
+    row["forgetting"] = sum(row[f"val_loss_{t}"] - row[f"after_{t}"] for t in old) / len(old)
+    for key in ("drift", "new_typed"):
+        row[key] = sum(d[key] for d in drifts) / len(drifts)
+    return row
+
+
+def run_dymoe_arms(
+    *,
+    seed: int,
+    model: dict[str, Any],
+    train: dict[str, Any],
+    out: Path | None = None,
+    progress: bool = False,
+    console: Any = None,
+) -> Rows:
+    """One seed of ``dymoe_forgetting``: the seed's base (shared with the other LoRA
+    reproductions), a ``dymoe`` mixture of ``DYMOE_EXPERTS_PER_TASK`` experts (rank ``RANK``) on
+    ``TARGETS`` trained on the first of ``DYMOE_TASKS`` alone (once, shared by both arms), then
+    ``continual_arm`` with TAG (``tag``) and without (``no_tag``) from deep copies of it.
+    ``_base``: the base's val loss per task (``val_loss_<task>`` and ``after_<task>``)."""
+    from moelab.lora import apply
+    from moelab.train.resources import torch_threads
+
+    settings = _settings(train)
+    base = pretrained_base(seed, {**LORA_MODEL, **model}, settings, progress, console)
+    rows: Rows = {}
+    with torch_threads(settings["threads"]):
+        tasks = single_task_data(seed, DYMOE_TASKS)
+        base_row: dict[str, float] = {}
+        for name, (_, val) in tasks.items():
+            base_row[f"val_loss_{name}"] = base_row[f"after_{name}"] = evaluate(
+                base, {name: val}, num_experts=None
+            )["val_loss"]
+        first = DYMOE_TASKS[0]
+        torch.manual_seed(seed)
+        apply(base, list(TARGETS), method="dymoe", num_experts=DYMOE_EXPERTS_PER_TASK, rank=RANK)
+        data, val = tasks[first]
+        done = finetune(base, seed=seed, train=settings, data=data)
+        start = {f"after_{first}": evaluate(base, {first: val}, num_experts=None)["val_loss"]}
+        start["train_s"] = done["train_s"]
+        for label, tag in (("tag", True), ("no_tag", False)):
+            if progress and console is not None:
+                console.print(f"dymoe_forgetting seed {seed}: {label}")
+            torch.manual_seed(seed)  # the same new experts and router rows in both arms
+            rows[label] = continual_arm(
+                copy.deepcopy(base), tag=tag, seed=seed, train=settings, tasks=tasks, row=start
+            )
+    base_row["val_loss"] = sum(base_row[f"val_loss_{t}"] for t in DYMOE_TASKS) / len(DYMOE_TASKS)
+    rows["_base"] = base_row
+    return rows
+
+
+def _describe_dymoe(r: Rows) -> str:
+    def arm(label: str) -> str:
+        x = r[label]
+        tasks = ", ".join(f"{t} {x[f'after_{t}']:.3f} -> {x[f'val_loss_{t}']:.3f}" for t in DYMOE_TASKS)
+        return (
+            f"{label}: {tasks}; forgetting {x['forgetting']:+.3f}, old-task routing mass on the newest experts "
+            f"{fmt(x['drift'])} (typed new {fmt(x['new_typed'])}) ({x['train_s']:.0f} s)"
+        )
+
+    base = ", ".join(f"{t} {r['_base'][f'val_loss_{t}']:.3f}" for t in DYMOE_TASKS)
+    return (
+        f"{' -> '.join(DYMOE_TASKS)}, {r['tag']['steps']:.0f} steps per task, {DYMOE_EXPERTS_PER_TASK} new "
+        f"LoRA experts of rank {RANK} per task (old frozen, top-2) on qkv/out/gate_up/down of the "
+        f"{LORA_MODEL['n_layers']}-layer d={LORA_MODEL['d_model']} byte LM; RSR 1e-2 + 1e-2 in both arms, TAG on / "
+        f"off; val loss right after its task -> after the sequence (mean over seeds). {arm('tag')}; "
+        f"{arm('no_tag')}; base {base}"
+    )
+
+
+DYMOE_FORGETTING = Reproduction(
+    name="dymoe_forgetting",
+    method="dymoe",
+    paper="LLaVA-DyMoE (continual tuning with a dynamic LoRA MoE; no code published); PAPERS.md §B.10",
+    claim=(
+        "TAG (token assignment guidance) reduces old-task forgetting in a 3-task sequence (forgetting = the "
+        "mean over the first two tasks of final val loss - val loss right after training that task)."
+    ),
+    arms={"tag": Arm("topk", {"normalize": True}, {}), "no_tag": Arm("topk", {"normalize": True}, {})},
+    conditions=(lower("forgetting", "tag", "no_tag", name="old-task forgetting"),),
+    describe=_describe_dymoe,
+    model=LORA_MODEL,
+    train=dict(DYMOE_TRAIN),
+    runner=run_dymoe_arms,
+)
+
+LORA: list[Reproduction] = [LORA_MIXER_ENTROPY, DYNMOLE_ENTROPY, REMIX_ESS, FLYLORA_MERGE, DYMOE_FORGETTING]
