@@ -70,6 +70,17 @@ Attention routing:
     head_token_positions,                    head attending among its own tokens (``uoe_attention``)
     gathered_head_attention,
     selective_head_attention
+LoRA mixtures:
+    grouped_lora, rank_dense_lora            LoRA experts: grouped low-rank GEMMs, or all in rank space
+    hard_soft_topk                           LoRA-Mixer's hard-soft top-k (``hardsoft_topk``)
+    plackett_luce_log_prob, rloo_advantages, ReMix: sampled subsets, RLOO, effective number of
+    rloo_surrogate, sample_without_replacement, experts (``remix``)
+    effective_num_experts,
+    router_effective_num_experts
+    sparse_random_projection, flylora_select, FlyLoRA: frozen sparse A, rank-wise top-k, bias
+    flylora_delta, flylora_bias_update       balance (``flylora``)
+    new_group_mass, token_types, tag_routing, LLaVA-DyMoE: token typing, TAG, RSR (``dymoe``)
+    rsr_separation, rsr_specialization
 Losses:
     load_balance_loss, load_balance_seq_loss, z_loss
     erc_epsilon, erc_proxy_tokens,           expert-router coupling (``erc``)
@@ -150,7 +161,7 @@ from moelab.depth.recursion import (
 )
 from moelab.depth.schedule_search import project_schedule, search_sparsity_schedule
 from moelab.experts.film import feature_modulation
-from moelab.experts.lora import grouped_lora
+from moelab.experts.lora import grouped_lora, rank_dense_lora
 from moelab.experts.union import split_expert_order
 from moelab.kernels.grouped_mm import grouped_mm
 from moelab.layers.chain import chain_of_experts
@@ -158,6 +169,16 @@ from moelab.layers.mofme import gated_base
 from moelab.layers.residual_moe import residual_mix
 from moelab.layers.soft_moe import soft_moe, soft_moe_logits, soft_moe_weights, token_expert_routing
 from moelab.layers.uoe import assemble_mlp, decompose_mlp
+from moelab.lora.dymoe import new_group_mass, rsr_separation, rsr_specialization, tag_routing, token_types
+from moelab.lora.flylora import flylora_bias_update, flylora_delta, flylora_select, sparse_random_projection
+from moelab.lora.remix import (
+    effective_num_experts,
+    plackett_luce_log_prob,
+    rloo_advantages,
+    rloo_surrogate,
+    router_effective_num_experts,
+    sample_without_replacement,
+)
 from moelab.losses.balance import load_balance_loss, load_balance_seq_loss, z_loss
 from moelab.losses.entropy import tsallis_entropy, tsallis_entropy_loss
 from moelab.losses.erc import erc_coupling, erc_diag_dominance, erc_epsilon, erc_loss, erc_proxy_tokens
@@ -225,6 +246,7 @@ __all__ = [
     "default_capacities",
     "dispatch",
     "dynamic_topk",
+    "effective_num_experts",
     "effective_number_weights",
     "erc_coupling",
     "erc_diag_dominance",
@@ -237,6 +259,9 @@ __all__ = [
     "expert_choice_capacity",
     "expert_loss_estimate",
     "feature_modulation",
+    "flylora_bias_update",
+    "flylora_delta",
+    "flylora_select",
     "focal_loss",
     "ftp_distillation_loss",
     "ftp_features",
@@ -276,12 +301,14 @@ __all__ = [
     "mod_topk_targets",
     "mod_update",
     "modality_expert_choice",
+    "new_group_mass",
     "omni_topk",
     "patchwise_select",
     "path_successors",
     "path_to_labels",
     "peer_topk",
     "penalized_decisions",
+    "plackett_luce_log_prob",
     "positions_of",
     "predicted_selection",
     "predictor_bce",
@@ -296,6 +323,7 @@ __all__ = [
     "psr_num_unmasked",
     "psr_unmask_rank",
     "ragged_index",
+    "rank_dense_lora",
     "rank_in_sequence",
     "recurrent_router_logits",
     "recursion_balance_loss",
@@ -303,10 +331,16 @@ __all__ = [
     "recursion_token_counts",
     "residual_mix",
     "reuse_group",
+    "rloo_advantages",
+    "rloo_surrogate",
     "rnn_cell",
     "rope_rotate",
+    "router_effective_num_experts",
     "routing_contrastive_loss",
+    "rsr_separation",
+    "rsr_specialization",
     "sample_second_expert",
+    "sample_without_replacement",
     "scatter_update",
     "schedule_shape",
     "search_sparsity_schedule",
@@ -318,11 +352,14 @@ __all__ = [
     "soft_moe_logits",
     "soft_moe_weights",
     "softmax_topk",
+    "sparse_random_projection",
     "split_expert_order",
     "static_keep_targets",
     "subkey_topc",
+    "tag_routing",
     "token_choice_routing",
     "token_expert_routing",
+    "token_types",
     "topk_per_sequence",
     "tsallis_entropy",
     "tsallis_entropy_loss",
