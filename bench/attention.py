@@ -38,13 +38,14 @@ from moelab.attention import moba_attention
 
 from .common import (
     RESULTS_DIR,
+    device_peak_bytes,
     interleaved,
     machine_info,
     machine_tag,
     md_table,
     median,
-    peak_bytes,
     set_threads,
+    sync,
     write_json,
 )
 
@@ -85,26 +86,6 @@ def implementations(device: str) -> dict[str, Callable]:
     return impls
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _peak(device: str, fn: Callable[[], object]) -> int:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        del out
-        return peak
-    peak, out = peak_bytes(fn)
-    del out
-    return peak
-
-
 def bench_shape(
     s: int, dtype: torch.dtype, device: str, rounds: int, backward: bool, heads: int = 8, dh: int = 64
 ) -> list[dict]:
@@ -132,24 +113,24 @@ def bench_shape(
     rows: dict[str, dict] = {}
     for name, fn in impls.items():  # peak memory (doubles as warm-up)
         rows[name] = {"impl": name, "S": s, "dtype": str(dtype).removeprefix("torch."), "device": device}
-        rows[name]["peak_fwd_mib"] = _peak(device, forward(fn)) / 2**20
+        rows[name]["peak_fwd_mib"] = device_peak_bytes(device, forward(fn)) / 2**20
         if backward:
-            rows[name]["peak_fwd_bwd_mib"] = _peak(device, train(fn)) / 2**20
+            rows[name]["peak_fwd_bwd_mib"] = device_peak_bytes(device, train(fn)) / 2**20
 
     def timer(fn: Callable) -> Callable[[], tuple[float, ...]]:
         fwd, trn = forward(fn), train(fn)
 
         def run() -> tuple[float, ...]:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             out = fwd()
-            _sync(device)
+            sync(device)
             t1 = time.perf_counter()
             del out
             if not backward:
                 return (t1 - t0,)
             out = trn()
-            _sync(device)
+            sync(device)
             t2 = time.perf_counter()
             del out
             return (t1 - t0, t2 - t1)

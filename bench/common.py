@@ -97,7 +97,10 @@ def peak_bytes(fn: Callable[[], object]) -> tuple[int, object]:
 
     The result is returned so the caller can drop it after the measurement (it is part of the peak).
     """
-    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+    with (
+        quiet_stderr(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof,
+    ):
         out = fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     events.sort(key=lambda e: e.start_ns())
@@ -107,6 +110,29 @@ def peak_bytes(fn: Callable[[], object]) -> tuple[int, object]:
             live += e.nbytes()
             peak = max(peak, live)
     return peak, out
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA); nothing on CPU."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_peak_bytes(device: str, fn: Callable[[], object]) -> int:
+    """Peak bytes above the start while ``fn`` runs once: ``max_memory_allocated`` on CUDA,
+    ``peak_bytes`` (the CPU allocator's events) elsewhere. ``fn``'s result is dropped after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - start
+        del out
+        return peak
+    peak, out = peak_bytes(fn)
+    del out
+    return peak
 
 
 def interleaved(

@@ -52,13 +52,14 @@ from moelab.lora import RoutedLoRA
 
 from .common import (
     RESULTS_DIR,
+    device_peak_bytes,
     interleaved,
     machine_info,
     machine_tag,
     md_table,
     median,
-    peak_bytes,
     set_threads,
+    sync,
     write_json,
 )
 
@@ -211,26 +212,6 @@ def check_agreement(
 
 
 # ----------------------------------------------------------------------------------- timing
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _peak(device: str, fn: Callable[[], object]) -> int:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-        out = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - start
-        del out
-        return peak
-    peak, out = peak_bytes(fn)
-    del out
-    return peak
-
-
 def bench_projection(
     proj: str,
     dtype: torch.dtype,
@@ -279,9 +260,9 @@ def bench_projection(
     for name, fn in impls.items():  # peak memory (doubles as warm-up)
         params = trainable(name, layer, xlora)
         rows[name] = {"impl": name, "projection": proj, "d_in": d_in, "d_out": d_out, "dtype": dname}
-        rows[name]["peak_fwd_mib"] = _peak(device, forward(fn)) / 2**20
+        rows[name]["peak_fwd_mib"] = device_peak_bytes(device, forward(fn)) / 2**20
         clear(params)
-        rows[name]["peak_fwd_bwd_mib"] = _peak(device, train(fn, params)) / 2**20
+        rows[name]["peak_fwd_bwd_mib"] = device_peak_bytes(device, train(fn, params)) / 2**20
         clear(params)
 
     def timer(name: str, fn: Callable[[Tensor], Tensor]) -> Callable[[], tuple[float, ...]]:
@@ -289,17 +270,17 @@ def bench_projection(
         fwd, trn = forward(fn), train(fn, params)
 
         def run() -> tuple[float, ...]:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             out = fwd()
-            _sync(device)
+            sync(device)
             t1 = time.perf_counter()
             del out
             clear(params)  # each step allocates its gradients, as after optimizer.zero_grad()
-            _sync(device)
+            sync(device)
             t2 = time.perf_counter()
             out = trn()
-            _sync(device)
+            sync(device)
             t3 = time.perf_counter()
             del out
             clear(params)
