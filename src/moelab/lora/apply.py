@@ -89,6 +89,60 @@ def mixture_layers(model: nn.Module) -> dict[str, RoutedLoRA]:
     return {n: m for n, m in check_model(model).named_modules() if isinstance(m, RoutedLoRA)}
 
 
+def find_linear_targets(model: nn.Module, targets: str | list[str]) -> list[tuple[str, nn.Linear]]:
+    """``(name, module)`` of every module of ``model`` that ``targets`` names (``matches_target``),
+    in module order; a ``ValueError`` when one is not an ``nn.Linear``, when a target names a fused
+    3-D expert parameter, or when nothing matches (listing the model's projection names)."""
+    found = [(n, m) for n, m in model.named_modules() if n and matches_target(n, targets)]
+    not_linear = [f"{n} ({type(m).__name__})" for n, m in found if not isinstance(m, nn.Linear)]
+    if not_linear:
+        raise ValueError(
+            f"targets {targets!r} match modules that are not nn.Linear: {not_linear[:5]}; "
+            "name the projections inside them (e.g. 'q_proj', 'down_proj')"
+        )
+    fused = [n for n, p in model.named_parameters() if p.dim() == 3 and matches_target(n, targets)]
+    if fused:
+        raise ValueError(
+            f"targets {targets!r} name fused 3-D expert parameters {fused[:3]}; LoRA mixtures on fused "
+            "expert weights are not supported yet: target nn.Linear projections"
+        )
+    if not found:
+        suffixes = sorted(
+            {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        )
+        raise ValueError(
+            f"targets {targets!r} match no module of the {type(model).__name__}; "
+            f"its nn.Linear modules end with {suffixes[:20]}"
+        )
+    return found
+
+
+def swap_in(
+    model: nn.Module, found: list[tuple[str, nn.Linear]], build: Any
+) -> tuple[dict[str, nn.Module], list[tuple[nn.Parameter, bool]]]:
+    """Wrap each found projection: ``build(name, module)`` makes its layer; then every parameter of
+    ``model`` is frozen (the layers' own are created after) and the layers replace the modules,
+    numbered in module order (``layer_index``). Returns ``(layers by name, the requires_grad flags
+    before)``, which ``remove`` restores. If a build fails, the flags are restored and nothing is
+    swapped."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    layers: dict[str, nn.Module] = {}
+    try:
+        for name, module in found:
+            layers[name] = build(name, module)
+    except BaseException:
+        for p, flag in flags:  # a layer freezes its base when built
+            p.requires_grad_(flag)
+        raise
+    for p, _ in flags:
+        p.requires_grad_(False)
+    for i, (name, layer) in enumerate(layers.items()):
+        parent, child = parent_module(model, name)
+        setattr(parent, child, layer)
+        layer.layer_index = i
+    return layers, flags
+
+
 def apply(
     model: nn.Module,
     targets: str | Sequence[str],
@@ -132,51 +186,15 @@ def apply(
     if router is not None and not isinstance(router, str):
         # One Router object would be shared by every wrapped projection.
         raise TypeError(f"router must be a registered router name (str) or None, got {type(router).__name__}")
-    found = [(n, m) for n, m in model.named_modules() if n and matches_target(n, targets)]
-    not_linear = [f"{n} ({type(m).__name__})" for n, m in found if not isinstance(m, nn.Linear)]
-    if not_linear:
-        raise ValueError(
-            f"targets {targets!r} match modules that are not nn.Linear: {not_linear[:5]}; "
-            "name the projections inside them (e.g. 'q_proj', 'down_proj')"
-        )
-    fused = [n for n, p in model.named_parameters() if p.dim() == 3 and matches_target(n, targets)]
-    if fused:
-        raise ValueError(
-            f"targets {targets!r} name fused 3-D expert parameters {fused[:3]}; LoRA mixtures on fused "
-            "expert weights are not supported yet: target nn.Linear projections"
-        )
-    if not found:
-        suffixes = sorted(
-            {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        )
-        raise ValueError(
-            f"targets {targets!r} match no module of the {type(model).__name__}; "
-            f"its nn.Linear modules end with {suffixes[:20]}"
-        )
+    found = find_linear_targets(model, targets)
     chosen = resolve_mixture(method, router, top_k, router_kwargs, aux_losses, aux_loss_kwargs)
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    layers: dict[str, RoutedLoRA] = {}
-    try:
-        for name, module in found:
-            layers[name] = RoutedLoRA(
-                module,
-                num_experts,
-                rank,
-                alpha=alpha,
-                dropout=dropout,
-                method=method,
-                **copy.deepcopy(chosen),
-            )
-    except BaseException:
-        for p, flag in flags:  # RoutedLoRA froze the bases built so far
-            p.requires_grad_(flag)
-        raise
-    for p, _ in flags:
-        p.requires_grad_(False)
-    for i, (name, layer) in enumerate(layers.items()):
-        parent, child = parent_module(model, name)
-        setattr(parent, child, layer)
-        layer.layer_index = i
+    layers, flags = swap_in(
+        model,
+        found,
+        lambda name, module: RoutedLoRA(
+            module, num_experts, rank, alpha=alpha, dropout=dropout, method=method, **copy.deepcopy(chosen)
+        ),
+    )
     first = next(iter(layers.values())).experts
     config = {
         "method": method,

@@ -41,7 +41,7 @@ from moelab.core.context import RoutingContext, check_context
 from moelab.core.routed import RoutedLayer
 from moelab.core.router import Router
 from moelab.core.routing import Routing
-from moelab.lora.apply import check_model, check_targets, matches_target, parent_module
+from moelab.lora.apply import check_model, check_targets, find_linear_targets, remove, swap_in
 from moelab.lora.layer import RoutedLoRA
 from moelab.routers.sigmoid_topk import bias_update
 
@@ -327,8 +327,9 @@ registry.register(
 
 
 # ---------------------------------------------------------------------------------- apply / remove
-# ``moelab.lora.apply`` builds ``RoutedLoRA`` only and ``remove`` restores only those, so FlyLoRA
-# mirrors their swapping here (same targets rule, same guarantees), under its own model attribute.
+# The same targets rule and module swapping as ``moelab.lora.apply`` (``find_linear_targets``,
+# ``swap_in``); the state sits under its own model attribute (``apply.OTHER_STATES``), which
+# ``moelab.lora.remove`` also undoes.
 _STATE = "_moelab_flylora"
 
 
@@ -380,39 +381,15 @@ def apply_flylora(
     targets = check_targets(targets)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    found = [(n, m) for n, m in model.named_modules() if n and matches_target(n, targets)]
-    not_linear = [f"{n} ({type(m).__name__})" for n, m in found if not isinstance(m, nn.Linear)]
-    if not_linear:
-        raise ValueError(
-            f"targets {targets!r} match modules that are not nn.Linear: {not_linear[:5]}; "
-            "name the projections inside them (e.g. 'q_proj', 'down_proj')"
-        )
-    if not found:
-        suffixes = sorted(
-            {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        )
-        raise ValueError(
-            f"targets {targets!r} match no module of the {type(model).__name__}; "
-            f"its nn.Linear modules end with {suffixes[:20]}"
-        )
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    found = find_linear_targets(model, targets)
     generator = torch.Generator().manual_seed(seed)
-    layers: dict[str, FlyLoRALinear] = {}
-    try:
-        for name, module in found:
-            layers[name] = FlyLoRALinear(
-                module, rank, top_k, alpha=alpha, bias_update_rate=bias_update_rate, seed=generator
-            )
-    except BaseException:
-        for p, flag in flags:  # the layers froze the bases built so far
-            p.requires_grad_(flag)
-        raise
-    for p, _ in flags:
-        p.requires_grad_(False)
-    for i, (name, layer) in enumerate(layers.items()):
-        parent, child = parent_module(model, name)
-        setattr(parent, child, layer)
-        layer.layer_index = i
+    layers, flags = swap_in(
+        model,
+        found,
+        lambda name, module: FlyLoRALinear(
+            module, rank, top_k, alpha=alpha, bias_update_rate=bias_update_rate, seed=generator
+        ),
+    )
     first = next(iter(layers.values()))
     config = {
         "method": "flylora",
@@ -430,27 +407,11 @@ def apply_flylora(
 
 def remove_flylora(model: nn.Module) -> None:
     """Undo ``apply_flylora``: the original module objects back, every ``requires_grad`` flag
-    restored; ``state_dict()`` equals the one before ``apply_flylora`` bit for bit."""
-    state = vars(check_model(model)).get(_STATE)
-    if state is None:
+    restored; ``state_dict()`` equals the one before ``apply_flylora`` bit for bit
+    (``moelab.lora.remove``, which undoes either method)."""
+    if _STATE not in vars(check_model(model)):
         raise ValueError(f"model: this {type(model).__name__} has no FlyLoRA adapter from apply_flylora")
-    current = []
-    for name in state.wrapped:
-        try:
-            parent, child = parent_module(model, name)
-            layer = getattr(parent, child)
-        except AttributeError:
-            layer = None
-        if not isinstance(layer, state.layer_type):
-            raise ValueError(
-                f"model: {name!r} is no longer the FlyLoRALinear apply_flylora() put there; cannot restore it"
-            )
-        current.append((parent, child, layer))
-    for parent, child, layer in current:
-        setattr(parent, child, layer.base)
-    for p, flag in state.requires_grad:
-        p.requires_grad_(flag)
-    del vars(model)[_STATE]
+    remove(model)
 
 
 # ---------------------------------------------------------------------------------- adapters and merging
