@@ -135,7 +135,9 @@ def test_mixture_config_is_json_and_rebuilds_the_mixture():
     assert config == {
         "method": "dynmole",
         "targets": TARGETS,
+        "target_parameters": None,
         "wrapped": WRAPPED,
+        "wrapped_parameters": [],
         "num_experts": 3,
         "rank": 4,
         "alpha": 8.0,
@@ -149,7 +151,7 @@ def test_mixture_config_is_json_and_rebuilds_the_mixture():
     config["targets"].append("k_proj")  # a copy
     assert mixture_config(model)["targets"] == TARGETS
     other = tiny_llama(seed=1)
-    kwargs = {k: v for k, v in mixture_config(model).items() if k != "wrapped"}
+    kwargs = {k: v for k, v in mixture_config(model).items() if k not in ("wrapped", "wrapped_parameters")}
     assert apply(other, **kwargs) == WRAPPED
     state, other_state = model.state_dict(), other.state_dict()
     assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in other_state.items()}
@@ -204,7 +206,7 @@ def test_bad_inputs_leave_the_model_unchanged():
         apply(model, ["mlp"])
     with pytest.raises(ValueError, match="targets must be a non-empty list"):
         apply(model, [])
-    with pytest.raises(TypeError, match="targets must be a list of module names"):
+    with pytest.raises(TypeError, match="targets must be a list of names"):
         apply(model, 3)
     with pytest.raises(ValueError, match="not a valid regular expression"):
         apply(model, "(")
@@ -245,10 +247,11 @@ class FusedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.zeros(4, 8, 8))
 
 
-def test_fused_3d_expert_parameters_are_refused_clearly():
+def test_fused_3d_expert_parameters_go_in_target_parameters():
     model = nn.ModuleDict({"mlp": nn.ModuleDict({"experts": FusedExperts(), "gate": nn.Linear(8, 4)})})
     with pytest.raises(
-        ValueError, match=r"fused 3-D expert parameters \['mlp.experts.gate_up_proj'\].*not supported"
+        ValueError, match=r"fused 3-D expert parameters \['mlp.experts.gate_up_proj'\].*target_parameters"
     ):
         apply(model, ["gate_up_proj"])
-    assert apply(model, ["gate"], num_experts=2, rank=2) == ["mlp.gate"]
+    names = apply(model, ["gate"], num_experts=2, rank=2, target_parameters=["gate_up_proj"])
+    assert names == ["mlp.gate", "mlp.experts.gate_up_proj"]

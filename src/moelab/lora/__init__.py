@@ -6,6 +6,8 @@
   router, any registered loss), a ``RoutedLayer`` (traced, transformable).
 - ``apply(model, targets, ...)`` / ``remove(model)``: wrap a model's projections (PEFT's
   ``target_modules`` rule) and restore them exactly; ``mixture_layers``, ``mixture_config``.
+- ``FusedExpertLoRA``: one LoRA per MoE expert on a transformers MoE's fused 3-D expert parameters
+  (``apply(..., target_parameters=["experts.gate_up_proj"])``), routed by the model's own router.
 - ``MIXTURE_PRESETS``: the methods' paper defaults, by name (``method="mole"`` / ``"dynmole"``).
 """
 
@@ -32,6 +34,7 @@ from moelab.lora.flylora import (
     merge_lora,
     remove_flylora,
 )
+from moelab.lora.fused import FusedExpertLoRA, expert_lora_delta, fused_lora_layers
 from moelab.lora.layer import RoutedLoRA
 from moelab.lora.presets import MIXTURE_PRESETS, MixturePreset, get_preset, resolve_mixture
 from moelab.lora.remix import (
@@ -58,6 +61,7 @@ __all__ = [
     "ExpandedLoRABank",
     "FlyLoRALinear",
     "FlyLoRARouter",
+    "FusedExpertLoRA",
     "LoRABank",
     "MixturePreset",
     "ReMixLoRA",
@@ -70,8 +74,10 @@ __all__ = [
     "expand_layer",
     "expand_router",
     "expanded_layers",
+    "expert_lora_delta",
     "flylora_layers",
     "flylora_state",
+    "fused_lora_layers",
     "get_preset",
     "grouped_lora",
     "guidance",

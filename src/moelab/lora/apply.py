@@ -10,6 +10,10 @@ the whole qualified name must match. Every matched module must be an ``nn.Linear
 replaced in its parent by a ``RoutedLoRA`` holding the original object as ``.base``. Like PEFT,
 ``apply`` freezes every parameter of the model, so only the mixtures train; it remembers the
 ``requires_grad`` flags so that ``remove`` restores them.
+
+``target_parameters`` (PEFT's argument of the same name) names fused 3-D expert parameters of a
+transformers MoE model (``"experts.gate_up_proj"``, ``"experts.down_proj"``) by the same rule; each
+gets one LoRA per MoE expert, routed by the model's own router (``moelab.lora.fused``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from typing import Any
 from torch import nn
 
 from moelab.core.context import RoutingContext, check_context
+from moelab.experts.lora import PEFT_DEFAULT_LORA_ALPHA
+from moelab.lora.fused import add_fused_lora, find_fused_targets, fused_lora_layers, remove_fused_lora
 from moelab.lora.layer import RoutedLoRA
 from moelab.lora.presets import resolve_mixture
 
@@ -41,6 +47,7 @@ class _MixtureState:
     config: dict[str, Any]
     wrapped: list[str]
     requires_grad: list[tuple[nn.Parameter, bool]]
+    fused: list[str]  # the adapted fused parameters' qualified names
 
 
 def check_model(model: object) -> nn.Module:
@@ -49,24 +56,22 @@ def check_model(model: object) -> nn.Module:
     return model
 
 
-def check_targets(targets: object) -> str | list[str]:
+def check_targets(targets: object, argument: str = "targets") -> str | list[str]:
     if isinstance(targets, str):
         if not targets:
-            raise ValueError(
-                "targets must be a non-empty regular expression or a list of module names, got ''"
-            )
+            raise ValueError(f"{argument} must be a non-empty regular expression or a list of names, got ''")
         try:
             re.compile(targets)
         except re.error as e:
-            raise ValueError(f"targets: {targets!r} is not a valid regular expression ({e})") from None
+            raise ValueError(f"{argument}: {targets!r} is not a valid regular expression ({e})") from None
         return targets
     if not isinstance(targets, (list, tuple, set, frozenset)):
         raise TypeError(
-            f"targets must be a list of module names or one regular expression (str), got {type(targets).__name__}"
+            f"{argument} must be a list of names or one regular expression (str), got {type(targets).__name__}"
         )
     names = sorted(targets) if isinstance(targets, (set, frozenset)) else list(targets)
     if not names or not all(isinstance(t, str) and t for t in names):
-        raise ValueError(f"targets must be a non-empty list of non-empty module names, got {targets!r}")
+        raise ValueError(f"{argument} must be a non-empty list of non-empty names, got {targets!r}")
     return names
 
 
@@ -103,8 +108,8 @@ def find_linear_targets(model: nn.Module, targets: str | list[str]) -> list[tupl
     fused = [n for n, p in model.named_parameters() if p.dim() == 3 and matches_target(n, targets)]
     if fused:
         raise ValueError(
-            f"targets {targets!r} name fused 3-D expert parameters {fused[:3]}; LoRA mixtures on fused "
-            "expert weights are not supported yet: target nn.Linear projections"
+            f"targets {targets!r} name fused 3-D expert parameters {fused[:3]}; pass those in "
+            "target_parameters (one LoRA per MoE expert) and keep nn.Linear projections in targets"
         )
     if not found:
         suffixes = sorted(
@@ -145,7 +150,7 @@ def swap_in(
 
 def apply(
     model: nn.Module,
-    targets: str | Sequence[str],
+    targets: str | Sequence[str] | None,
     *,
     method: str | None = None,
     num_experts: int = 4,
@@ -157,12 +162,14 @@ def apply(
     router_kwargs: dict[str, Any] | None = None,
     aux_losses: dict[str, float] | None = None,
     aux_loss_kwargs: dict[str, dict] | None = None,
+    target_parameters: str | Sequence[str] | None = None,
 ) -> list[str]:
     """Wrap every ``nn.Linear`` of ``model`` that ``targets`` names in a ``RoutedLoRA``, in place.
 
     Args:
         model: any ``nn.Module`` (a transformers model, ``MoELM``, ...) without a mixture yet.
-        targets: PEFT ``target_modules`` (module docstring): ``["q_proj", "v_proj"]`` or a regex.
+        targets: PEFT ``target_modules`` (module docstring): ``["q_proj", "v_proj"]`` or a regex;
+            None to adapt only ``target_parameters``.
         method: a mixture preset (``"mole"``, ``"dynmole"``; ``moelab.lora.MIXTURE_PRESETS``)
             whose defaults fill ``router``, ``top_k``, ``router_kwargs``, ``aux_losses`` and
             ``aux_loss_kwargs`` where they are None.
@@ -170,50 +177,98 @@ def apply(
             ``lora_alpha`` (default 8, PEFT's) and ``lora_dropout``.
         router, top_k, router_kwargs, aux_losses, aux_loss_kwargs: as ``moelab.MoE`` (a router
             by registered name); default, without a method: ``"topk"`` with ``top_k=2``, no loss.
+        target_parameters: PEFT's ``target_parameters``: fused 3-D expert parameters of a MoE
+            model (``["experts.gate_up_proj", "experts.down_proj"]``), each given one LoRA of
+            rank ``rank`` per MoE expert, routed by the model's own router (``moelab.lora.fused``;
+            ``num_experts`` and the routing arguments do not apply to them, ``dropout`` must be 0).
 
-    Returns the wrapped module names in module order. Freezes every parameter of ``model``; the
-    new mixtures' parameters train. Refuses (``ValueError`` naming the argument) targets that
-    match no module, a target matching a module that is not an ``nn.Linear`` or a fused 3-D
-    expert parameter, and a model that already holds a mixture. On an error nothing is changed.
+    Returns the wrapped module names in module order (then the adapted parameters' names).
+    Freezes every parameter of ``model``; the new mixtures' parameters train. Refuses
+    (``ValueError`` naming the argument) targets that match no module, a target matching a module
+    that is not an ``nn.Linear`` or a fused 3-D expert parameter, and a model that already holds a
+    mixture. On an error nothing is changed.
     """
     check_model(model)
-    if _STATE in vars(model) or any(k in vars(model) for k in OTHER_STATES) or mixture_layers(model):
+    if (
+        _STATE in vars(model)
+        or any(k in vars(model) for k in OTHER_STATES)
+        or mixture_layers(model)
+        or fused_lora_layers(model)
+    ):
         raise ValueError(
             f"model: this {type(model).__name__} already has LoRA mixture layers or adapters "
             "(moelab.lora.apply or apply_flylora); call moelab.lora.remove(model) first"
         )
-    targets = check_targets(targets)
+    if targets is None and target_parameters is None:
+        raise ValueError(
+            "targets: give nn.Linear module names in targets, fused expert parameters in "
+            "target_parameters, or both; both are None"
+        )
     if router is not None and not isinstance(router, str):
         # One Router object would be shared by every wrapped projection.
         raise TypeError(f"router must be a registered router name (str) or None, got {type(router).__name__}")
-    found = find_linear_targets(model, targets)
+    found = [] if targets is None else find_linear_targets(model, targets := check_targets(targets))
+    fused = []
+    if target_parameters is not None:
+        target_parameters = check_targets(target_parameters, "target_parameters")
+        fused = find_fused_targets(model, target_parameters, matches_target)
+        if dropout:
+            raise ValueError(
+                f"dropout must be 0 with target_parameters (a weight-space LoRA), got {dropout!r}"
+            )
     chosen = resolve_mixture(method, router, top_k, router_kwargs, aux_losses, aux_loss_kwargs)
-    layers, flags = swap_in(
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    layers, _ = swap_in(
         model,
         found,
         lambda name, module: RoutedLoRA(
             module, num_experts, rank, alpha=alpha, dropout=dropout, method=method, **copy.deepcopy(chosen)
         ),
     )
-    first = next(iter(layers.values())).experts
+    for p, _ in flags:
+        p.requires_grad_(False)
+    added = []
+    try:
+        for _, owner, attr in fused:
+            add_fused_lora(owner, attr, rank, alpha)
+            added.append((owner, attr))
+    except BaseException:
+        for owner, attr in added:
+            remove_fused_lora(owner, attr)
+        _restore(model, layers, flags)
+        raise
     config = {
         "method": method,
         "targets": copy.deepcopy(targets),
+        "target_parameters": copy.deepcopy(target_parameters),
         "wrapped": list(layers),
+        "wrapped_parameters": [name for name, _, _ in fused],
         "num_experts": num_experts,
         "rank": rank,
-        "alpha": first.alpha,
-        "dropout": first.dropout,
+        "alpha": float(PEFT_DEFAULT_LORA_ALPHA if alpha is None else alpha),
+        "dropout": dropout,
         **chosen,
     }
-    vars(model)[_STATE] = _MixtureState(config=config, wrapped=list(layers), requires_grad=flags)
-    return list(layers)
+    vars(model)[_STATE] = _MixtureState(
+        config=config, wrapped=list(layers), requires_grad=flags, fused=config["wrapped_parameters"]
+    )
+    return list(layers) + config["wrapped_parameters"]
+
+
+def _restore(model: nn.Module, layers: dict[str, nn.Module], flags: list[tuple[nn.Parameter, bool]]) -> None:
+    """Put the wrapped layers' ``.base`` modules back and the ``requires_grad`` flags."""
+    for name, layer in layers.items():
+        parent, child = parent_module(model, name)
+        setattr(parent, child, layer.base)
+    for p, flag in flags:
+        p.requires_grad_(flag)
 
 
 def remove(model: nn.Module) -> None:
-    """Undo ``apply``: put the original module objects back and restore every parameter's
-    ``requires_grad`` flag. The base weights were never changed, so ``state_dict()`` and the
-    modules equal the model's before ``apply``, bit for bit."""
+    """Undo ``apply``: put the original module objects back, take the adapters off the fused
+    parameters (the parameter objects come back) and restore every parameter's ``requires_grad``
+    flag. The base weights were never changed, so ``state_dict()`` and the modules equal the
+    model's before ``apply``, bit for bit."""
     key = next((k for k in (_STATE, *OTHER_STATES) if k in vars(check_model(model))), None)
     if key is None:
         raise ValueError(f"model: this {type(model).__name__} has no LoRA mixture from moelab.lora.apply")
@@ -230,20 +285,28 @@ def remove(model: nn.Module) -> None:
             raise ValueError(
                 f"model: {name!r} is no longer the {layer_type.__name__} apply() put there; cannot restore it"
             )
-        current[name] = (parent, child, layer)
-    for parent, child, layer in current.values():
-        setattr(parent, child, layer.base)
-    for p, flag in state.requires_grad:
-        p.requires_grad_(flag)
+        current[name] = layer
+    adapted = fused_lora_layers(model)
+    fused = getattr(state, "fused", [])
+    missing = [name for name in fused if name not in adapted]
+    if missing:
+        raise ValueError(
+            f"model: the fused parameters {missing[:3]} no longer carry apply()'s LoRA; cannot restore"
+        )
+    for name in fused:
+        owner_name, _, attr = name.rpartition(".")
+        remove_fused_lora(model.get_submodule(owner_name) if owner_name else model, attr)
+    _restore(model, current, state.requires_grad)
     del vars(model)[key]
 
 
 def mixture_config(model: nn.Module) -> dict[str, Any]:
     """The arguments ``apply`` built ``model``'s mixture with, JSON-able: ``method``, ``targets``,
-    ``wrapped`` (the module names), ``num_experts``, ``rank``, ``alpha``, ``dropout``, ``router``,
+    ``target_parameters``, ``wrapped`` (the module names), ``wrapped_parameters`` (the fused
+    parameters' names), ``num_experts``, ``rank``, ``alpha``, ``dropout``, ``router``,
     ``router_kwargs``, ``top_k``, ``aux_losses``, ``aux_loss_kwargs`` (the resolved values, the
-    method's defaults filled in). ``apply(model, **config minus "wrapped")`` rebuilds the same
-    mixture on a fresh copy of the base model."""
+    method's defaults filled in). ``apply(model, **config minus "wrapped" and
+    "wrapped_parameters")`` rebuilds the same mixture on a fresh copy of the base model."""
     state = vars(check_model(model)).get(_STATE)
     if state is None:
         raise ValueError(f"model: this {type(model).__name__} has no LoRA mixture from moelab.lora.apply")

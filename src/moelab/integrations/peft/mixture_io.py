@@ -10,6 +10,8 @@ scaling * B_e A_e x`` with a router choosing the weights ``w_e``. ``save_mixture
       experts/expert_<i>/          expert i as a standard PEFT LoRA folder:
         adapter_config.json        a peft.LoraConfig (r, lora_alpha, target_modules, ...)
         adapter_model.safetensors  base_model.model.<layer>.lora_A.weight [r, d_in], .lora_B.weight [d_out, r]
+      expert_parameters.safetensors  only with target_parameters: the LoRA of each fused 3-D expert
+                                   parameter, keys "<parameter>.lora_A" [E, r, d_in], ".lora_B" [E, d_out, r]
 
 so ``peft.PeftModel.from_pretrained(base, folder / "experts/expert_<i>")`` loads expert ``i`` as an
 ordinary LoRA (``W x + scaling * B_i A_i x``), and ``load_mixture`` rebuilds the mixture bit-exactly.
@@ -43,6 +45,7 @@ from moelab.integrations.peft.adapters import (
 MIXTURE_PEFT_TYPE = "MOELAB_LORA_MIXTURE"
 FORMAT_VERSION = 1
 ROUTER_FILE = "router.safetensors"
+FUSED_FILE = "expert_parameters.safetensors"
 EXPERTS_DIR = "experts"
 # The keys this module adds to mixture_config's fields in adapter_config.json.
 _OWN_KEYS = (
@@ -53,6 +56,7 @@ _OWN_KEYS = (
     "base_model_name_or_path",
     "experts",
     "router_file",
+    "fused_file",
 )
 
 
@@ -131,7 +135,8 @@ def save_mixture(
     Returns the folder. Only the mixture is written (the base weights are not).
     """
     layers = lora.mixture_layers(model)
-    if not layers:
+    fused = lora.fused_lora_layers(model)
+    if not layers and not fused:
         raise ValueError(
             f"save_mixture: {type(model).__name__} has no LoRA mixture layers (call moelab.lora.apply first)"
         )
@@ -143,9 +148,9 @@ def save_mixture(
         base_model_name_or_path = _base_model_name(model)
 
     banks = {name: _bank_tensors(layer) for name, layer in layers.items()}
-    num_experts = {a.shape[0] for a, _, _ in banks.values()}
-    ranks = {a.shape[1] for a, _, _ in banks.values()}
-    alphas = {s for _, _, s in banks.values()}
+    num_experts = {a.shape[0] for a, _, _ in banks.values()} or {0}
+    ranks = {a.shape[1] for a, _, _ in banks.values()} or {0}
+    alphas = {s for _, _, s in banks.values()} or {0.0}
     if len(num_experts) != 1 or len(ranks) != 1 or len(alphas) != 1:
         # A PEFT LoRA config has one r and one lora_alpha for all its modules.
         raise ValueError(
@@ -183,6 +188,13 @@ def save_mixture(
                 )
             router_tensors[f"{name}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
     save_file(router_tensors, str(folder / ROUTER_FILE), metadata={"format": "pt"})
+    if fused:
+        fused_tensors = {
+            f"{name}.{key}": value.detach().to("cpu", copy=True).contiguous()
+            for name, adapter in fused.items()
+            for key, value in (("lora_A", adapter.lora_A), ("lora_B", adapter.lora_B))
+        }
+        save_file(fused_tensors, str(folder / FUSED_FILE), metadata={"format": "pt"})
 
     header = {
         "peft_type": MIXTURE_PEFT_TYPE,
@@ -192,6 +204,7 @@ def save_mixture(
         "base_model_name_or_path": base_model_name_or_path,
         "experts": [expert_folder_name(i) for i in range(n_experts)],
         "router_file": ROUTER_FILE,
+        **({"fused_file": FUSED_FILE} if fused else {}),
     }
     (folder / CONFIG_NAME).write_text(json.dumps({**header, **config}, indent=2, sort_keys=False) + "\n")
     return folder
@@ -220,8 +233,12 @@ def read_mixture_config(folder: str | Path) -> dict[str, Any]:
             f"{folder}: mixture format_version {version!r} is not supported (this moelab reads {FORMAT_VERSION})"
         )
     experts = config.get("experts")
-    if not isinstance(experts, list) or not experts or not all(isinstance(e, str) for e in experts):
-        raise ValueError(f"{folder / CONFIG_NAME}: 'experts' must be a non-empty list of subfolder names")
+    if not isinstance(experts, list) or not all(isinstance(e, str) for e in experts):
+        raise ValueError(f"{folder / CONFIG_NAME}: 'experts' must be a list of subfolder names")
+    if not experts and not config.get("fused_file"):
+        raise ValueError(
+            f"{folder / CONFIG_NAME}: 'experts' is empty and there is no fused_file: nothing to load"
+        )
     return config
 
 
@@ -296,8 +313,34 @@ def _stack_experts(
 
 
 def _check_no_mixture(model: nn.Module, who: str) -> None:
-    if lora.mixture_layers(model):
+    if lora.mixture_layers(model) or lora.fused_lora_layers(model):
         raise ValueError(f"{who}: the model already has a LoRA mixture; call moelab.lora.remove(model) first")
+
+
+def _load_fused(model: nn.Module, folder: Path, config: dict[str, Any]) -> None:
+    """Load the fused expert parameters' LoRA tensors (``FUSED_FILE``) into the adapters ``apply`` made."""
+    adapters = lora.fused_lora_layers(model)
+    if not config.get("fused_file"):
+        if adapters:
+            raise ValueError(f"{folder}: the config adapts fused parameters but names no fused_file")
+        return
+    tensors = read_safetensors(folder / config["fused_file"], "fused expert LoRA")
+    expected = {f"{name}.{key}" for name in adapters for key in ("lora_A", "lora_B")}
+    if set(tensors) != expected:
+        raise ValueError(
+            f"{folder}: {config['fused_file']} holds {sorted(tensors)[:4]}, the model's adapted fused "
+            f"parameters need {sorted(expected)[:4]}; is this the same architecture?"
+        )
+    with torch.no_grad():
+        for name, adapter in adapters.items():
+            for key in ("lora_A", "lora_B"):
+                have, saved = getattr(adapter, key), tensors[f"{name}.{key}"]
+                if have.shape != saved.shape:
+                    raise ValueError(
+                        f"{folder}: {name}.{key} has shape {tuple(saved.shape)} in the folder, "
+                        f"{tuple(have.shape)} in the model"
+                    )
+                have.copy_(saved)
 
 
 def load_mixture(model: nn.Module, folder: str | Path) -> list[str]:
@@ -315,18 +358,24 @@ def load_mixture(model: nn.Module, folder: str | Path) -> list[str]:
     adapters = [read_lora_adapter(folder / sub) for sub in config["experts"]]
     router_tensors = read_safetensors(folder / config.get("router_file", ROUTER_FILE), "mixture router")
     ranks = {ad.rank for ad in adapters}
-    if len(ranks) != 1:
+    if len(ranks) > 1:
         raise ValueError(f"{folder}: the experts have different ranks {sorted(ranks)}")
 
     names = lora.apply(model, **_apply_arguments(config))
     try:
         expected = _wrapped_names(config)
-        if expected is not None and sorted(names) != sorted(expected):
+        modules = [n for n in names if n not in set(config.get("wrapped_parameters") or [])]
+        if expected is not None and sorted(modules) != sorted(expected):
             raise ValueError(
-                f"{folder}: the config's targets wrap {sorted(names)} in this model, but the mixture was "
+                f"{folder}: the config's targets wrap {sorted(modules)} in this model, but the mixture was "
                 f"saved with {sorted(expected)}; is this the same architecture?"
             )
+        _load_fused(model, folder, config)
         layers = lora.mixture_layers(model)
+        if not layers and not adapters:
+            return names
+        if not layers or not adapters:
+            raise ValueError(f"{folder}: {len(adapters)} expert folders for {len(layers)} mixture layers")
         scaling = float(next(iter(layers.values())).bank.scaling)
         for ad in adapters:
             if not math.isclose(ad.scaling, scaling, rel_tol=1e-6):
