@@ -298,7 +298,7 @@ def test_sequence_losses_match_a_per_row_loop():
     labels = torch.randint(0, 11, (3, 7))
     labels[0, :4] = -100
     labels[2, :] = -100  # no targets: 0
-    got = lora_repro._sequence_losses(model, torch.zeros(3, 7, dtype=torch.long), labels)
+    got = lora_repro.sequence_losses(model, torch.zeros(3, 7, dtype=torch.long), labels)
     for b in range(3):
         terms = [
             -torch.log_softmax(logits[b, s], -1)[labels[b, s + 1]]

@@ -23,7 +23,13 @@ def main() -> None:
 
 
 # Each module defines ``register(app)`` adding its commands.
-COMMAND_MODULES = ("moelab.cli.train", "moelab.cli.compare", "moelab.cli.repro", "moelab.cli.analyze")
+COMMAND_MODULES = (
+    "moelab.cli.train",
+    "moelab.cli.compare",
+    "moelab.cli.finetune",
+    "moelab.cli.repro",
+    "moelab.cli.analyze",
+)
 
 
 @app.command("list")

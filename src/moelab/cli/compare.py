@@ -9,6 +9,7 @@ import typer
 
 from moelab.cli.options import (
     fail,
+    given,
     make_console,
     parse_aux_losses,
     parse_counts,
@@ -25,6 +26,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("compare")
     def compare_cmd(
+        ctx: typer.Context,
         routers: Annotated[
             str,
             typer.Option(
@@ -116,9 +118,55 @@ def register(app: typer.Typer) -> None:
         progress: Annotated[
             bool, typer.Option(help="progress bars (a line per eval when not a terminal)")
         ] = True,
+        mixtures: Annotated[
+            str | None,
+            typer.Option(
+                help="LoRA mixtures to compare instead of routers, e.g. mole,dynmole,remix: each fine-tunes "
+                "--base on --tasks (moelab finetune's settings; --steps, --batch-size, --seq-len, --lr, "
+                "--warmup, --seeds, --threads apply when given)"
+            ),
+        ] = None,
+        base: Annotated[
+            str, typer.Option(help="with --mixtures: 'smollm2' or a local transformers model directory")
+        ] = "smollm2",
+        tasks: Annotated[
+            str | None,
+            typer.Option(
+                help="with --mixtures: built-in tasks, comma-separated (default arithmetic,brackets,sort)"
+            ),
+        ] = None,
+        generate: Annotated[
+            int | None, typer.Option(help="with --mixtures: test prompts per task scored by greedy decoding")
+        ] = None,
+        mixture_tokenizer: Annotated[
+            str, typer.Option("--base-tokenizer", help="with --mixtures: 'auto' (the base's) or 'bytes'")
+        ] = "auto",
     ) -> None:
         """Train the same MoELM with each router on each seed (same data, budget, init per seed) and
         compare them: means with 95% intervals over seeds, paired differences from the baseline."""
+        if mixtures is not None:
+            from moelab.cli.finetune import run_mixture_compare, split_names
+
+            typed = given(ctx)
+            flags = {
+                "steps": "steps",
+                "batch_size": "batch_size",
+                "seq_len": "seq_len",
+                "lr": "lr",
+                "warmup": "warmup_steps",
+            }
+            options = {field: ctx.params[p] for p, field in flags.items() if p in typed}
+            options.update({"tasks": tasks, "threads": threads, "generate": generate})
+            run_mixture_compare(
+                base=base,
+                tokenizer=mixture_tokenizer,
+                mixtures=split_names(mixtures) or [],
+                seeds=parse_seeds(seeds) if "seeds" in typed else [0],
+                out_dir=out / name,
+                options=options,
+                progress=progress,
+            )
+            return
         console = make_console()
         labels, variants = parse_routers(routers)
         seed_list = parse_seeds(seeds)

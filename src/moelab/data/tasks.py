@@ -689,8 +689,10 @@ def load_tasks(
 # --------------------------------------------------------------------------------------------------
 # tokenisation for causal-LM fine-tuning
 # --------------------------------------------------------------------------------------------------
-def _encoder(tokenizer: Any) -> tuple[Callable[[str], list[int]], int, int]:
-    """``(encode, end_id, pad_id)`` for a transformers tokenizer or a moelab one."""
+def encoder_of(tokenizer: Any) -> tuple[Callable[[str], list[int]], int, int]:
+    """``(encode, end_id, pad_id)`` for a transformers tokenizer or a moelab one: ``encode(text)``
+    adds no special token; ``end_id`` ends a target (EOS, ``<|endoftext|>``, else ``"\\n"``);
+    ``pad_id`` pads rows (the pad token, else ``end_id``)."""
     if not callable(getattr(tokenizer, "encode", None)):
         raise TypeError(f"tokenizer must have an encode(text) method, got {type(tokenizer).__name__}")
     if hasattr(tokenizer, "eos_token_id"):  # transformers: no BOS/EOS added inside, EOS appended once
@@ -730,7 +732,7 @@ def encode_examples(
         isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
     ):
         raise ValueError(f"max_length must be an int >= 1 or None, got {max_length!r}")
-    encode, end, pad = _encoder(tokenizer)
+    encode, end, pad = encoder_of(tokenizer)
     rows: list[tuple[list[int], list[int]]] = []
     for ex in examples:
         if not isinstance(ex, Example):

