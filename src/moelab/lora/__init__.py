@@ -8,6 +8,9 @@
   ``target_modules`` rule) and restore them exactly; ``mixture_layers``, ``mixture_config``.
 - ``FusedExpertLoRA``: one LoRA per MoE expert on a transformers MoE's fused 3-D expert parameters
   (``apply(..., target_parameters=["experts.gate_up_proj"])``), routed by the model's own router.
+- Glider (``glider``): PHATGOOSE gate vectors trained per task (``apply_phatgoose``), assembled
+  into one mixture (``assemble_glider``) whose router adds a global bias from instruction
+  embeddings (``glider_queries``).
 - ``MIXTURE_PRESETS``: the methods' paper defaults, by name (``method="mole"`` / ``"dynmole"``).
 """
 
@@ -35,6 +38,20 @@ from moelab.lora.flylora import (
     remove_flylora,
 )
 from moelab.lora.fused import FusedExpertLoRA, expert_lora_delta, fused_lora_layers
+from moelab.lora.glider import (
+    GLIDER_PRESET,
+    GLIDER_SCALE_FLAN,
+    GLIDER_SCALE_HELD_IN,
+    GLIDER_SCALE_HELD_OUT,
+    GliderRouter,
+    TaskExpert,
+    apply_phatgoose,
+    glider_routers,
+    phatgoose_phase,
+    task_expert,
+)
+from moelab.lora.glider import assemble as assemble_glider
+from moelab.lora.glider import queries as glider_queries
 from moelab.lora.layer import RoutedLoRA
 from moelab.lora.presets import MIXTURE_PRESETS, MixturePreset, get_preset, resolve_mixture
 from moelab.lora.remix import (
@@ -54,6 +71,10 @@ from moelab.lora.remix import (
 
 __all__ = [
     "DYMOE_PRESET",
+    "GLIDER_PRESET",
+    "GLIDER_SCALE_FLAN",
+    "GLIDER_SCALE_HELD_IN",
+    "GLIDER_SCALE_HELD_OUT",
     "MIXTURE_PRESETS",
     "PEFT_DEFAULT_LORA_ALPHA",
     "REMIX_PRESET",
@@ -62,13 +83,17 @@ __all__ = [
     "FlyLoRALinear",
     "FlyLoRARouter",
     "FusedExpertLoRA",
+    "GliderRouter",
     "LoRABank",
     "MixturePreset",
     "ReMixLoRA",
     "ReMixRouter",
     "RoutedLoRA",
+    "TaskExpert",
     "apply",
     "apply_flylora",
+    "apply_phatgoose",
+    "assemble_glider",
     "effective_num_experts",
     "expand",
     "expand_layer",
@@ -79,6 +104,8 @@ __all__ = [
     "flylora_state",
     "fused_lora_layers",
     "get_preset",
+    "glider_queries",
+    "glider_routers",
     "grouped_lora",
     "guidance",
     "load_flylora_state",
@@ -87,6 +114,7 @@ __all__ = [
     "merge_lora",
     "mixture_config",
     "mixture_layers",
+    "phatgoose_phase",
     "plackett_luce_log_prob",
     "recording",
     "remix_rloo_step",
@@ -98,5 +126,6 @@ __all__ = [
     "rloo_surrogate",
     "router_effective_num_experts",
     "sample_without_replacement",
+    "task_expert",
     "use_context",
 ]

@@ -363,7 +363,8 @@ REPRODUCTIONS: dict[str, Reproduction] = {
 from moelab.repro.attention import ATTENTION  # noqa: E402
 from moelab.repro.composite import COMPOSITE  # noqa: E402
 from moelab.repro.depth import DEPTH  # noqa: E402
+from moelab.repro.glider import GLIDER  # noqa: E402
 from moelab.repro.lora import LORA  # noqa: E402
 from moelab.repro.zoo import ZOO  # noqa: E402
 
-REPRODUCTIONS.update({r.name: r for r in ZOO + COMPOSITE + DEPTH + ATTENTION + LORA})
+REPRODUCTIONS.update({r.name: r for r in ZOO + COMPOSITE + DEPTH + ATTENTION + LORA + GLIDER})
