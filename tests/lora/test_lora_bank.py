@@ -187,3 +187,66 @@ def test_bad_arguments():
         grouped_lora(torch.randn(2, 4), a, torch.randn(2, 5, 2), offsets, 1.0)
     with pytest.raises(ValueError, match=r"lora_A must be \[E, r, d_in\]"):
         grouped_lora(torch.randn(2, 4), a[0], b, offsets, 1.0)
+
+
+@given(
+    e=st.integers(1, 4),
+    t=st.integers(0, 9),
+    d_in=st.integers(1, 12),
+    d_out=st.integers(1, 12),
+    r=st.integers(1, 3),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=30)
+@example(e=1, t=1, d_in=1, d_out=1, r=1, bias=False, seed=0)
+def test_base_and_rank_dense_lora_equals_the_equation_fp64(e, t, d_in, d_out, r, bias, seed):
+    """The fused base + rank-dense LoRA against ``W x + b + sum_e w_e scaling B_e A_e x`` written
+    per token and expert, forward and backward (x, A, B and the combine weights)."""
+    from moelab.experts.lora import base_and_rank_dense_lora
+
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(dtype=torch.float64)
+    x = torch.randn(t, d_in, generator=g, **f64).requires_grad_(True)
+    w_OD = torch.randn(d_out, d_in, generator=g, **f64)
+    b_O = torch.randn(d_out, generator=g, **f64) if bias else None
+    a = torch.randn(e, r, d_in, generator=g, **f64).requires_grad_(True)
+    b = torch.randn(e, d_out, r, generator=g, **f64).requires_grad_(True)
+    w_TE = torch.rand(t, e, generator=g, **f64).requires_grad_(True)
+    y = base_and_rank_dense_lora(x, w_OD, b_O, a, b, w_TE, 0.5)
+    rows = []
+    for i in range(t):
+        row = w_OD @ x[i] + (b_O if bias else 0)
+        for j in range(e):
+            row = row + w_TE[i, j] * 0.5 * (b[j] @ (a[j] @ x[i]))
+        rows.append(row)
+    ref = torch.stack(rows) if rows else torch.zeros(0, d_out, **f64)
+    torch.testing.assert_close(y, ref)
+    if t:
+        grad = torch.randn(t, d_out, generator=g, **f64)
+        got = torch.autograd.grad(y, (x, a, b, w_TE), grad)
+        want = torch.autograd.grad(ref, (x, a, b, w_TE), grad)
+        for name, u, v in zip(("x", "A", "B", "weight"), got, want, strict=True):
+            torch.testing.assert_close(u, v, msg=name)
+
+
+def test_routed_lora_fuses_the_base_only_when_it_is_a_frozen_plain_linear(monkeypatch):
+    import moelab.lora.layer as layer_module
+    from moelab.lora import RoutedLoRA
+
+    calls = []
+    real = layer_module.base_and_rank_dense_lora
+    monkeypatch.setattr(layer_module, "base_and_rank_dense_lora", lambda *a: calls.append(1) or real(*a))
+    layer = RoutedLoRA(torch.nn.Linear(32, 32), 2, 2)
+    x = torch.randn(2, 5, 32)
+    unfused_ref = layer.base(x)
+    y = layer(x)
+    assert calls and y.shape == (2, 5, 32)
+    torch.testing.assert_close(y, unfused_ref)  # B = 0 at init
+    with pytest.raises(ValueError, match="must be frozen"):
+        real(x[0], layer.base.weight.detach().requires_grad_(True), None, layer.bank.lora_A, layer.bank.lora_B,
+             torch.ones(5, 2), 1.0)  # fmt: skip
+    calls.clear()
+    layer.base.weight.requires_grad_(True)  # a trainable base: the plain path
+    layer(x)
+    assert not calls

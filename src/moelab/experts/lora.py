@@ -100,6 +100,80 @@ def rank_dense_lora(
     return add_to.addmm_(h_TX, b_OX.T)
 
 
+class _BaseAndRankDenseLoRA(torch.autograd.Function):
+    """``base_and_rank_dense_lora``'s forward and backward, written out (see there)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, weight_OD, bias_O, lora_A_ERD, lora_B_EOR, weight_TE, scaling):
+        e, r, d_in = lora_A_ERD.shape
+        d_out = weight_OD.shape[0]
+        a_XD = lora_A_ERD.reshape(e * r, d_in)
+        w_cat = torch.cat([weight_OD, a_XD])  # [d_out + E r, d_in]: one GEMM for W x and every A_e x
+        if bias_O is None:
+            full_TF = x_TD @ w_cat.T
+        else:
+            full_TF = torch.addmm(torch.cat([bias_O, bias_O.new_zeros(e * r)]), x_TD, w_cat.T)
+        h_TX = full_TF[:, d_out:]
+        scale_TX = (weight_TE.to(x_TD.dtype) * scaling).repeat_interleave(r, dim=1)
+        hw_TX = h_TX * scale_TX
+        b_XO = lora_B_EOR.permute(0, 2, 1).reshape(e * r, d_out)  # row e*r + j is B_e[:, j]
+        y_TO = full_TF[:, :d_out]
+        y_TO.addmm_(hw_TX, b_XO)  # into the GEMM's own output: no [T, d_out] temporary
+        ctx.save_for_backward(x_TD, weight_OD, a_XD, b_XO, h_TX, scale_TX, hw_TX)
+        ctx.shape = (e, r, d_in, d_out)
+        ctx.scaling = scaling
+        return y_TO
+
+    @staticmethod
+    def backward(ctx, dy_TO):
+        x_TD, weight_OD, a_XD, b_XO, h_TX, scale_TX, hw_TX = ctx.saved_tensors
+        e, r, d_in, d_out = ctx.shape
+        need_x, _, _, need_a, need_b, need_w, _ = ctx.needs_input_grad
+        dhw_TX = dy_TO @ b_XO.T
+        dh_TX = dhw_TX * scale_TX
+        dx = da = db = dw = None
+        if need_x:
+            dx = (dy_TO @ weight_OD).addmm_(dh_TX, a_XD)
+        if need_a:
+            da = (dh_TX.T @ x_TD).view(e, r, d_in)
+        if need_b:
+            db = (hw_TX.T @ dy_TO).view(e, r, d_out).permute(0, 2, 1)
+        if need_w:
+            dw = (dhw_TX * h_TX).view(-1, e, r).sum(-1) * ctx.scaling
+        return dx, None, None, da, db, dw, None
+
+
+def base_and_rank_dense_lora(
+    x_TD: Tensor,
+    weight_OD: Tensor,
+    bias_O: Tensor | None,
+    lora_A_ERD: Tensor,
+    lora_B_EOR: Tensor,
+    weight_TE: Tensor,
+    scaling: float,
+) -> Tensor:
+    """``[T, d_out]``: a frozen projection plus a rank-dense LoRA mixture in one pass,
+    ``x W^T + b + rank_dense_lora(x, A, B, weight, scaling)``.
+
+    The base weight and every expert's ``A`` are stacked into one ``[d_out + E r, d_in]`` matrix,
+    so ``W x`` and all ``A_e x`` come out of one GEMM (on CPU the ``E r`` extra columns cost about
+    nothing: a GEMM of ``d_out = 576`` columns is not faster than one of 640); the routing weights
+    scale the ``[T, E r]`` part, and ``B`` is accumulated into the ``[T, d_out]`` part in place. The
+    backward is written out: the base weight and bias get no gradient (they are frozen: callers
+    use this only then), ``x``, ``A``, ``B`` and ``weight`` get theirs. The result is a view of
+    a ``[T, d_out + E r]`` buffer (row stride ``d_out + E r``).
+
+    Args: ``x [T, d_in]``, ``weight [d_out, d_in]`` and ``bias [d_out]`` (or None) of the frozen
+    ``nn.Linear``, ``lora_A [E, r, d_in]``, ``lora_B [E, d_out, r]``, ``weight_TE [T, E]`` combine
+    weights, ``scaling``.
+    """
+    if weight_OD.requires_grad or (bias_O is not None and bias_O.requires_grad):
+        raise ValueError(
+            "base_and_rank_dense_lora: the base weight and bias must be frozen (requires_grad=False)"
+        )
+    return _BaseAndRankDenseLoRA.apply(x_TD, weight_OD, bias_O, lora_A_ERD, lora_B_EOR, weight_TE, scaling)
+
+
 # --------------------------------------------------------------------------------- the bank
 @registry.register(
     "bank",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from moelab.core.checks import top_k_in_range
@@ -21,7 +22,7 @@ from moelab.core.context import RoutingContext, check_context
 from moelab.core.routed import RoutedLayer
 from moelab.core.router import Router
 from moelab.core.routing import Routing
-from moelab.experts.lora import LoRABank, rank_dense_lora
+from moelab.experts.lora import LoRABank, base_and_rank_dense_lora, rank_dense_lora
 from moelab.layers.moe import aux_losses_of, layer_input, layer_router, setup_experts_and_losses
 from moelab.lora.presets import resolve_mixture
 from moelab.ops.executors import resolve_executor
@@ -122,7 +123,6 @@ class RoutedLoRA(RoutedLayer):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [..., d_in={self.d_model}], got shape {tuple(x.shape)}")
-        y = self.base(x)
         if ctx is None:  # called as a projection inside a model: the layer's own context
             ctx = self._own_context()
         # layer_input reads [T, d] or [B, S, d]; nn.Linear takes any [..., d_in].
@@ -131,8 +131,17 @@ class RoutedLoRA(RoutedLayer):
         routing = self.router(x_TD, ctx)
         self.aux_terms, self.aux_loss = aux_losses_of(self, routing, ctx)  # the router's own routing
         routing = self.routed(routing, ctx, x_TD)
+        out_shape = (*x.shape[:-1], self.d_out)
+        bank = self.experts
+        if self._rank_dense(routing) and self._fusable(x_TD):
+            # W x and every A_e x from one GEMM; B accumulated into its output (bench/lora.py).
+            base = self.base
+            out = base_and_rank_dense_lora(
+                x_TD, base.weight, base.bias, bank.lora_A, bank.lora_B, routing.dense(), bank.scaling
+            )
+            return out.view(out_shape), routing
+        y = self.base(x)
         if self._rank_dense(routing) and y.dtype == x_TD.dtype:
-            bank = self.experts
             out = rank_dense_lora(
                 x_TD,
                 bank.lora_A,
@@ -142,10 +151,22 @@ class RoutedLoRA(RoutedLayer):
                 add_to=y.reshape(-1, self.d_out),
             )
             return out.view(y.shape), routing
-        else:
-            executor = resolve_executor(self.backend, x_TD.device, self.experts)
-            delta = self.dispatcher(x_TD, routing, self.experts, executor)
+        executor = resolve_executor(self.backend, x_TD.device, self.experts)
+        delta = self.dispatcher(x_TD, routing, self.experts, executor)
         return y + delta.view(y.shape).to(y.dtype), routing
+
+    def _fusable(self, x_TD: Tensor) -> bool:
+        """Whether the base projection can join the rank-dense GEMM (``base_and_rank_dense_lora``):
+        a plain ``nn.Linear`` without hooks, frozen, in ``x``'s dtype, outside autocast."""
+        base = self.base
+        return (
+            type(base) is nn.Linear
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and not base.weight.requires_grad
+            and (base.bias is None or not base.bias.requires_grad)
+            and base.weight.dtype == x_TD.dtype == self.experts.lora_A.dtype
+            and not torch.is_autocast_enabled(x_TD.device.type)
+        )
 
     def _rank_dense(self, routing: Routing) -> bool:
         """Whether ``backend="auto"`` runs every expert in rank space (``rank_dense_lora``): a
