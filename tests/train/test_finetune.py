@@ -186,3 +186,21 @@ def test_compare_mixtures_on_smollm2(monkeypatch, tmp_path):
     assert res.exit_code == 0, res.output
     saved = json.loads((tmp_path / "smol" / "results.json").read_text())
     assert saved["base"] == "smollm2" and set(saved["rows"]) == {"mole", "remix"}
+
+
+def test_finetune_on_text_files(tmp_path):
+    from moelab.train.finetune import text_tensors
+
+    path = tmp_path / "a.txt"
+    path.write_text("def f(x):\n    return x + 1\n" * 40)
+    settings = FinetuneSettings(text=[str(path)], steps=2, batch_size=2, seq_len=64, num_experts=2, rank=2)
+    (ids, labels), val = text_tensors(ByteTokenizer(), settings)
+    windows = len(path.read_bytes()) // 64
+    assert ids.shape[0] + val["text"][0].shape[0] == windows and torch.equal(ids, labels)
+    row = finetune_mixture(byte_llama(), ByteTokenizer(), settings)
+    assert "val_loss_text" in row and not any(k.startswith("score_") for k in row)
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        text_tensors(ByteTokenizer(), FinetuneSettings(text=[str(tmp_path / "none.txt")]))
+    with pytest.raises(ValueError, match="fewer than 2 windows"):
+        path.write_text("short")
+        text_tensors(ByteTokenizer(), settings)
