@@ -51,6 +51,7 @@ from moelab.repro.lora import (
     finetune,
     pretrained_base,
     single_task_data,
+    train_settings,
 )
 from moelab.repro.rules import Arm, Condition, Reproduction, Rows, diff, fmt
 
@@ -295,9 +296,7 @@ def glider_seed(
 
 def _settings(train: dict[str, Any]) -> dict[str, Any]:
     """``GLIDER_TRAIN`` with ``train``'s overrides of its keys; ``threads``."""
-    settings = {**GLIDER_TRAIN, **{k: v for k, v in train.items() if k in GLIDER_TRAIN and v is not None}}
-    settings["threads"] = train.get("threads")
-    return settings
+    return train_settings(GLIDER_TRAIN, train)
 
 
 def run_glider_arms(

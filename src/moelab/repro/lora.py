@@ -274,12 +274,19 @@ def finetune_arm(
     return row
 
 
-def _settings(train: dict[str, Any]) -> dict[str, Any]:
-    """``LORA_TRAIN`` with ``train``'s overrides of its keys and ``rloo_samples``; ``threads``."""
-    known = {*LORA_TRAIN, "rloo_samples"}
-    settings = {**LORA_TRAIN, **{k: v for k, v in train.items() if k in known and v is not None}}
+def train_settings(
+    defaults: dict[str, Any], train: dict[str, Any], extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``defaults`` with ``train``'s overrides of their keys (and of ``extra`` keys); ``threads``."""
+    known = {*defaults, *extra}
+    settings = {**defaults, **{k: v for k, v in train.items() if k in known and v is not None}}
     settings["threads"] = train.get("threads")
     return settings
+
+
+def _settings(train: dict[str, Any]) -> dict[str, Any]:
+    """``LORA_TRAIN`` with ``train``'s overrides of its keys and ``rloo_samples``; ``threads``."""
+    return train_settings(LORA_TRAIN, train, ("rloo_samples",))
 
 
 def run_lora_arms(
