@@ -15,7 +15,15 @@
 """
 
 from moelab.experts.lora import PEFT_DEFAULT_LORA_ALPHA, LoRABank, grouped_lora
-from moelab.lora.apply import apply, matches_target, mixture_config, mixture_layers, remove, use_context
+from moelab.lora.apply import (
+    apply,
+    include_aux_loss,
+    matches_target,
+    mixture_config,
+    mixture_layers,
+    remove,
+    use_context,
+)
 from moelab.lora.dymoe import (
     DYMOE_PRESET,
     DyMoEGuidance,
@@ -108,6 +116,7 @@ __all__ = [
     "glider_routers",
     "grouped_lora",
     "guidance",
+    "include_aux_loss",
     "load_flylora_state",
     "matches_target",
     "merge_flylora",

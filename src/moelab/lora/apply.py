@@ -337,3 +337,29 @@ def use_context(model: nn.Module, ctx: RoutingContext) -> Iterator[list[str]]:
     finally:
         for name, layer in layers.items():
             layer.context = before[name]
+
+
+def include_aux_loss(model: nn.Module) -> Any:
+    """Make ``model(..., labels=...)`` return a ``loss`` that includes the mixtures' auxiliary
+    losses (``moelab.aux_loss``) in training, so a trainer that only reads ``outputs.loss``
+    (transformers' ``Trainer``, TRL's ``SFTTrainer``) trains the routers with them.
+
+    A forward hook on ``model``: after each training forward whose output has a ``loss``, it adds
+    the sum of the mixture layers' ``aux_loss`` of that forward. Returns the hook's handle
+    (``handle.remove()`` undoes it). In eval mode the loss is left as the model computed it.
+    ReMix's RLOO router needs its own step (``moelab.lora.remix_rloo_step``): use
+    ``moelab.train.finetune`` for it.
+    """
+    check_model(model)
+    if not mixture_layers(model):
+        raise ValueError(
+            f"model: this {type(model).__name__} has no LoRA mixture layers (call moelab.lora.apply first)"
+        )
+
+    def add_aux(module: nn.Module, args: Any, output: Any) -> Any:
+        loss = getattr(output, "loss", None)
+        if module.training and loss is not None:
+            output.loss = loss + sum(layer.aux_loss for layer in mixture_layers(module).values())
+        return output
+
+    return model.register_forward_hook(add_aux)
