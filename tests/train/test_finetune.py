@@ -204,3 +204,19 @@ def test_finetune_on_text_files(tmp_path):
     with pytest.raises(ValueError, match="fewer than 2 windows"):
         path.write_text("short")
         text_tensors(ByteTokenizer(), settings)
+
+
+def test_smollm2_tokenizer_ends_targets_with_eos(monkeypatch):
+    from smollm2 import smollm2_dir
+
+    if smollm2_dir() is None:
+        pytest.skip("SmolLM2-135M weights not installed")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    from moelab.data.tasks import encoder_of
+    from moelab.integrations.hf.loading import SMOLLM2_GGUF
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_dir()), gguf_file=SMOLLM2_GGUF)
+    _, end, _ = encoder_of(tok)
+    assert end == tok.eos_token_id  # the base's own end of turn, not a newline

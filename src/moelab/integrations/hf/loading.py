@@ -99,11 +99,7 @@ def load_smollm2(
     model = AutoModelForCausalLM.from_pretrained(
         str(d), gguf_file=SMOLLM2_GGUF, dtype=torch.float32 if dtype is None else dtype
     ).eval()
-    tok = (
-        TransformersTokenizer(AutoTokenizer.from_pretrained(str(d), gguf_file=SMOLLM2_GGUF))
-        if tokenizer
-        else None
-    )
+    tok = AutoTokenizer.from_pretrained(str(d), gguf_file=SMOLLM2_GGUF) if tokenizer else None
     return model, tok
 
 
