@@ -94,6 +94,7 @@ def test_compare_mixtures_writes_report_and_json(tmp_path):
         seeds=[0, 1], out=tmp_path, base_name="tiny",
     )  # fmt: skip
     saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["means"] == json.loads(json.dumps(summary["means"]))
     assert saved["mixtures"] == ["mole", "remix"] and len(saved["rows"]["mole"]) == 2
     assert saved["means"]["mole"]["val_loss"]["n"] == 2
     report = (tmp_path / "report.md").read_text()
