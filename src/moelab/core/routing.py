@@ -185,8 +185,13 @@ class Routing:
         return self._order
 
     def tokens_per_expert(self) -> Tensor:
-        """``[E]`` long: how many assignments each expert received (after any capacity drop)."""
-        return self.by_expert().counts
+        """``[E]`` long: how many assignments each expert received (after any capacity drop).
+
+        The cached expert order's counts when it exists; otherwise a ``bincount``, without the
+        sort ``by_expert`` does (a rank-space LoRA mixture and the load losses never need it)."""
+        if self._order is not None:
+            return self._order.counts
+        return torch.bincount(self.expert_index, minlength=self.num_experts)
 
     def experts_per_token(self) -> Tensor:
         """``[T]`` long: how many experts each token was sent to (0 for a dropped token)."""
