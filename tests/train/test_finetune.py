@@ -168,6 +168,13 @@ def test_finetune_and_compare_cli_on_a_local_model(tmp_path):
     assert "| dynmole |" in (tmp_path / "cmp" / "report.md").read_text()
     bad = runner.invoke(app, ["compare", "--mixtures", "mole,nope", *common, "--base-tokenizer", "bytes"])
     assert bad.exit_code == 2 and "not presets" in bad.output
+    fly = runner.invoke(
+        app,
+        ["finetune", *common, "--method", "flylora", "--tokenizer", "bytes", "--rank", "4", "--top-k", "2",
+         "--train-examples", "8", "--generate", "0", "--out", str(tmp_path), "--name", "fly", "--no-progress"],
+    )  # fmt: skip
+    assert fly.exit_code == 0, fly.output
+    assert (tmp_path / "fly" / "adapter" / "flylora.safetensors").is_file()
     missing = runner.invoke(app, ["finetune", "--base", str(tmp_path / "nowhere"), "--steps", "1"])
     assert missing.exit_code == 2 and "config.json" in missing.output
 
@@ -221,3 +228,14 @@ def test_smollm2_tokenizer_ends_targets_with_eos(monkeypatch):
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir()), gguf_file=SMOLLM2_GGUF)
     _, end, _ = encoder_of(tok)
     assert end == tok.eos_token_id  # the base's own end of turn, not a newline
+
+
+def test_flylora_finetunes_with_its_own_defaults():
+    model = byte_llama()
+    settings = FinetuneSettings(method="flylora", **{**TINY, "rank": 4, "top_k": 2})
+    row = finetune_mixture(model, ByteTokenizer(), settings)
+    from moelab.lora import flylora_layers
+
+    layers = flylora_layers(model)
+    assert layers and all(layer.lora_B.shape[1] == 4 for layer in layers.values())
+    assert "val_loss_sort" in row and any(layer.lora_B.abs().sum() > 0 for layer in layers.values())

@@ -40,6 +40,20 @@ def merged_aux_losses(method: str, overrides: dict[str, float]) -> dict[str, flo
     return {k: v for k, v in losses.items() if v > 0}
 
 
+def save_flylora(model: Any, folder: Path, settings: Any) -> None:
+    """A FlyLoRA adapter: ``flylora.safetensors`` (``moelab.lora.flylora_state``) and its settings."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from moelab.lora import flylora_state
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in flylora_state(model).items()}
+    save_file(state, str(folder / "flylora.safetensors"), metadata={"format": "pt"})
+    (folder / "flylora_config.json").write_text(json.dumps(asdict(settings), indent=2) + "\n")
+
+
 def settings_from(options: dict[str, Any]) -> Any:
     """A ``FinetuneSettings`` from the command's options (None: the settings' default)."""
     from moelab.train.finetune import FinetuneSettings
@@ -151,7 +165,8 @@ def register(app: typer.Typer) -> None:
         progress: Annotated[bool, typer.Option(help="progress bars")] = True,
     ) -> None:
         """Fine-tune a LoRA mixture on a pretrained causal LM; write OUT/NAME/adapter (a PEFT-shaped
-        mixture folder: each expert loads into peft.PeftModel as a plain LoRA) and metrics.json."""
+        mixture folder: each expert loads into peft.PeftModel as a plain LoRA; FlyLoRA: its tensors
+        in flylora.safetensors) and metrics.json."""
         console = make_console()
         options = {
             "method": method,
@@ -196,7 +211,10 @@ def register(app: typer.Typer) -> None:
                 console=console,
                 resume=resume,
             )
-            save_mixture(model, run / "adapter", base_model_name_or_path=base)
+            if settings.method == "flylora":
+                save_flylora(model, run / "adapter", settings)
+            else:
+                save_mixture(model, run / "adapter", base_model_name_or_path=base)
         except ERRORS as e:
             fail(console, str(e))
         (run / "metrics.json").write_text(json.dumps({"base": base, **row}, indent=2, default=float) + "\n")

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelab.core.routed import aux_loss, override_routing, routed_layers
+from moelab.core.routed import override_routing, routed_layers
 from moelab.lora.remix import REMIX_NUM_SAMPLES, remix_rloo_step, remix_routers, router_effective_num_experts
 
 EVAL_ROWS = 16  # packed val rows per forward
@@ -204,7 +204,9 @@ def mixture_loss(
         row_loss = sequence_losses(model, ids, labels)
         task = row_loss.mean()
         loss = task
-    aux = aux_loss(inner) if any(True for _ in routed_layers(inner)) else torch.zeros((), device=ids.device)
+    # every routed layer's aux loss of this forward (moelab.aux_loss, which needs at least one)
+    terms = [m.aux_loss for _, m in routed_layers(inner) if isinstance(getattr(m, "aux_loss", None), Tensor)]
+    aux = torch.stack(terms).sum() if terms else torch.zeros((), device=ids.device)
     metrics: dict[str, Any] = {
         "task_loss": float(task.detach()),
         "aux_loss": float(aux.detach()),

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from moelab.analysis.intervals import t_interval
 from moelab.data import TensorData
 from moelab.data.tasks import encode_examples, encoder_of, load_tasks, score
-from moelab.lora import apply, mixture_layers
+from moelab.lora import apply, apply_flylora, flylora_layers, mixture_layers
 from moelab.lora.finetune import evaluate_tasks, mixture_loss, pack_examples
 from moelab.lora.presets import MIXTURE_PRESETS, PAPER_TARGETS
 from moelab.train.config import TrainConfig
@@ -44,6 +44,7 @@ from moelab.train.trainer import Trainer
 # Every attention and MLP projection of a Llama-family model (SmolLM2): MixLoRA adapts them all.
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_TASKS = ("arithmetic", "brackets", "sort")  # generated: no Debian package needed
+DEFAULT_RANK = 8  # PEFT's LoraConfig.r
 
 
 @dataclass
@@ -51,9 +52,10 @@ class FinetuneSettings:
     """One fine-tuning run (``moelab finetune``; each arm of ``moelab compare --mixtures``).
 
     Mixture: ``method`` (a preset of ``moelab.lora.MIXTURE_PRESETS``: ``mole``, ``dynmole``,
-    ``lora_mixer``, ``remix``, ...), ``targets`` (None: the method's paper targets, else every
+    ``lora_mixer``, ``remix``, ...; or ``flylora``: ``moelab.lora.apply_flylora``, its rank-wise
+    top-``top_k`` of rank ``rank``, FlyLoRA's 32 / 8 by default), ``targets`` (None: the method's paper targets, else every
     Llama projection ``LLAMA_TARGETS``), ``target_parameters`` (fused 3-D expert parameters),
-    ``num_experts``, ``rank``, ``alpha``, ``dropout``, and ``router`` / ``top_k`` /
+    ``num_experts``, ``rank`` (default 8, PEFT's ``r``), ``alpha``, ``dropout``, and ``router`` / ``top_k`` /
     ``router_kwargs`` / ``aux_losses`` over the method's.
 
     Data: ``tasks`` (built-in task names) with ``train_examples`` / ``val_examples`` /
@@ -73,7 +75,7 @@ class FinetuneSettings:
     targets: list[str] | str | None = None
     target_parameters: list[str] | None = None
     num_experts: int = 4
-    rank: int = 8
+    rank: int | None = None
     alpha: float | None = None
     dropout: float = 0.0
     router: str | None = None
@@ -101,12 +103,16 @@ class FinetuneSettings:
     max_new_tokens: int = 48
 
     def __post_init__(self) -> None:
-        if self.method not in MIXTURE_PRESETS:
-            raise ValueError(f"method must be one of {sorted(MIXTURE_PRESETS)}, got {self.method!r}")
+        if self.method not in MIXTURE_PRESETS and self.method != "flylora":
+            raise ValueError(
+                f"method must be one of {sorted([*MIXTURE_PRESETS, 'flylora'])}, got {self.method!r}"
+            )
         if self.text is None and not self.tasks:
             raise ValueError("tasks must name at least one built-in task (or give text files)")
         for name in ("num_experts", "rank", "seq_len", "steps", "batch_size", "rloo_samples"):
             value = getattr(self, name)
+            if value is None and name == "rank":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         for name in ("train_examples", "val_examples", "test_examples", "generate", "warmup_steps"):
@@ -211,13 +217,19 @@ def finetune_mixture(
     ``trainable_params``, ``steps``."""
     s = settings
     torch.manual_seed(s.seed)  # the mixture's initialisation
-    if not mixture_layers(model):
+    if s.method == "flylora":
+        if not flylora_layers(model):
+            fly = {"rank": s.rank, "top_k": s.top_k, "alpha": s.alpha}
+            apply_flylora(
+                model, s.resolved_targets(), seed=s.seed, **{k: v for k, v in fly.items() if v is not None}
+            )
+    elif not mixture_layers(model):
         apply(
             model,
             s.resolved_targets(),
             method=s.method,
             num_experts=s.num_experts,
-            rank=s.rank,
+            rank=DEFAULT_RANK if s.rank is None else s.rank,
             alpha=s.alpha,
             dropout=s.dropout,
             router=s.router,
@@ -294,9 +306,11 @@ def compare_mixtures(
     Returns the summary written to ``results.json``."""
     if not mixtures:
         raise ValueError("mixtures must name at least one method")
-    unknown = [m for m in mixtures if m not in MIXTURE_PRESETS]
+    unknown = [m for m in mixtures if m not in MIXTURE_PRESETS and m != "flylora"]
     if unknown:
-        raise ValueError(f"mixtures {unknown} are not presets; known: {sorted(MIXTURE_PRESETS)}")
+        raise ValueError(
+            f"mixtures {unknown} are not presets; known: {sorted([*MIXTURE_PRESETS, 'flylora'])}"
+        )
     if len(set(mixtures)) != len(mixtures):
         raise ValueError(f"mixtures must not repeat a method, got {list(mixtures)}")
     out = Path(out)
@@ -383,7 +397,7 @@ def render_report(summary: dict[str, Any]) -> str:
         f"# LoRA mixtures on {summary['base'] or 'the base model'}",
         "",
         f"Mixtures {', '.join(summary['mixtures'])}; seeds {summary['seeds']}; "
-        f"{s['num_experts']} experts of rank {s['rank']}; {s['steps']} steps of {s['batch_size']} rows x "
+        f"{s['num_experts']} experts of rank {s['rank'] or '8 (FlyLoRA: 32)'}; {s['steps']} steps of {s['batch_size']} rows x "
         f"{s['seq_len']} tokens at lr {s['lr']:g}; data: {', '.join(s['text'] or s['tasks'])}. "
         f"Machine: {summary['machine']['cpu']}, torch {summary['machine']['torch']}; "
         f"wall time {summary['wall_time_s']:.0f} s. Means ± 95% t half-width over seeds.",
