@@ -26,7 +26,7 @@ LEVELS = [
     {"kernels"},
     {"routers", "losses", "experts"},
     {"ops"},
-    {"layers", "attention"},
+    {"layers", "attention", "parallel"},
     {"models", "data", "lora"},
     {"analysis"},
     {"depth"},

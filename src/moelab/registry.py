@@ -28,6 +28,7 @@ _KINDS: dict[str, str] = {
     "depth": "routes tokens to depth: which blocks run on which tokens, and how often",
     "attention": "routes queries to keys: which key blocks or heads each query attends with",
     "lora": "a mixture of LoRA adapters over a model's projections (moelab.lora.apply presets)",
+    "placement": "where experts live: which rank holds each expert or replica (expert-parallel planners)",
 }
 
 # Where moelab's own methods of each kind register themselves. A lookup that misses imports the
@@ -45,6 +46,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "depth": "moelab.depth",
     "attention": "moelab.attention",
     "lora": "moelab.lora",
+    "placement": "moelab.parallel",
 }
 
 # Third-party packages moelab integrates with, and the moelab module that integrates each. A
