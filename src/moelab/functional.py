@@ -84,6 +84,10 @@ LoRA mixtures:
     glider_local_logits, glider_global_bias, Glider: PHATGOOSE gates + a global bias from
     glider_routing, phatgoose_gate           instruction embeddings (``glider``)
     expert_lora_delta                        one LoRA per MoE expert on fused 3-D weights
+Placement (expert parallelism):
+    llep_plan, llep_assign                   LLEP's least-loaded plan and each assignment's rank (``llep``)
+    eplb_plan, eplb_assign,                  EPLB's redundant experts: replicate, pack onto GPUs,
+    balanced_packing, replicate_experts      split an expert's tokens over its replicas (``eplb``)
 Losses:
     load_balance_loss, load_balance_seq_loss, z_loss
     erc_epsilon, erc_proxy_tokens,           expert-router coupling (``erc``)
@@ -190,6 +194,8 @@ from moelab.losses.erc import erc_coupling, erc_diag_dominance, erc_epsilon, erc
 from moelab.losses.rcl import routing_contrastive_loss
 from moelab.ops.atomic import atomic_experts
 from moelab.ops.rows import combine, dispatch
+from moelab.parallel.eplb import balanced_packing, eplb_assign, eplb_plan, replicate_experts
+from moelab.parallel.llep import llep_assign, llep_plan
 from moelab.routers.capacity import capacity_keep_mask, expert_capacity, token_choice_routing
 from moelab.routers.dynamoe import capacity_schedule, dynamic_topk, schedule_shape
 from moelab.routers.expert_choice import expert_choice, expert_choice_capacity
@@ -235,6 +241,7 @@ __all__ = [
     "assemble_mlp",
     "atomic_experts",
     "attention_received",
+    "balanced_packing",
     "batch_norm_rows",
     "bias_update",
     "capacity_count",
@@ -253,6 +260,8 @@ __all__ = [
     "dynamic_topk",
     "effective_num_experts",
     "effective_number_weights",
+    "eplb_assign",
+    "eplb_plan",
     "erc_coupling",
     "erc_diag_dominance",
     "erc_epsilon",
@@ -292,6 +301,8 @@ __all__ = [
     "head_token_positions",
     "kmeans_l1",
     "labels_to_path",
+    "llep_assign",
+    "llep_plan",
     "load_balance_loss",
     "load_balance_seq_loss",
     "lowest_arank_layers",
@@ -339,6 +350,7 @@ __all__ = [
     "recursion_balance_loss",
     "recursion_layout",
     "recursion_token_counts",
+    "replicate_experts",
     "residual_mix",
     "reuse_group",
     "rloo_advantages",

@@ -3,4 +3,22 @@
 Placement planners (pure functions of a load, registered under kind ``placement``) and the
 helpers that shard a MoE layer's experts over a ``torch.distributed`` process group. The
 all-to-all dispatcher itself is ``moelab.ops.all_to_all`` (a dispatcher like ``local``).
+
+- ``llep_plan`` / ``llep_assign`` (``llep``): LLEP's least-loaded plan under imbalance, and which
+  rank computes each assignment of a Routing.
+- ``eplb_plan`` / ``eplb_assign`` (``eplb``): EPLB's redundant experts (``phy2log``, ``log2phy``,
+  counts), and which replica takes each assignment.
 """
+
+from moelab.parallel.eplb import EPLBPlan, eplb_assign, eplb_plan
+from moelab.parallel.llep import LLEPPlan, contiguous_placement, llep_assign, llep_plan
+
+__all__ = [
+    "EPLBPlan",
+    "LLEPPlan",
+    "contiguous_placement",
+    "eplb_assign",
+    "eplb_plan",
+    "llep_assign",
+    "llep_plan",
+]

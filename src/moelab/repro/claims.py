@@ -365,6 +365,7 @@ from moelab.repro.composite import COMPOSITE  # noqa: E402
 from moelab.repro.depth import DEPTH  # noqa: E402
 from moelab.repro.glider import GLIDER  # noqa: E402
 from moelab.repro.lora import LORA  # noqa: E402
+from moelab.repro.scaleout import SCALEOUT  # noqa: E402
 from moelab.repro.zoo import ZOO  # noqa: E402
 
-REPRODUCTIONS.update({r.name: r for r in ZOO + COMPOSITE + DEPTH + ATTENTION + LORA + GLIDER})
+REPRODUCTIONS.update({r.name: r for r in ZOO + COMPOSITE + DEPTH + ATTENTION + LORA + GLIDER + SCALEOUT})
