@@ -422,7 +422,10 @@ def render_report(summary: dict[str, Any]) -> str:
         lines.append("| mixture | " + " | ".join(tasks) + " |")
         lines.append("|---" * (len(tasks) + 1) + "|")
         rows = [
-            ("base (no mixture)", {k: {"mean": v, "n": 1} for k, v in base.items() if isinstance(v, float)})
+            (
+                f"base (no mixture; seed {s['seed']}'s data)",
+                {k: {"mean": v, "n": 1} for k, v in base.items() if isinstance(v, float)},
+            )
         ]
         rows += [(m, means[m]) for m in summary["mixtures"]]
         for label, stats in rows:
