@@ -189,7 +189,7 @@ def test_compare_mixtures_on_smollm2(monkeypatch, tmp_path):
     res = CliRunner().invoke(
         app,
         ["compare", "--base", "smollm2", "--mixtures", "mole,remix", "--tasks", "sort", "--steps", "1",
-         "--batch-size", "1", "--seq-len", "64", "--generate", "2", "--out", str(tmp_path), "--name", "smol", "--no-progress"],
+         "--batch-size", "1", "--seq-len", "64", "--generate", "1", "--out", str(tmp_path), "--name", "smol", "--no-progress"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     saved = json.loads((tmp_path / "smol" / "results.json").read_text())
