@@ -27,6 +27,7 @@ def test_core_methods_are_registered_with_papers():
         ("loss", "z"),
         ("bank", "mlp"),
         ("dispatcher", "local"),
+        ("dispatcher", "ep"),
         ("executor", "reference"),
         ("executor", "sorted"),
         ("executor", "fast"),

@@ -1,6 +1,9 @@
 """Run under torchrun by test_ddp.py: train a tiny MoELM with DDP and save this rank's weights.
 
-Usage: torchrun --nproc_per_node 2 ddp_worker.py OUT DATA_DIR BATCH_SIZE
+Usage: torchrun --nproc_per_node 2 ddp_worker.py OUT DATA_DIR BATCH_SIZE [EP]
+
+With EP > 1 the experts are sharded over the ranks (``TrainConfig.ep``); the final model is then
+saved gathered by rank 0 (``OUT/final``), and no per-rank file is written.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from moelab.models import MoELMConfig
 from moelab.train.trainer import TrainConfig, Trainer
 
 
-def configs(data_dir: str, batch_size: int) -> tuple[MoELMConfig, TrainConfig]:
+def configs(data_dir: str, batch_size: int, ep: int = 1) -> tuple[MoELMConfig, TrainConfig]:
     # No auxiliary losses and dropless routing: the mean CE over the global batch is then exactly
     # the mean of the ranks' losses, so DDP must match one process on the concatenated batch.
     # sigmoid_topk's bias update all-reduces the load, so it must match too.
@@ -37,18 +40,24 @@ def configs(data_dir: str, batch_size: int) -> tuple[MoELMConfig, TrainConfig]:
         warmup_steps=2,
         eval_every=3,
         eval_batches=4,
-        ckpt_every=3,
+        ckpt_every=0 if ep > 1 else 3,
         data=data_dir,
+        ep=ep,
     )
     return model, train
 
 
 def main() -> None:
     out, data_dir, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    ep = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     torch.set_num_threads(1)
-    mcfg, tcfg = configs(data_dir, batch_size)
+    mcfg, tcfg = configs(data_dir, batch_size, ep)
     trainer = Trainer(mcfg, tcfg, out, progress=False)
     res = trainer.train()  # raises if the replicas diverge
+    if ep > 1:
+        trainer.close()
+        dist.destroy_process_group()
+        return
     state = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}
     meta = {
         "val_loss": repr(res.val_loss),

@@ -67,3 +67,25 @@ def test_torchrun_two_processes_match_one_process(tmp_path, texts):
         torch.tensor(windows), torch.tensor(sorted(res.val_window_losses)), atol=1e-4, rtol=0
     )
     assert abs(float(meta["val_loss_se"]) - res.val_loss_se) < 1e-5
+
+
+@pytest.mark.slow
+def test_torchrun_expert_parallel_training_matches_one_process(tmp_path, texts):
+    """``TrainConfig.ep = 2`` (``moelab train --ep 2``): each rank holds half the experts, the
+    non-expert weights are data parallel; the gathered final model equals one process trained on
+    the concatenated batch."""
+    out = tmp_path / "ep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "ddp_worker.py"), str(out), str(texts), "2", "2"]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    gathered = load_file(str(out / "final" / "model.safetensors"))
+    torch.set_num_threads(1)
+    mcfg, tcfg = configs(str(texts), 4)
+    single = Trainer(mcfg, tcfg, None, progress=False)
+    single.train()
+    s = single.model.state_dict()
+    assert gathered.keys() == s.keys()
+    for k in s:
+        torch.testing.assert_close(gathered[k], s[k], rtol=1e-4, atol=1e-5, msg=k)

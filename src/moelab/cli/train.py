@@ -50,6 +50,7 @@ TRAIN_FLAGS = {
     "bf16": "bf16",
     "device": "device",
     "threads": "threads",
+    "ep": "ep",
 }
 ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, PermissionError)
 
@@ -174,7 +175,10 @@ def register(app: typer.Typer) -> None:
         ] = False,
         seed: Annotated[int, typer.Option()] = 0,
         data: Annotated[
-            str, typer.Option(help="'stdlib', text files/folders (comma-separated), hf:NAME, or 'mixed' (image patches + class names, with token types)")
+            str,
+            typer.Option(
+                help="'stdlib', text files/folders (comma-separated), hf:NAME, or 'mixed' (image patches + class names, with token types)"
+            ),
         ] = "stdlib",
         tokenizer: Annotated[str, typer.Option(help="bytes or bpe")] = "bytes",
         bf16: Annotated[bool, typer.Option()] = False,
@@ -185,6 +189,13 @@ def register(app: typer.Typer) -> None:
         progress: Annotated[
             bool, typer.Option(help="progress bar (a line per eval when not a terminal)")
         ] = True,
+        ep: Annotated[
+            int,
+            typer.Option(
+                help="expert parallelism: shard each MoE layer's experts over this many processes "
+                "(run under torchrun with as many processes, with --ckpt-every 0; 1: off)"
+            ),
+        ] = 1,
     ) -> None:
         """Train one MoELM (checkpoints, exact resume; run it under torchrun for DDP)."""
         console = make_console()
@@ -254,8 +265,11 @@ def _train(console: Any, mcfg: Any, tcfg: Any, run_dir: Path, ckpt: Path | None,
         (run_dir / "result.json").write_text(json.dumps(res.to_dict(), indent=1) + "\n")
         console.print(
             f"step {res.step}: val loss {res.val_loss:.4f}"
-            + (f" (standard error {res.val_loss_se:.4f} over {len(res.val_window_losses)} windows)"
-               if math.isfinite(res.val_loss_se) else "")
+            + (
+                f" (standard error {res.val_loss_se:.4f} over {len(res.val_window_losses)} windows)"
+                if math.isfinite(res.val_loss_se)
+                else ""
+            )
             + f", ppl {res.val_ppl:.2f}, "
             f"{res.tokens_per_s:,.0f} tok/s (wall); final model in {run_dir / 'final'}",
             highlight=False,

@@ -3,10 +3,12 @@
 - ``executors``: the executor registry, ``"auto"`` resolution;
 - ``reference``, ``sorted``, ``fast``, ``triton``, ``atomic``: the executors;
 - ``dispatchers``: the dispatcher registry and the ``local`` dispatcher;
+- ``all_to_all``: the ``ep`` dispatcher (expert parallelism over ``torch.distributed``);
 - ``rows``: ``dispatch`` / ``combine``, the row gather and weighted scatter-back.
 """
 
 from moelab.ops import atomic, fast, reference, sorted, triton  # noqa: F401  (each registers its executor)
+from moelab.ops.all_to_all import AllToAllDispatcher
 from moelab.ops.atomic import atomic_experts, moe_atomic
 from moelab.ops.dispatchers import (
     Dispatcher,
@@ -33,6 +35,7 @@ from moelab.ops.triton import moe_triton
 
 __all__ = [
     "AUTO_PREFERENCE",
+    "AllToAllDispatcher",
     "Dispatcher",
     "Executor",
     "LocalDispatcher",

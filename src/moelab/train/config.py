@@ -57,6 +57,10 @@ class TrainConfig:
             they apply to, also where the layer does not train with them (a baseline arm's ERC
             coupling); a layer's own losses are always diagnosed. Default: none (ERC's costs
             ``E^2`` expert-gate activations per layer).
+        ep: expert parallelism: shard every MoE layer's experts over this many processes
+            (``moelab.parallel.sharding.shard_experts``, dispatcher ``ep``); 1 is off. Under
+            torchrun it must equal the number of processes (each is also a data-parallel replica
+            of the non-expert weights) and divide every layer's expert count.
         threads: PyTorch intra-op threads while training on CPU; 0 picks
             ``moelab.train.resources.DEFAULT_THREADS`` (1: measured fastest for these model sizes,
             see docs/training.md). The previous count is restored when ``train()`` returns.
@@ -88,9 +92,10 @@ class TrainConfig:
     locality: bool = False
     diagnostics: list[str] = field(default_factory=list)
     threads: int = 0
+    ep: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "eval_batches", "log_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "seq_len", "eval_batches", "log_every", "keep_checkpoints", "ep"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {v!r}")

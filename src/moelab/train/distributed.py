@@ -45,19 +45,32 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+def wrap_ddp(model: nn.Module, device: torch.device, ignore: list[str] | None = None) -> nn.Module:
     """``model`` in ``DistributedDataParallel``, without buffer broadcasts.
 
     Buffers (DeepSeek's expert bias) stay in sync by construction: the router all-reduces its
-    load before every bias update. Broadcasting them would clobber per-rank counts.
+    load before every bias update. Broadcasting them would clobber per-rank counts. ``ignore``:
+    parameter names DDP must neither broadcast nor all-reduce (expert-parallel shards, which
+    differ by rank).
     """
     ddp = nn.parallel.DistributedDataParallel
+    if ignore:
+        ddp._set_params_and_buffers_to_ignore_for_model(model, sorted(ignore))
     no_sync = (
         {"forward_sync_buffers": False}  # torch >= 2.13 spelling
         if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
         else {"broadcast_buffers": False}
     )
     return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+
+
+def max_over_ranks(n: int) -> int:
+    """The largest ``n`` over ranks (``n`` itself without a process group)."""
+    if not (is_distributed() and dist.get_world_size() > 1):
+        return n
+    t = torch.tensor([n], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:
@@ -76,9 +89,10 @@ def all_gather_floats(values: list[float]) -> list[float]:
     return [v for part in parts for v in part]
 
 
-def check_replicas(model: nn.Module) -> None:
-    """Under DDP: raise if the ranks' weights differ (they must be bit-identical)."""
-    vec = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
+def check_replicas(model: nn.Module, skip: frozenset[str] | set[str] = frozenset()) -> None:
+    """Under DDP: raise if the ranks' weights differ (they must be bit-identical). ``skip``:
+    parameter names that differ by design (expert-parallel shards)."""
+    vec = torch.stack([p.detach().double().sum() for n, p in model.named_parameters() if n not in skip]).cpu()
     lo, hi = vec.clone(), vec.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)

@@ -81,6 +81,23 @@ def token_routed_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in routed_layers(model) if m.routed_kind == "experts"}
 
 
+def ep_traffic(model: nn.Module, reset: bool = True) -> dict[str, int]:
+    """Bytes this rank's expert-parallel dispatchers (``ep``) sent to and received from other
+    ranks since the last reset, over every layer, forward and backward; ``reset`` zeroes them.
+    Empty for a model without expert parallelism."""
+    sent = received = found = 0
+    for module in model.modules():
+        traffic = getattr(getattr(module, "dispatcher", None), "traffic", None)
+        if traffic is None:
+            continue
+        found += 1
+        sent += traffic.bytes_sent
+        received += traffic.bytes_received
+        if reset:
+            traffic.reset()
+    return {"ep_bytes_sent": sent, "ep_bytes_received": received} if found else {}
+
+
 class RoutingMonitor:
     """Per-layer expert loads of every training forward, from a forward hook on each router.
 

@@ -23,6 +23,7 @@ weights (CPU, fp32) to one that never stopped. Under ``torchrun`` the model is w
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -43,6 +44,7 @@ from moelab.data import Batches, Data, TensorBatches, TensorData, eval_batches, 
 from moelab.losses.registry import get_loss
 from moelab.models.config import MoELMConfig
 from moelab.models.lm import MoELM
+from moelab.parallel.sharding import clip_grad_norm_, expert_parameter_names, gather_experts, shard_experts
 from moelab.train import checkpoint as ckpt
 from moelab.train.checkpoint import CKPT_DIRNAME, LATEST, latest_checkpoint  # noqa: F401 - re-exported
 from moelab.train.config import TrainConfig, lr_at
@@ -52,6 +54,7 @@ from moelab.train.distributed import (
     check_replicas,
     init_distributed,
     is_distributed,
+    max_over_ranks,
     release_ddp,
     resolve_device,
     wrap_ddp,
@@ -60,6 +63,7 @@ from moelab.train.loss import LossFn, accepts, batch_len, lm_loss, scalar, to_de
 from moelab.train.monitor import (
     RoutingMonitor,
     causal_at_eval,
+    ep_traffic,
     router_metrics,
     token_routed_layers,
     val_routing,
@@ -200,7 +204,30 @@ class Trainer:
             self._check_lm(model.config)
         self.model_config = model.config if isinstance(model, MoELM) else None
         self.model = model.to(self.device)
-        self.ddp_model: nn.Module = wrap_ddp(self.model, self.device) if self.world_size > 1 else self.model
+        # Expert parallelism: every rank built the same global model (same seed); each keeps its
+        # block of experts. The all-to-alls get their own group, apart from DDP's all-reduces.
+        self.ep_group = None
+        if cfg.ep > 1:
+            if cfg.ep != self.world_size:
+                raise ValueError(
+                    f"TrainConfig.ep={cfg.ep} must equal the number of processes ({self.world_size}): "
+                    f"run under torchrun --nproc_per_node {cfg.ep}"
+                )
+            if cfg.ckpt_every:
+                raise ValueError(
+                    "TrainConfig.ckpt_every: resumable checkpoints are not supported with expert "
+                    "parallelism yet (the optimizer state is sharded); pass --ckpt-every 0 (the final "
+                    "model is still saved, gathered)"
+                )
+            self.ep_group = dist.new_group(list(range(self.world_size)))
+            shard_experts(self.model, self.ep_group)
+        self._step_traffic: dict[str, int] = {}
+        self.expert_params = frozenset(expert_parameter_names(self.model)) if self.ep_group else frozenset()
+        self.ddp_model: nn.Module = (
+            wrap_ddp(self.model, self.device, ignore=sorted(self.expert_params))
+            if self.world_size > 1
+            else self.model
+        )
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
@@ -274,8 +301,16 @@ class Trainer:
         with self._autocast():
             loss, metrics = self.compute_loss(self.ddp_model, batch)
         loss.backward()
+        if self.ep_group is not None:
+            # An expert's gradient summed every rank's mean loss; DDP averaged the others.
+            for name, p in self.model.named_parameters():
+                if name in self.expert_params and p.grad is not None:
+                    p.grad.div_(self.world_size)
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            if self.ep_group is not None:  # one global norm, so every replica clips alike
+                clip_grad_norm_(self.model, self.cfg.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         step_end(self.model)
@@ -286,6 +321,7 @@ class Trainer:
         self.history["loss"].append(task)
         self.history["aux_loss"].append(aux)
         self.history["lr"].append(lr)
+        self._step_traffic = ep_traffic(self.model)  # this rank's all-to-all bytes, this step
         return task, aux
 
     # -- evaluation -------------------------------------------------------------------------------
@@ -308,8 +344,13 @@ class Trainer:
         lengths: list[int] = []  # the val windows, in trace order
         rows: list[float] | None = []
         by_type = torch.zeros(MAX_TOKEN_TYPES, 2, dtype=torch.float64)
+        batches = self.final_val if final and self.final_val is not None else self.val
+        # The all-to-alls are collective: a rank with fewer val batches (the last global batch may
+        # not reach it) runs empty ones after its own, so every rank runs as many. Counted before
+        # the loop: an all-reduce after it would wait on a rank still inside an all-to-all.
+        pad = max_over_ranks(len(batches)) - len(batches) if self.ep_group is not None else 0
         with tr_ctx as tr:
-            for batch in self.final_val if final and self.final_val is not None else self.val:
+            for batch in batches:
                 batch = to_device(batch, self.device)
                 ids = batch[0] if isinstance(batch, tuple) and self._token_data else batch
                 if isinstance(ids, Tensor) and ids.dim() == 2:
@@ -326,6 +367,9 @@ class Trainer:
                 typed = metrics.get("type_loss")
                 if isinstance(typed, Tensor):
                     by_type[: typed.shape[0]] += typed.detach().cpu().double()[:MAX_TOKEN_TYPES]
+        for _ in range(pad):  # outside the trace: empty batches have no routing to report
+            self.model(torch.zeros(0, self.cfg.seq_len, dtype=torch.long, device=self.device))
+        ep_traffic(self.model)  # evaluation traffic is not a training step's
         all_reduce_sum(total)
         all_reduce_sum(by_type)
         loss = float(total[0] / total[1])
@@ -444,6 +488,7 @@ class Trainer:
                     "tokens_per_s": self.tokens_seen / max(self.train_time, 1e-9),
                     "tokens_per_cpu_s": self.tokens_seen / max(self.train_cpu_time, 1e-9),
                     "imbalance": self.monitor.last_imbalance(),
+                    **self._step_traffic,
                 }
                 if self.step % cfg.log_every == 0 or self.step == end:
                     self._report(display, report, callback)
@@ -463,9 +508,12 @@ class Trainer:
                 if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.out_dir is not None:
                     self.save_checkpoint()
             if self.world_size > 1:
-                check_replicas(self.model)
+                check_replicas(self.model, skip=self.expert_params)
+            final_model = self.model
+            if self.ep_group is not None and self.step == cfg.steps and self.out_dir is not None:
+                final_model = gather_experts(copy.deepcopy(self.model))  # collective: saved unsharded
             if self.step == cfg.steps and self.out_dir is not None and self.is_main:
-                final_dir = ckpt.save_weights(self.model, self.out_dir / "final")
+                final_dir = ckpt.save_weights(final_model, self.out_dir / "final")
                 ckpt.save_tokenizer(getattr(self.data, "tokenizer", None), final_dir)
             if not last_eval:
                 last_eval = self.evaluate(with_trace=True, final=True)
