@@ -23,6 +23,7 @@ ROOT = Path(moelab.__file__).parent
 LEVELS = [
     {"registry"},
     {"core"},
+    {"policies"},
     {"kernels"},
     {"routers", "losses", "experts"},
     {"ops"},

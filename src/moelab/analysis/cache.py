@@ -47,9 +47,7 @@ from torch import Tensor
 from moelab.analysis.limits import require_dense
 from moelab.analysis.sequences import PAD, check_topk_index, nominal_k
 from moelab.core.routing import Routing
-
-POLICIES: tuple[str, ...] = ("lru", "lfu", "belady", "lookahead")
-DEFAULT_LOOKAHEAD = 8  # tokens; our choice (Read-ME does not fix a window for the cache)
+from moelab.policies import DEFAULT_LOOKAHEAD, POLICIES, make_policy  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -123,11 +121,10 @@ def simulate_cache(
         # Future uses come from a [T, E] next-use table; LRU and LFU need only [E] counters.
         require_dense(f"the {policy!r} cache simulator", "[T, E] (next-use table)", T, num_experts)
         nxt = next_use_table(idx, num_experts).tolist()
-    never = T  # next_use value meaning "not needed again" (or not within the window)
+    # The eviction rules are the shared policy objects (moelab.policies), as in moelab.ops.offload.
+    cache_policy = make_policy(policy, num_experts, lookahead)
+    never = T  # next_use value meaning "not needed again"
     resident: set[int] = set()
-    last_use = [0] * num_experts
-    freq = [0] * num_experts
-    clock = 0
     hits = 0
     for t, req in enumerate(rows):
         pinned = set(req)
@@ -135,37 +132,11 @@ def simulate_cache(
         for e in req:
             if e not in resident:
                 if len(resident) >= cache_size:
-                    resident.remove(
-                        _victim(resident, pinned, policy, t, last_use, freq, nxt, lookahead, never)
-                    )
+                    cand = [r for r in resident if r not in pinned]
+                    resident.remove(cache_policy.victim(cand, t, nxt[t] if nxt else None, never))
                 resident.add(e)
-            clock += 1
-            last_use[e] = clock
-            freq[e] += 1
+            cache_policy.on_access(e)
     return CacheResult(policy, cache_size, hits, sum(len(r) for r in rows))
-
-
-def _victim(
-    resident: set[int],
-    pinned: set[int],
-    policy: str,
-    t: int,
-    last_use: list[int],
-    freq: list[int],
-    nxt: list[list[int]] | None,
-    lookahead: int,
-    never: int,
-) -> int:
-    cand = [e for e in resident if e not in pinned]
-    if policy == "lru":
-        return min(cand, key=lambda e: last_use[e])
-    if policy == "lfu":
-        return min(cand, key=lambda e: (freq[e], last_use[e]))
-    row = nxt[t]  # type: ignore[index]
-    if policy == "belady":
-        return min(cand, key=lambda e: (-row[e], last_use[e]))
-    horizon = t + lookahead
-    return min(cand, key=lambda e: (-(row[e] if row[e] <= horizon else never), last_use[e]))
 
 
 def hit_rate_curve(

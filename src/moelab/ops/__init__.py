@@ -4,6 +4,7 @@
 - ``reference``, ``sorted``, ``fast``, ``triton``, ``atomic``: the executors;
 - ``dispatchers``: the dispatcher registry and the ``local`` dispatcher;
 - ``all_to_all``: the ``ep`` dispatcher (expert parallelism over ``torch.distributed``);
+- ``offload``: expert offloading (a bounded expert cache, prefetch; placement ``offload``);
 - ``rows``: ``dispatch`` / ``combine``, the row gather and weighted scatter-back.
 """
 
@@ -28,6 +29,7 @@ from moelab.ops.executors import (
     resolve_executor,
 )
 from moelab.ops.fast import moe_fast
+from moelab.ops.offload import OffloadRuntime, budget_for, offload
 from moelab.ops.reference import moe_reference
 from moelab.ops.rows import combine, dispatch
 from moelab.ops.sorted import moe_sorted
@@ -39,7 +41,9 @@ __all__ = [
     "Dispatcher",
     "Executor",
     "LocalDispatcher",
+    "OffloadRuntime",
     "atomic_experts",
+    "budget_for",
     "check_backend_name",
     "check_rows",
     "combine",
@@ -53,6 +57,7 @@ __all__ = [
     "moe_reference",
     "moe_sorted",
     "moe_triton",
+    "offload",
     "register_dispatcher",
     "register_executor",
     "resolve_executor",

@@ -13,6 +13,7 @@ all-to-all dispatcher itself is ``moelab.ops.all_to_all`` (a dispatcher like ``l
   ``gathered_state_dict``, ``expert_parameter_names`` and ``clip_grad_norm_`` for training.
 """
 
+import moelab.ops.offload  # noqa: F401  (registers placement "offload": lookups of the kind import this package)
 from moelab.parallel.eplb import EPLBPlan, eplb_assign, eplb_plan
 from moelab.parallel.llep import LLEPPlan, contiguous_placement, llep_assign, llep_plan
 from moelab.parallel.sharding import (

@@ -365,7 +365,8 @@ from moelab.repro.composite import COMPOSITE  # noqa: E402
 from moelab.repro.depth import DEPTH  # noqa: E402
 from moelab.repro.glider import GLIDER  # noqa: E402
 from moelab.repro.lora import LORA  # noqa: E402
+from moelab.repro.offload import OFFLOAD  # noqa: E402
 from moelab.repro.scaleout import SCALEOUT  # noqa: E402
 from moelab.repro.zoo import ZOO  # noqa: E402
 
-REPRODUCTIONS.update({r.name: r for r in ZOO + COMPOSITE + DEPTH + ATTENTION + LORA + GLIDER + SCALEOUT})
+REPRODUCTIONS.update({r.name: r for r in ZOO + COMPOSITE + DEPTH + ATTENTION + LORA + GLIDER + SCALEOUT + OFFLOAD})
