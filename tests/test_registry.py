@@ -28,6 +28,7 @@ def test_core_methods_are_registered_with_papers():
         ("bank", "mlp"),
         ("dispatcher", "local"),
         ("dispatcher", "ep"),
+        ("dispatcher", "llep"),
         ("executor", "reference"),
         ("executor", "sorted"),
         ("executor", "fast"),

@@ -49,6 +49,10 @@ BUILTIN_MODULES: dict[str, str] = {
     "placement": "moelab.parallel",
 }
 
+# Further modules of moelab that register methods of a kind from a higher level (dispatchers that
+# need the placement planners live in moelab.parallel, above moelab.ops).
+EXTRA_MODULES: dict[str, tuple[str, ...]] = {"dispatcher": ("moelab.parallel",)}
+
 # Third-party packages moelab integrates with, and the moelab module that integrates each. A
 # model whose class comes from the package gets the integration imported on first need (its
 # import registers what it adds, e.g. a tracer); the core never imports the package itself.
@@ -151,6 +155,8 @@ def _load_kind(kind: str) -> None:
     module = BUILTIN_MODULES.get(kind)
     if module is not None:
         importlib.import_module(module)
+    for extra in EXTRA_MODULES.get(kind, ()):
+        importlib.import_module(extra)
 
 
 def list_methods(kind: str | None = None) -> list[MethodInfo]:

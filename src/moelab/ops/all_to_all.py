@@ -33,7 +33,15 @@ from moelab.ops.dispatchers import Dispatcher, register_dispatcher
 from moelab.ops.executors import Executor
 from moelab.ops.rows import combine, dispatch
 
-PHASES = ("counts", "dispatch", "combine", "dispatch_backward", "combine_backward")
+PHASES = (
+    "counts",
+    "dispatch",
+    "combine",
+    "dispatch_backward",
+    "combine_backward",
+    "weights",
+    "weights_backward",
+)
 
 
 @dataclass
@@ -42,8 +50,9 @@ class Traffic:
 
     ``dispatch``: token rows to the experts' owners; ``combine``: expert outputs back; the
     ``*_backward`` phases: their gradients (counted when backward runs); ``counts``: the
-    ``[P, E_local]`` count exchange. A rank's rows for its own experts never cross the wire and are
-    not counted.
+    ``[P, E_local]`` count exchange; ``weights`` / ``weights_backward``: expert weight rows shipped
+    to other ranks and their gradients sent back (the ``llep`` dispatcher; 0 under plain ``ep``). A
+    rank's rows for its own experts never cross the wire and are not counted.
     """
 
     sent: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PHASES, 0))
@@ -66,6 +75,11 @@ class Traffic:
     @property
     def bytes_received(self) -> int:
         return sum(self.received.values())
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of expert weights and their gradients sent (``weights`` + ``weights_backward``)."""
+        return self.sent["weights"] + self.sent["weights_backward"]
 
 
 def local_expert_count(num_experts: int, world_size: int) -> int:
@@ -117,12 +131,12 @@ class _SendRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, anchor, send_splits, recv_splits, group, rank, traffic):  # noqa: D102
         ctx.args = (send_splits, recv_splits, group, rank, traffic)
-        return _exchange(x_ND, send_splits, recv_splits, group, rank, traffic, "dispatch")
+        return exchange_rows(x_ND, send_splits, recv_splits, group, rank, traffic, "dispatch")
 
     @staticmethod
     def backward(ctx, grad_MD):  # noqa: D102
         send_splits, recv_splits, group, rank, traffic = ctx.args
-        grad = _exchange(grad_MD, recv_splits, send_splits, group, rank, traffic, "dispatch_backward")
+        grad = exchange_rows(grad_MD, recv_splits, send_splits, group, rank, traffic, "dispatch_backward")
         return (grad if ctx.needs_input_grad[0] else None), None, None, None, None, None, None
 
 
@@ -137,12 +151,12 @@ class _ReturnRows(torch.autograd.Function):
     def forward(ctx, y_MO, x_recv_MD, anchor, send_splits, recv_splits, group, rank, traffic):  # noqa: D102
         ctx.args = (send_splits, recv_splits, group, rank, traffic)
         ctx.x_recv = (x_recv_MD.shape, x_recv_MD.dtype, x_recv_MD.device)
-        return _exchange(y_MO, send_splits, recv_splits, group, rank, traffic, "combine")
+        return exchange_rows(y_MO, send_splits, recv_splits, group, rank, traffic, "combine")
 
     @staticmethod
     def backward(ctx, grad_NO):  # noqa: D102
         send_splits, recv_splits, group, rank, traffic = ctx.args
-        grad = _exchange(grad_NO, recv_splits, send_splits, group, rank, traffic, "combine_backward")
+        grad = exchange_rows(grad_NO, recv_splits, send_splits, group, rank, traffic, "combine_backward")
         shape, dtype, device = ctx.x_recv
         zero_x = (
             torch.zeros((), dtype=dtype, device=device).expand(shape) if ctx.needs_input_grad[1] else None
@@ -150,7 +164,7 @@ class _ReturnRows(torch.autograd.Function):
         return (grad if ctx.needs_input_grad[0] else None), zero_x, None, None, None, None, None, None
 
 
-def _exchange(
+def exchange_rows(
     x_ND: Tensor,
     send_splits: list[int],
     recv_splits: list[int],
@@ -159,6 +173,8 @@ def _exchange(
     traffic: Traffic,
     phase: str,
 ) -> Tensor:
+    """``all_to_all_single`` of rows with uneven splits over ``group``; counts the bytes that cross
+    the wire (not this rank's own block) under ``phase`` in ``traffic``."""
     x_ND = x_ND.contiguous()
     out = x_ND.new_empty(sum(recv_splits), *x_ND.shape[1:])
     dist.all_to_all_single(out, x_ND, recv_splits, send_splits, group=group)
@@ -192,6 +208,9 @@ class AllToAllDispatcher(Dispatcher):
     """
 
     name = "ep"
+    # Rank p holds the global experts [p * E_local, (p + 1) * E_local) (what gather_experts and
+    # clip_grad_norm_ assume); False for a subclass whose bank holds other rows (EPLB's replicas).
+    contiguous_blocks = True
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         if group is not None and not isinstance(group, dist.ProcessGroup):

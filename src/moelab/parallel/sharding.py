@@ -35,7 +35,8 @@ def expert_block(num_experts: int, world_size: int, rank: int) -> tuple[int, int
     return rank * e_local, (rank + 1) * e_local
 
 
-def _expert_major_tensors(bank: nn.Module) -> dict[str, torch.Tensor]:
+def expert_major_tensors(bank: nn.Module) -> dict[str, torch.Tensor]:
+    """The bank's parameters and buffers by name; a ``TypeError`` unless all are ``[E, ...]``."""
     tensors = dict(bank.named_parameters()) | dict(bank.named_buffers())
     bad = [n for n, t in tensors.items() if t.dim() == 0 or t.shape[0] != bank.num_experts]
     if bad:
@@ -47,10 +48,10 @@ def _expert_major_tensors(bank: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _rebuilt(bank: nn.Module, new_tensors: dict[str, torch.Tensor], num_experts: int) -> nn.Module:
+def rebuilt_bank(bank: nn.Module, new_tensors: dict[str, torch.Tensor], num_experts: int) -> nn.Module:
     """A deep copy of ``bank`` whose expert-major tensors are ``new_tensors`` (no copy of the old ones)."""
     memo: dict[int, object] = {}
-    for name, t in _expert_major_tensors(bank).items():
+    for name, t in expert_major_tensors(bank).items():
         new = new_tensors[name]
         memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
     out = copy.deepcopy(bank, memo)
@@ -65,8 +66,8 @@ def slice_bank(bank: nn.Module, start: int, stop: int) -> nn.Module:
         raise ValueError(f"need 0 <= start < stop <= num_experts={bank.num_experts}, got [{start}, {stop})")
     if hasattr(bank, "slice_experts"):
         return bank.slice_experts(start, stop)
-    rows = {n: t.detach()[start:stop].clone() for n, t in _expert_major_tensors(bank).items()}
-    return _rebuilt(bank, rows, stop - start)
+    rows = {n: t.detach()[start:stop].clone() for n, t in expert_major_tensors(bank).items()}
+    return rebuilt_bank(bank, rows, stop - start)
 
 
 def moe_layers(module: nn.Module) -> list[tuple[str, MoE]]:
@@ -107,7 +108,7 @@ def shard_experts(module: nn.Module, group: dist.ProcessGroup | None = None) -> 
     return module
 
 
-def _all_gather_rows(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+def all_gather_rows(t: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Every rank's block of ``t`` (equal shapes) concatenated along dim 0, in rank order."""
     _, size = group_rank_and_size(group)
     if size == 1:
@@ -121,6 +122,12 @@ def _sharded_layers(module: nn.Module, what: str) -> list[tuple[str, MoE]]:
     layers = [(n, m) for n, m in moe_layers(module) if isinstance(m.dispatcher, AllToAllDispatcher)]
     if not layers:
         raise ValueError(f"{what} found no sharded (dispatcher 'ep') MoE layer in {type(module).__name__}")
+    for n, m in layers:
+        if not m.dispatcher.contiguous_blocks:
+            raise ValueError(
+                f"{what}: MoE layer {n or '<root>'} (dispatcher {m.dispatcher.name!r}) does not hold "
+                "contiguous expert blocks; use its own gather (e.g. gather_logical_experts for eplb)"
+            )
     return layers
 
 
@@ -130,8 +137,8 @@ def gather_experts(module: nn.Module) -> nn.Module:
     rank of each layer's group must call it."""
     for _, layer in _sharded_layers(module, "gather_experts"):
         group, bank = layer.dispatcher.group, layer.experts
-        full = {n: _all_gather_rows(t, group) for n, t in _expert_major_tensors(bank).items()}
-        layer.experts = _rebuilt(bank, full, layer.num_experts)
+        full = {n: all_gather_rows(t, group) for n, t in expert_major_tensors(bank).items()}
+        layer.experts = rebuilt_bank(bank, full, layer.num_experts)
         layer.dispatcher = LocalDispatcher()
     return module
 
@@ -143,8 +150,8 @@ def gathered_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     state = module.state_dict()
     for prefix, layer in _sharded_layers(module, "gathered_state_dict"):
         pre = f"{prefix}.experts." if prefix else "experts."
-        for name, t in _expert_major_tensors(layer.experts).items():
-            state[pre + name] = _all_gather_rows(t, layer.dispatcher.group)
+        for name, t in expert_major_tensors(layer.experts).items():
+            state[pre + name] = all_gather_rows(t, layer.dispatcher.group)
     return state
 
 
