@@ -5,15 +5,12 @@ equality with the single-process layer (placement_worker.py)."""
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torchrun import run_workers
 
 import moelab
 from moelab.core.routing import Routing, cat_routings
@@ -231,19 +228,5 @@ def test_expert_slicing_errors_are_named():
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_torchrun_llep_and_eplb_equal_single_process_layer(tmp_path, nproc):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(nproc),
-        str(HERE / "placement_worker.py"),
-        str(tmp_path),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    for rank in range(nproc):
-        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for res in run_workers(HERE / "placement_worker.py", tmp_path, nproc):
         assert res["world_size"] == nproc and res["checks"] == WORKER_CHECKS
