@@ -38,11 +38,10 @@ from torch import Tensor, nn
 from moelab import registry
 from moelab.core.checks import float_in, hidden_states, positive_float, positive_int, top_k_in_range
 from moelab.core.context import RoutingContext, check_context
-from moelab.core.routed import RoutedLayer
 from moelab.core.router import Router
 from moelab.core.routing import Routing
 from moelab.lora.apply import check_model, check_targets, find_linear_targets, remove, swap_in
-from moelab.lora.layer import RoutedLoRA
+from moelab.lora.layer import AdaptedLinear, RoutedLoRA, check_projection_input
 from moelab.routers.sigmoid_topk import bias_update
 
 # Paper / official code defaults (gfyddha/FlyLoRA flylora.py, FlyLoRALinear.__init__).
@@ -185,7 +184,7 @@ class FlyLoRARouter(Router):
 
 
 # ---------------------------------------------------------------------------------- the layer
-class FlyLoRALinear(RoutedLayer):
+class FlyLoRALinear(AdaptedLinear):
     """A frozen ``nn.Linear`` plus a FlyLoRA adapter (module docstring).
 
     Args:
@@ -260,25 +259,9 @@ class FlyLoRALinear(RoutedLayer):
         optimizer step; ``moelab.step_end(model)`` calls it through the router)."""
         self.router.step_end()
 
-    @property
-    def in_features(self) -> int:
-        """The base projection's ``in_features`` (code that reads ``nn.Linear`` attributes keeps working)."""
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        """The base projection's ``out_features``."""
-        return self.base.out_features
-
-    def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:
-        return self.forward_routed(x, ctx)[0]
-
     def forward_routed(self, x: Tensor, ctx: RoutingContext | None = None) -> tuple[Tensor, Routing]:
         """``(y, routing)``: the output and the routing that ran (after any routing transform)."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must be [..., d_in={self.d_model}], got shape {tuple(x.shape)}")
+        check_projection_input(x, self.d_model)
         if not x.is_floating_point():
             raise TypeError(f"x must be floating point, got {x.dtype}")
         out = self.base(x)

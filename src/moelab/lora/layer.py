@@ -28,7 +28,39 @@ from moelab.lora.presets import resolve_mixture
 from moelab.ops.executors import resolve_executor
 
 
-class RoutedLoRA(RoutedLayer):
+class AdaptedLinear(RoutedLayer):
+    """A routed adapter around a frozen ``nn.Linear`` held as ``self.base`` (``RoutedLoRA``,
+    ``FlyLoRALinear``): it reads like the projection it replaces (``in_features``,
+    ``out_features``) and ``forward(x, ctx)`` returns ``forward_routed(x, ctx)[0]``."""
+
+    base: nn.Linear
+
+    @property
+    def in_features(self) -> int:
+        """The base projection's ``in_features`` (code that reads ``nn.Linear`` attributes keeps working)."""
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        """The base projection's ``out_features``."""
+        return self.base.out_features
+
+    def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:
+        return self.forward_routed(x, ctx)[0]
+
+    def forward_routed(self, x: Tensor, ctx: RoutingContext | None = None) -> tuple[Tensor, Routing]:
+        raise NotImplementedError
+
+
+def check_projection_input(x: object, d_in: int) -> None:
+    """Raise unless ``x`` is a tensor ``[..., d_in]``."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != d_in:
+        raise ValueError(f"x must be [..., d_in={d_in}], got shape {tuple(x.shape)}")
+
+
+class RoutedLoRA(AdaptedLinear):
     """A routed mixture of ``E`` LoRA experts beside a frozen ``nn.Linear`` (module docstring).
 
     Args:
@@ -104,25 +136,9 @@ class RoutedLoRA(RoutedLayer):
         """The LoRA experts (``self.experts``, the name ``moelab.MoE`` and the executors use)."""
         return self.experts
 
-    @property
-    def in_features(self) -> int:
-        """The base projection's ``in_features`` (code that reads ``nn.Linear`` attributes keeps working)."""
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        """The base projection's ``out_features``."""
-        return self.base.out_features
-
-    def forward(self, x: Tensor, ctx: RoutingContext | None = None) -> Tensor:
-        return self.forward_routed(x, ctx)[0]
-
     def forward_routed(self, x: Tensor, ctx: RoutingContext | None = None) -> tuple[Tensor, Routing]:
         """``(y, routing)``: the output and the routing that ran (after any routing transform)."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.d_model:
-            raise ValueError(f"x must be [..., d_in={self.d_model}], got shape {tuple(x.shape)}")
+        check_projection_input(x, self.d_model)
         if ctx is None:  # called as a projection inside a model: the layer's own context
             ctx = self._own_context()
         # layer_input reads [T, d] or [B, S, d]; nn.Linear takes any [..., d_in].
