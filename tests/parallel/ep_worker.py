@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torchrun import run_checks
 
 import moelab
 from moelab.core.routing import Routing, cat_routings
@@ -264,22 +262,15 @@ def check_ep_with_data_parallel(rank, p, done):
 
 
 def main() -> None:
-    out = sys.argv[1]
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, p = dist.get_rank(), dist.get_world_size()
-    done: list[str] = []
-    try:
-        check_dispatcher_direct(rank, p, done)
-        for backend in EXECUTORS:
-            check_layer(rank, p, None, backend, done)
-        check_layer(rank, p, 0.75, "sorted", done)
-        check_moelm(rank, p, done)
-        check_ep_with_data_parallel(rank, p, done)
-        Path(out).mkdir(parents=True, exist_ok=True)
-        Path(out, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world_size": p, "checks": done}))
-    finally:
-        dist.destroy_process_group()
+    run_checks(
+        [
+            check_dispatcher_direct,
+            *(lambda r, p, done, b=b: check_layer(r, p, None, b, done) for b in EXECUTORS),
+            lambda r, p, done: check_layer(r, p, 0.75, "sorted", done),
+            check_moelm,
+            check_ep_with_data_parallel,
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -12,12 +12,10 @@ experts' weight gradients. Each rank writes the names of the checks it passed to
 from __future__ import annotations
 
 import copy
-import json
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torchrun import run_checks
 
 import moelab
 from moelab.core.routing import Routing, cat_routings
@@ -309,23 +307,16 @@ def check_hierarchical(rank, p, done):
 
 
 def main() -> None:
-    out = sys.argv[1]
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, p = dist.get_rank(), dist.get_world_size()
-    done: list[str] = []
-    try:
-        check_llep_spills(rank, p, done)
-        check_llep_fallback(rank, p, done)
-        check_llep_layer(rank, p, done)
-        check_eplb_layer(rank, p, done)
-        check_expert_slicing(rank, p, done)
-        check_hierarchical(rank, p, done)
-        Path(out).mkdir(parents=True, exist_ok=True)
-        Path(out, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world_size": p, "checks": done}))
-        dist.barrier()  # let gloo finish every pending exchange before the group goes away
-    finally:
-        dist.destroy_process_group()
+    run_checks(
+        [
+            check_llep_spills,
+            check_llep_fallback,
+            check_llep_layer,
+            check_eplb_layer,
+            check_expert_slicing,
+            check_hierarchical,
+        ]
+    )
 
 
 if __name__ == "__main__":

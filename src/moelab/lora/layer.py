@@ -149,7 +149,8 @@ class RoutedLoRA(AdaptedLinear):
         routing = self.routed(routing, ctx, x_TD)
         out_shape = (*x.shape[:-1], self.d_out)
         bank = self.experts
-        if self._rank_dense(routing) and self._fusable(x_TD):
+        rank_dense = self._rank_dense(routing)
+        if rank_dense and self._fusable(x_TD):
             # W x and every A_e x from one GEMM; B accumulated into its output (bench/lora.py).
             base = self.base
             out = base_and_rank_dense_lora(
@@ -157,7 +158,7 @@ class RoutedLoRA(AdaptedLinear):
             )
             return out.view(out_shape), routing
         y = self.base(x)
-        if self._rank_dense(routing) and y.dtype == x_TD.dtype:
+        if rank_dense and y.dtype == x_TD.dtype:
             out = rank_dense_lora(
                 x_TD,
                 bank.lora_A,
