@@ -102,7 +102,7 @@ def test_replay_equals_simulator(policy, capacity):
     trace = torch.stack([torch.multinomial(probs, 2, generator=g) for _ in range(60)])
     trace[::7, 1] = -1
     bank = ExpertBank(E, 4, 4)
-    store = ExpertStore({0: (bank.w_in, bank.down_proj)})
+    store = ExpertStore({0: {"gate_up_proj": bank.w_in, "down_proj": bank.down_proj}})
     cache = ExpertCache(0, store, bank, capacity, make_policy(policy, E, 3), torch.device("cpu"))
     got = cache.replay(trace)
     sim = simulate_cache(trace, E, capacity, policy, lookahead=3)
@@ -120,8 +120,10 @@ def test_disk_storage_round_trip(tmp_path):
     # every expert stored on disk equals the in-memory model's
     for i, (_, layer) in enumerate(model.moe_layers()):
         for e in (0, 7):
-            w_in, down = rt.store.load(i, e)
-            assert torch.equal(w_in, layer.experts.w_in[e]) and torch.equal(down, layer.experts.down_proj[e])
+            rows = rt.store.load(i, e)
+            assert sorted(rows) == ["down_proj", "gate_up_proj"]
+            assert torch.equal(rows["gate_up_proj"], layer.experts.w_in[e])
+            assert torch.equal(rows["down_proj"], layer.experts.down_proj[e])
     s = rt.stats()
     assert s["bytes_read"] == (s["misses"] + s["prefetched"]) * expert_nbytes(model)
     rt.close()

@@ -255,3 +255,12 @@ def test_clip_and_gathered_state_in_a_world_of_one_match_torch():
 def test_torchrun_ep_equals_single_process_layer(tmp_path, nproc):
     for res in run_workers(HERE / "ep_worker.py", tmp_path, nproc):
         assert res["world_size"] == nproc and res["checks"] == WORKER_CHECKS
+
+
+def test_torchrun_ep_on_patched_transformers_models(tmp_path):
+    """``shard_experts`` on ``moelab.hf.patch``-ed OLMoE, Qwen2-MoE (shared expert), DeepSeek-V3
+    (grouped routing, bias) and gpt-oss (expert biases): logits and every gradient equal the
+    single-process model, and the gathered state dict has transformers' own keys (hf_ep_worker.py)."""
+    pytest.importorskip("transformers")
+    for res in run_workers(HERE / "hf_ep_worker.py", tmp_path, 2):
+        assert res["checks"] == ["hf-olmoe", "hf-qwen2_moe", "hf-deepseek_v3", "hf-gpt_oss"], res

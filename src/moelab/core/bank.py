@@ -20,9 +20,11 @@ check and ``sorted`` runs it.
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from moelab.core.routing import ExpertOrder
@@ -63,3 +65,28 @@ def example_bank(name: str, num_experts: int, d_in: int, d_out: int) -> Bank:
     from moelab import registry
 
     return registry.get("bank", name).obj.example(num_experts, d_in, d_out)
+
+
+def expert_major_tensors(bank: nn.Module) -> dict[str, torch.Tensor]:
+    """The bank's parameters and buffers by name; a ``TypeError`` unless all are ``[E, ...]``
+    (then expert ``e`` is row ``e`` of each: what sharding and offloading split)."""
+    tensors = dict(bank.named_parameters()) | dict(bank.named_buffers())
+    bad = [n for n, t in tensors.items() if t.dim() == 0 or t.shape[0] != bank.num_experts]
+    if bad:
+        raise TypeError(
+            f"cannot split a {type(bank).__name__} by experts (to shard or offload it): {', '.join(bad)} "
+            f"{'is' if len(bad) == 1 else 'are'} not [E={bank.num_experts}, ...]; give the bank a "
+            "slice_experts(start, stop) method"
+        )
+    return tensors
+
+
+def rebuilt_bank(bank: nn.Module, new_tensors: dict[str, torch.Tensor], num_experts: int) -> nn.Module:
+    """A deep copy of ``bank`` whose expert-major tensors are ``new_tensors`` (no copy of the old ones)."""
+    memo: dict[int, object] = {}
+    for name, t in expert_major_tensors(bank).items():
+        new = new_tensors[name]
+        memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+    out = copy.deepcopy(bank, memo)
+    out.num_experts = num_experts
+    return out

@@ -9,11 +9,12 @@ pre-gating (Cai et al. 2024, ``moelab.routers.pregate``) the experts of every la
 before the backbone runs, so the prediction is exact.
 
 ``offload(model, budget_bytes, policy, storage, prefetch)`` turns every ``moelab.MoE`` layer of
-``model`` (a ``MoELM`` or any module holding ``MoE`` layers with an ``ExpertBank``) into an
-offloaded layer:
+``model`` (a ``MoELM``, a transformers model patched by ``moelab.hf.patch``, or any module holding
+``MoE`` layers with an ``ExpertBank``) into an offloaded layer:
 
-- the bank's weights move to an ``ExpertStore`` (``"memory"``: host tensors; a path: one
-  safetensors file, read per expert through ``safe_open``, memory-mapped);
+- the bank's expert-major tensors (its weights, and its biases if it has some) move to an
+  ``ExpertStore`` (``"memory"``: host tensors; a path: one safetensors file, read per expert
+  through ``safe_open``, memory-mapped);
 - the layer's bank becomes an ``OffloadedExperts`` (no parameters: its weights are not in the
   model) and its dispatcher an ``OffloadDispatcher``;
 - each layer owns an ``ExpertCache`` of ``capacity`` expert slots (``budget_bytes`` split evenly
@@ -53,6 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from moelab import registry
+from moelab.core.bank import expert_major_tensors, rebuilt_bank
 from moelab.core.context import RoutingContext
 from moelab.core.routing import Routing
 from moelab.experts.bank import ExpertBank
@@ -68,24 +70,31 @@ PREFETCH_MODES = ("auto", "pregate", "router", "none")
 class ExpertStore:
     """Every offloaded layer's expert weights outside the cache: host tensors or a safetensors file.
 
-    ``load(layer, e) -> (w_in [rows, d_in], down [d_out, h])`` (CPU tensors). On disk each expert
-    is its own pair of tensors (``"{layer}.{e}.w_in"``, ``"{layer}.{e}.down"``) so one fetch reads
-    one expert's bytes from the memory-mapped file. Reads are serialised by a lock (the prefetch
+    ``weights[layer]`` maps a bank's tensor names to expert-major tensors ``[E, ...]`` (every
+    parameter and buffer of the bank: ``gate_up_proj`` and ``down_proj`` of an ``ExpertBank``,
+    plus the biases of gpt-oss's). ``load(layer, e) -> {name: row e}`` (CPU tensors). On disk each
+    expert's row of each tensor is its own entry (``"{layer}.{e}.{name}"``) so one fetch reads one
+    expert's bytes from the memory-mapped file. Reads are serialised by a lock (the prefetch
     thread and the main thread share the store).
     """
 
-    def __init__(self, weights: dict[int, tuple[Tensor, Tensor]], storage: str | Path = "memory") -> None:
+    def __init__(self, weights: dict[int, dict[str, Tensor]], storage: str | Path = "memory") -> None:
         self.path: Path | None = None
         self._lock = threading.Lock()
         self._memory: dict[str, Tensor] = {}
         self._file = None
+        self.names = {layer: list(tensors) for layer, tensors in weights.items()}
+        rows = {
+            f"{layer}.{e}.{name}": t[e]
+            for layer, tensors in weights.items()
+            for name, t in tensors.items()
+            for e in range(t.shape[0])
+        }
         if isinstance(storage, str) and storage == "memory":
             pin = torch.cuda.is_available()
-            for layer, (w_in, down) in weights.items():
-                for e in range(w_in.shape[0]):
-                    for name, t in ((f"{layer}.{e}.w_in", w_in[e]), (f"{layer}.{e}.down", down[e])):
-                        t = t.detach().to("cpu", copy=True).contiguous()
-                        self._memory[name] = t.pin_memory() if pin else t
+            for key, t in rows.items():
+                t = t.detach().to("cpu", copy=True).contiguous()
+                self._memory[key] = t.pin_memory() if pin else t
             return
         if not isinstance(storage, (str, Path)):
             raise TypeError(f"storage must be 'memory' or a file path, got {type(storage).__name__}")
@@ -97,22 +106,17 @@ class ExpertStore:
             path = path / "experts.safetensors"
         if not path.parent.is_dir():
             raise ValueError(f"storage: the directory {str(path.parent)!r} does not exist")
-        tensors = {}
-        for layer, (w_in, down) in weights.items():
-            for e in range(w_in.shape[0]):
-                tensors[f"{layer}.{e}.w_in"] = w_in[e].detach().to("cpu").contiguous()
-                tensors[f"{layer}.{e}.down"] = down[e].detach().to("cpu").contiguous()
-        save_file(tensors, str(path))
-        del tensors
+        save_file({k: t.detach().to("cpu").contiguous() for k, t in rows.items()}, str(path))
+        del rows
         self.path = path
         self._file = safe_open(str(path), framework="pt", device="cpu")
 
-    def load(self, layer: int, expert: int) -> tuple[Tensor, Tensor]:
-        keys = (f"{layer}.{expert}.w_in", f"{layer}.{expert}.down")
+    def load(self, layer: int, expert: int) -> dict[str, Tensor]:
+        keys = {name: f"{layer}.{expert}.{name}" for name in self.names[layer]}
         if self._file is None:
-            return self._memory[keys[0]], self._memory[keys[1]]
+            return {name: self._memory[k] for name, k in keys.items()}
         with self._lock:
-            return self._file.get_tensor(keys[0]), self._file.get_tensor(keys[1])
+            return {name: self._file.get_tensor(k) for name, k in keys.items()}
 
 
 # --------------------------------------------------------------------------------- one layer's cache
@@ -140,13 +144,13 @@ class CacheStats:
 class ExpertCache:
     """``capacity`` expert slots of one layer on ``device`` with an eviction ``policy``.
 
-    Slot tensors: ``w_in [capacity, rows, d_in]``, ``down [capacity, d_out, h]``. ``request(U)``
-    makes the experts ``U`` resident (pinned while it runs) and returns ``(hits, misses)``;
-    ``prefetch(P)`` loads predicted experts without a request.
+    Slot tensors: one ``[capacity, ...]`` per tensor of the bank (``slots["gate_up_proj"]``,
+    ``slots["down_proj"]``, ...). ``request(U)`` makes the experts ``U`` resident (pinned while it
+    runs) and returns their weights; ``prefetch(P)`` loads predicted experts without a request.
     """
 
     def __init__(
-        self, layer: int, store: ExpertStore, template: ExpertBank, capacity: int, policy: CachePolicy,
+        self, layer: int, store: ExpertStore, template: nn.Module, capacity: int, policy: CachePolicy,
         device: torch.device,
     ) -> None:  # fmt: skip
         self.layer = layer
@@ -154,20 +158,22 @@ class ExpertCache:
         self.capacity = capacity
         self.policy = policy
         self.num_experts = template.num_experts
-        w_in, down = template.w_in, template.down_proj
-        self.w_in = torch.empty((capacity, *w_in.shape[1:]), dtype=w_in.dtype, device=device)
-        self.down = torch.empty((capacity, *down.shape[1:]), dtype=down.dtype, device=device)
-        self.expert_nbytes = (w_in[0].numel() * w_in.element_size()) + (down[0].numel() * down.element_size())
+        tensors = expert_major_tensors(template)
+        self.slots = {
+            name: torch.empty((capacity, *t.shape[1:]), dtype=t.dtype, device=device)
+            for name, t in tensors.items()
+        }
+        self.expert_nbytes = sum(t[0].numel() * t.element_size() for t in tensors.values())
         self.slot_of: dict[int, int] = {}
         self.free = list(range(capacity - 1, -1, -1))
         self.prefetched: set[int] = set()  # loaded by prefetch, not yet requested
         self.stats = CacheStats()
         self.step = 0
 
-    def _read(self, e: int) -> tuple[Tensor, Tensor]:
-        w_in, down = self.store.load(self.layer, e)
+    def _read(self, e: int) -> dict[str, Tensor]:
+        rows = self.store.load(self.layer, e)
         self.stats.bytes_read += self.expert_nbytes
-        return w_in, down
+        return rows
 
     def _admit(self, e: int, pinned: set[int], next_use=None) -> bool:
         """Load ``e`` into a slot (evicting an unpinned expert if full); False if all are pinned."""
@@ -179,18 +185,17 @@ class ExpertCache:
             self.free.append(self.slot_of.pop(victim))
             self.prefetched.discard(victim)
         slot = self.free.pop()
-        w_in, down = self._read(e)
-        self.w_in[slot].copy_(w_in, non_blocking=True)
-        self.down[slot].copy_(down, non_blocking=True)
+        for name, row in self._read(e).items():
+            self.slots[name][slot].copy_(row, non_blocking=True)
         self.slot_of[e] = slot
         return True
 
-    def request(self, experts: list[int], next_use=None) -> tuple[Tensor, Tensor]:
+    def request(self, experts: list[int], next_use=None) -> dict[str, Tensor]:
         """Make ``experts`` (unique) resident and return their weights stacked in sorted expert
-        order: ``(w_in [u, rows, d_in], down [u, d_out, h])``. Experts beyond the capacity are
+        order: ``{name: [u, ...]}`` for each tensor of the bank. Experts beyond the capacity are
         loaded for this call only (``overflow``)."""
         pinned = set(experts)
-        transient: dict[int, tuple[Tensor, Tensor]] = {}
+        transient: dict[int, dict[str, Tensor]] = {}
         for e in experts:
             if e in self.slot_of:
                 self.stats.hits += 1
@@ -206,12 +211,19 @@ class ExpertCache:
         self.step += 1
         order = sorted(experts)
         if not transient:
-            idx = torch.tensor([self.slot_of[e] for e in order], device=self.w_in.device)
-            return self.w_in.index_select(0, idx), self.down.index_select(0, idx)
-        dev = self.w_in.device
-        w_in = [self.w_in[self.slot_of[e]] if e in self.slot_of else transient[e][0].to(dev) for e in order]
-        down = [self.down[self.slot_of[e]] if e in self.slot_of else transient[e][1].to(dev) for e in order]
-        return torch.stack(w_in), torch.stack(down)
+            idx = torch.tensor([self.slot_of[e] for e in order], device=self.device)
+            return {name: slot.index_select(0, idx) for name, slot in self.slots.items()}
+        return {
+            name: torch.stack([
+                slot[self.slot_of[e]] if e in self.slot_of else transient[e][name].to(self.device)
+                for e in order
+            ])
+            for name, slot in self.slots.items()
+        }  # fmt: skip
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.slots.values())).device
 
     def prefetch(self, experts: list[int]) -> None:
         """Load predicted experts (no request: recency only); at most ``capacity`` of them."""
@@ -271,7 +283,9 @@ class OffloadedExperts(nn.Module):
     """The bank of an offloaded layer: shapes only, no parameters (the weights are in the store).
 
     ``expert_forward(e, x)`` reads expert ``e`` from the store (the readable definition);
-    ``forward_sorted`` is run by the ``OffloadDispatcher`` on the cache's compact bank instead.
+    ``compact(weights)`` is the bank of a few experts the ``OffloadDispatcher`` runs instead of
+    ``forward_sorted``: a plain ``ExpertBank`` is rebuilt from its two tensors; any other bank
+    (gpt-oss's, with biases) is copied from a weightless (``meta``) template of the original.
     """
 
     def __init__(self, template: ExpertBank, layer: int, store: ExpertStore) -> None:
@@ -280,13 +294,26 @@ class OffloadedExperts(nn.Module):
         self.hidden, self.activation = template.hidden, template.activation
         self.layer = layer
         self._store = store
+        self._plain = type(template) is ExpertBank
+        meta = {
+            n: torch.empty(t.shape, dtype=t.dtype, device="meta").requires_grad_(False)
+            for n, t in expert_major_tensors(template).items()
+        }
+        # Kept out of the module tree (no state_dict entries, not moved by .to()).
+        self.__dict__["_template"] = rebuilt_bank(template, meta, template.num_experts)
+
+    def compact(self, weights: dict[str, Tensor]) -> nn.Module:
+        """A bank of ``u`` experts whose tensors are ``weights`` (``{name: [u, ...]}``)."""
+        u = next(iter(weights.values())).shape[0]
+        if self._plain:
+            w_in = weights["gate_up_proj"] if "gate_up_proj" in weights else weights["up_proj"]
+            return ExpertBank.from_parameters(w_in, weights["down_proj"], self.activation)
+        tensors = {n: nn.Parameter(t, requires_grad=False) for n, t in weights.items()}
+        return rebuilt_bank(self.__dict__["_template"], tensors, u)
 
     def expert_forward(self, e: int, x_nD: Tensor) -> Tensor:
-        w_in, down = self._store.load(self.layer, e)
-        bank = ExpertBank.from_parameters(
-            w_in.to(x_nD.device)[None], down.to(x_nD.device)[None], self.activation
-        )
-        return bank.expert_forward(0, x_nD)
+        rows = self._store.load(self.layer, e)
+        return self.compact({n: t.to(x_nD.device)[None] for n, t in rows.items()}).expert_forward(0, x_nD)
 
     def forward_sorted(self, x_sorted_ND: Tensor, order) -> Tensor:
         raise RuntimeError("an offloaded bank runs through its OffloadDispatcher (moelab.ops.offload)")
@@ -311,7 +338,7 @@ class OffloadDispatcher(Dispatcher):
         rt.wait(self.position)
         experts = _touched(routing)
         rt.record(self.position, routing)
-        w_in, down = cache.request(experts)
+        weights = cache.request(experts)
         rt.start_prefetch(self.position, x_TD, routing)
         # Compact bank of the touched experts in expert order: the executor sorts, groups and
         # combines the rows exactly as on the full bank (bitwise the in-memory outputs).
@@ -323,7 +350,7 @@ class OffloadDispatcher(Dispatcher):
             routing, expert_index=remap[routing.expert_index], num_experts=len(experts),
             logits=None, probs=None, requested=None, aux={}, validate=False,
         )  # fmt: skip
-        small = ExpertBank.from_parameters(w_in, down, bank.activation)
+        small = bank.compact(weights)
         backend = rt.backends[self.position]
         return resolve_executor(backend, x_TD.device, small)(x_TD, compact, small)
 
@@ -428,12 +455,11 @@ def offloadable_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def expert_nbytes(model: nn.Module) -> int:
-    """Bytes of one expert (``w_in`` + ``down`` of one expert) of ``model``'s first MoE layer."""
+    """Bytes of one expert (its row of every tensor of the bank) of ``model``'s first MoE layer."""
     layers = offloadable_layers(model)
     if not layers:
         raise ValueError("model has no moelab MoE layer with an ExpertBank to offload")
-    b = layers[0].experts
-    return b.w_in[0].numel() * b.w_in.element_size() + b.down_proj[0].numel() * b.down_proj.element_size()
+    return sum(t[0].numel() * t.element_size() for t in expert_major_tensors(layers[0].experts).values())
 
 
 def budget_for(model: nn.Module, experts_per_layer: int) -> int:
@@ -459,7 +485,8 @@ def offload(
     """Offload ``model``'s experts in place (module docstring); returns the ``OffloadRuntime``.
 
     Args:
-        model: a ``MoELM`` or any module with ``moelab.MoE`` layers holding an ``ExpertBank``.
+        model: a ``MoELM``, a patched transformers model, or any module with ``moelab.MoE``
+            layers holding an ``ExpertBank``.
         budget_bytes: bytes of resident experts over all MoE layers, split evenly; each layer
             gets ``min(E, budget_bytes // (layers * expert_nbytes))`` slots, at least ``top_k``.
         policy: ``"lru"``, ``"lfu"``, ``"lookahead"`` or ``"belady"`` (``moelab.policies``).
@@ -490,13 +517,11 @@ def offload(
             f"{per_expert} bytes per expert); each layer needs at least top_k={need} "
             f"(budget_bytes >= {need * per_expert * len(layers)})"
         )
-    store = ExpertStore(
-        {i: (layer.experts.w_in, layer.experts.down_proj) for i, layer in enumerate(layers)}, storage
-    )
+    store = ExpertStore({i: expert_major_tensors(layer.experts) for i, layer in enumerate(layers)}, storage)
     caches = []
     for i, layer in enumerate(layers):
         bank = layer.experts
-        device = bank.w_in.device
+        device = bank.down_proj.device
         cap = min(slots, bank.num_experts)
         caches.append(
             ExpertCache(i, store, bank, cap, make_policy(policy, bank.num_experts, lookahead), device)

@@ -15,13 +15,11 @@ weights are) and is sliced along dim 0.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from moelab.core.bank import check_bank
+from moelab.core.bank import check_bank, expert_major_tensors, rebuilt_bank
 from moelab.layers.moe import MoE
 from moelab.ops.all_to_all import AllToAllDispatcher, group_rank_and_size, local_expert_count
 from moelab.ops.dispatchers import LocalDispatcher
@@ -33,30 +31,6 @@ def expert_block(num_experts: int, world_size: int, rank: int) -> tuple[int, int
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, {world_size}), got {rank}")
     return rank * e_local, (rank + 1) * e_local
-
-
-def expert_major_tensors(bank: nn.Module) -> dict[str, torch.Tensor]:
-    """The bank's parameters and buffers by name; a ``TypeError`` unless all are ``[E, ...]``."""
-    tensors = dict(bank.named_parameters()) | dict(bank.named_buffers())
-    bad = [n for n, t in tensors.items() if t.dim() == 0 or t.shape[0] != bank.num_experts]
-    if bad:
-        raise TypeError(
-            f"cannot shard a {type(bank).__name__} by experts: {', '.join(bad)} "
-            f"{'is' if len(bad) == 1 else 'are'} not [E={bank.num_experts}, ...]; give the bank a "
-            "slice_experts(start, stop) method"
-        )
-    return tensors
-
-
-def rebuilt_bank(bank: nn.Module, new_tensors: dict[str, torch.Tensor], num_experts: int) -> nn.Module:
-    """A deep copy of ``bank`` whose expert-major tensors are ``new_tensors`` (no copy of the old ones)."""
-    memo: dict[int, object] = {}
-    for name, t in expert_major_tensors(bank).items():
-        new = new_tensors[name]
-        memo[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
-    out = copy.deepcopy(bank, memo)
-    out.num_experts = num_experts
-    return out
 
 
 def slice_bank(bank: nn.Module, start: int, stop: int) -> nn.Module:
