@@ -3,7 +3,9 @@
 Usage: torchrun --nproc_per_node 2 ddp_worker.py OUT DATA_DIR BATCH_SIZE [EP]
 
 With EP > 1 the experts are sharded over the ranks (``TrainConfig.ep``); the final model is then
-saved gathered by rank 0 (``OUT/final``), and no per-rank file is written.
+saved gathered by rank 0 (``OUT/final``), and no per-rank file is written. A second trainer then
+resumes from the step-3 checkpoint (gathered model, one optimizer shard per rank) into
+``OUT/resumed`` and trains to the end.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def configs(data_dir: str, batch_size: int, ep: int = 1) -> tuple[MoELMConfig, T
         warmup_steps=2,
         eval_every=3,
         eval_batches=4,
-        ckpt_every=0 if ep > 1 else 3,
+        ckpt_every=3,
         data=data_dir,
         ep=ep,
     )
@@ -56,6 +58,9 @@ def main() -> None:
     res = trainer.train()  # raises if the replicas diverge
     if ep > 1:
         trainer.close()
+        again = Trainer(mcfg, tcfg, f"{out}/resumed", progress=False)
+        again.train(resume=f"{out}/checkpoints/step_0000003")
+        again.close()
         dist.destroy_process_group()
         return
     state = {k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()}

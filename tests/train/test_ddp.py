@@ -89,3 +89,17 @@ def test_torchrun_expert_parallel_training_matches_one_process(tmp_path, texts):
     assert gathered.keys() == s.keys()
     for k in s:
         torch.testing.assert_close(gathered[k], s[k], rtol=1e-4, atol=1e-5, msg=k)
+    # resumable under EP: the step-3 checkpoint holds the gathered model and one optimizer shard
+    # per rank; resumed from it, the run ends bit-identical to the uninterrupted one
+    step3 = out / "checkpoints" / "step_0000003"
+    assert {p.name for p in step3.iterdir()} >= {
+        "model.safetensors", "config.json", "optimizer.rank0.safetensors", "optimizer.rank1.safetensors",
+    }  # fmt: skip
+    assert not (step3 / "optimizer.safetensors").exists()
+    ck = load_file(str(step3 / "model.safetensors"))
+    assert all(ck[k].shape == s[k].shape for k in s)  # unsharded: [E, ...] experts
+    # the second run started at step 3: it wrote only the step-6 checkpoint
+    assert sorted(p.name for p in (out / "resumed" / "checkpoints").iterdir()) == ["latest", "step_0000006"]
+    resumed = load_file(str(out / "resumed" / "final" / "model.safetensors"))
+    assert resumed.keys() == gathered.keys()
+    assert all(torch.equal(resumed[k], gathered[k]) for k in gathered)

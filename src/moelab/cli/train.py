@@ -193,7 +193,7 @@ def register(app: typer.Typer) -> None:
             int,
             typer.Option(
                 help="expert parallelism: shard each MoE layer's experts over this many processes "
-                "(run under torchrun with as many processes, with --ckpt-every 0; 1: off)"
+                "(run under torchrun with as many processes; 1: off)"
             ),
         ] = 1,
     ) -> None:

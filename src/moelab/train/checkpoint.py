@@ -5,6 +5,8 @@ A checkpoint is a directory ``RUN/checkpoints/step_NNNNNNN/`` holding
 - the model: ``config.json`` + ``model.safetensors`` for a ``MoELM`` (a ``MoELM.from_pretrained``
   directory), ``model.safetensors`` (``safetensors.torch.save_model``) for any other module;
 - ``optimizer.safetensors`` (the optimizer's tensors) and ``rng.safetensors`` (torch RNG states);
+  under expert parallelism the model is saved gathered (unsharded: one process loads it) and the
+  optimizer as one shard per rank, ``optimizer.rank{R}.safetensors`` + ``.json``;
 - ``tokenizer.json`` when the run used a BPE tokenizer;
 - ``trainer_state.json``: step, data position, Python RNG state, optimizer hyper-parameters, the
   train config, the model's class and parameter shapes, the loss history.
@@ -227,31 +229,62 @@ def signature_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return out
 
 
+def staging_dir(directory: str | Path) -> Path:
+    """Where a checkpoint is written before its rename: ``step_N.tmp`` beside ``step_N``."""
+    final = Path(directory)
+    return final.with_name(final.name + ".tmp")
+
+
+def write_optimizer_shard(optimizer: torch.optim.Optimizer, directory: str | Path, rank: int) -> None:
+    """One rank's optimizer state (expert parallelism: each rank's experts have their own moments):
+    ``optimizer.rank{R}.safetensors`` + ``optimizer.rank{R}.json``."""
+    tensors, meta = optimizer_to_safe(optimizer)
+    save_safetensors(tensors, Path(directory) / f"optimizer.rank{rank}.safetensors")
+    (Path(directory) / f"optimizer.rank{rank}.json").write_text(json.dumps(meta))
+
+
+def read_optimizer_shard(optimizer: torch.optim.Optimizer, directory: str | Path, rank: int) -> None:
+    d = Path(directory)
+    path = d / f"optimizer.rank{rank}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {d} has no optimizer shard for rank {rank} ({path.name})")
+    meta = json.loads((d / f"optimizer.rank{rank}.json").read_text())
+    optimizer.load_state_dict(optimizer_from_safe(load_file(str(path)), meta))
+
+
 def write_checkpoint(
     directory: str | Path,
     *,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     state: dict[str, Any],
     tokenizer: Any = None,
     keep: int | None = None,
+    before_rename: Any = None,
 ) -> Path:
     """Write one checkpoint atomically (``.tmp`` then rename), mark it ``latest``, keep the
     ``keep`` newest ``step_*`` siblings. ``state`` is the trainer's JSON state (without RNG and
-    optimizer metadata, which are added here)."""
+    optimizer metadata, which are added here). ``optimizer=None``: the optimizer is written in
+    shards by the ranks (``write_optimizer_shard``) while ``before_rename(tmp_dir)`` runs, which
+    returns once they are all written."""
     final = Path(directory)
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = staging_dir(final)
     if tmp.exists():
         shutil.rmtree(tmp)
     save_weights(model, tmp)
-    opt_tensors, opt_meta = optimizer_to_safe(optimizer)
-    save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
+    opt_meta = None
+    if optimizer is not None:
+        opt_tensors, opt_meta = optimizer_to_safe(optimizer)
+        save_safetensors(opt_tensors, tmp / "optimizer.safetensors")
     rng_tensors, rng_meta = rng_state()
     save_safetensors(rng_tensors, tmp / "rng.safetensors")
     if tokenizer is not None:
         save_tokenizer(tokenizer, tmp)
     full = {"format": FORMAT, **state, "optimizer": opt_meta, "rng": rng_meta}
     (tmp / STATE_FILE).write_text(json.dumps(full))
+    if before_rename is not None:
+        before_rename(tmp)
+        normal_permissions(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -299,14 +332,20 @@ def check_compatible(
 
 
 def read_checkpoint(
-    directory: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device | str
+    directory: str | Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    device: torch.device | str,
 ) -> dict[str, Any]:
-    """Load weights, optimizer and RNG states from a checkpoint; returns its ``trainer_state.json``."""
+    """Load weights, optimizer (None: not read; sharded checkpoints use ``read_optimizer_shard``)
+    and RNG states from a checkpoint; returns its ``trainer_state.json``."""
     d = Path(directory)
     state = read_state(d)
     load_weights(model, d, device)
-    optimizer.load_state_dict(
-        optimizer_from_safe(load_file(str(d / "optimizer.safetensors")), state["optimizer"])
-    )
+    if optimizer is not None:
+        optimizer.load_state_dict(
+            optimizer_from_safe(load_file(str(d / "optimizer.safetensors")), state["optimizer"])
+        )
     set_rng_state(load_file(str(d / "rng.safetensors")), state["rng"])
     return state

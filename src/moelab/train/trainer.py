@@ -213,12 +213,6 @@ class Trainer:
                     f"TrainConfig.ep={cfg.ep} must equal the number of processes ({self.world_size}): "
                     f"run under torchrun --nproc_per_node {cfg.ep}"
                 )
-            if cfg.ckpt_every:
-                raise ValueError(
-                    "TrainConfig.ckpt_every: resumable checkpoints are not supported with expert "
-                    "parallelism yet (the optimizer state is sharded); pass --ckpt-every 0 (the final "
-                    "model is still saved, gathered)"
-                )
             self.ep_group = dist.new_group(list(range(self.world_size)))
             shard_experts(self.model, self.ep_group)
         self._step_traffic: dict[str, int] = {}
@@ -396,8 +390,23 @@ class Trainer:
             if self.out_dir is None:
                 raise ValueError("save_checkpoint needs a directory or the trainer's out_dir")
             directory = self.out_dir / CKPT_DIRNAME / f"step_{self.step:07d}"
+        # Expert parallelism: the model is saved gathered (a collective: one process can load it),
+        # the optimizer as one shard per rank, written into rank 0's staging directory.
+        sharded = self.ep_group is not None
+        model = gather_experts(copy.deepcopy(self.model)) if sharded else self.model
+        if sharded and not self.is_main:
+            dist.barrier(self.ep_group)  # rank 0 has staged the checkpoint
+            ckpt.write_optimizer_shard(self.optimizer, ckpt.staging_dir(directory), self.rank)
+            dist.barrier(self.ep_group)  # every shard is written: rank 0 renames
+            return Path(directory)
         if not self.is_main:
             return Path(directory)
+
+        def write_shards(staged: Path) -> None:
+            ckpt.write_optimizer_shard(self.optimizer, staged, self.rank)
+            dist.barrier(self.ep_group)
+            dist.barrier(self.ep_group)
+
         tok = getattr(self.data, "tokenizer", None)
         state = {
             "step": self.step,
@@ -412,8 +421,8 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
         }
         return ckpt.write_checkpoint(
-            directory, model=self.model, optimizer=self.optimizer, state=state, tokenizer=tok,
-            keep=self.cfg.keep_checkpoints,
+            directory, model=model, optimizer=None if sharded else self.optimizer, state=state,
+            tokenizer=tok, keep=self.cfg.keep_checkpoints, before_rename=write_shards if sharded else None,
         )  # fmt: skip
 
     def check_checkpoint(self, directory: str | Path) -> dict[str, Any]:
@@ -426,7 +435,14 @@ class Trainer:
         """Restore model, optimizer, RNG, data position, step and history from a checkpoint."""
         d = Path(directory)
         self.check_checkpoint(d)
-        state = ckpt.read_checkpoint(d, model=self.model, optimizer=self.optimizer, device=self.device)
+        if self.ep_group is None:
+            state = ckpt.read_checkpoint(d, model=self.model, optimizer=self.optimizer, device=self.device)
+        else:  # the checkpoint holds the unsharded model: load it whole, keep this rank's experts
+            full = gather_experts(copy.deepcopy(self.model))
+            state = ckpt.read_checkpoint(d, model=full, optimizer=None, device=self.device)
+            self.model.load_state_dict(shard_experts(full, self.ep_group).state_dict())
+            del full
+            ckpt.read_optimizer_shard(self.optimizer, d, self.rank)
         self.batches.load_state_dict(state["data"])
         self.step = int(state["step"])
         self.history = state["history"]
