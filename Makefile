@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.moelab-installed
-EXTRAS ?= dev,hf,gpu,peft,embed
+EXTRAS ?= dev,hf,gpu,peft,embed,gateway
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 

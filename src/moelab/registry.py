@@ -29,6 +29,7 @@ _KINDS: dict[str, str] = {
     "attention": "routes queries to keys: which key blocks or heads each query attends with",
     "lora": "a mixture of LoRA adapters over a model's projections (moelab.lora.apply presets)",
     "placement": "where experts live: which rank holds each expert or replica (expert-parallel planners)",
+    "request_router": "routes requests across LLM endpoints (the gateway's policies: model-level routing)",
 }
 
 # Where moelab's own methods of each kind register themselves. A lookup that misses imports the
@@ -47,6 +48,7 @@ BUILTIN_MODULES: dict[str, str] = {
     "attention": "moelab.attention",
     "lora": "moelab.lora",
     "placement": "moelab.parallel",
+    "request_router": "moelab.gateway.policies",
 }
 
 # Further modules of moelab that register methods of a kind from a higher level (dispatchers that
