@@ -34,7 +34,7 @@ LEVELS = [
     {"functional"},
     {"train"},
     {"repro"},
-    {"integrations"},
+    {"integrations", "gateway"},
     {"cli", "hf", "peft", "__init__"},
 ]
 LEVEL = {pkg: i for i, group in enumerate(LEVELS) for pkg in group}
