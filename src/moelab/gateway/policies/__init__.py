@@ -1,2 +1,4 @@
 """The gateway's request routers, one file per policy; importing this package registers them
 (registry kind ``request_router``). Torch-free."""
+
+from moelab.gateway.policies import bandit, r1, signals  # noqa: F401
