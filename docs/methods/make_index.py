@@ -39,6 +39,8 @@ KIND_TITLES = {
     "depth": "Depth routers (which blocks run on which tokens, and how often)",
     "attention": "Attention routers (which keys each query attends to)",
     "lora": "LoRA mixtures (routed adapters over a model's projections: `moelab.lora.apply`)",
+    "placement": "Placement (where experts live: expert parallelism, replicas, offloading)",
+    "request_router": "Request routers (the gateway's policies: which LLM answers a request)",
 }
 
 

@@ -29,6 +29,9 @@ COMMAND_MODULES = (
     "moelab.cli.finetune",
     "moelab.cli.repro",
     "moelab.cli.analyze",
+    "moelab.cli.gateway",
+    "moelab.cli.serve",
+    "moelab.cli.serve_model",
 )
 
 

@@ -56,6 +56,13 @@ def load_tokenizer(path: str | Path) -> TransformersTokenizer:
     return TransformersTokenizer(AutoTokenizer.from_pretrained(str(p)))
 
 
+def load_raw_tokenizer(path: str | Path) -> Any:
+    """``AutoTokenizer.from_pretrained(path)`` itself (its chat template included), unwrapped."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 def load_causal_lm(path: str | Path, **kwargs: Any) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` in eval mode."""
     from transformers import AutoModelForCausalLM
