@@ -210,11 +210,11 @@ class UpstreamPool:
         )
 
     # ---------------------------------------------------------------------------------------------
-    async def call_chain(
-        self, chain: list[str], path: str, payload: dict[str, Any], attempts: list[Attempt] | None = None
-    ) -> UpstreamResult:
-        """The first successful (or client-error) response along ``chain``; raises ``UpstreamFailed``."""
-        attempts = [] if attempts is None else attempts
+    async def _first_answer(
+        self, chain: list[str], path: str, payload: dict[str, Any], attempts: list[Attempt], stream: bool
+    ) -> tuple[str, httpx.Response]:
+        """Walk ``chain`` (skipping open circuits, retrying each model, falling back on retryable
+        failures) to the first upstream whose response is not retryable; raises ``UpstreamFailed``."""
         retry_status = set(self.config.retries.on_status)
         for name in chain:
             if not await self._allow(name):
@@ -223,8 +223,10 @@ class UpstreamPool:
             m = self.models[name]
 
             async def send(m: ModelConfig = m) -> httpx.Response:
-                resp = await self.client.send(self._request(m, path, payload))
+                resp = await self.client.send(self._request(m, path, payload), stream=stream)
                 if resp.status_code in retry_status or resp.status_code >= 500 or resp.status_code == 429:
+                    if stream:
+                        await resp.aclose()
                     raise _Retryable(f"http_{resp.status_code}")
                 return resp
 
@@ -233,9 +235,17 @@ class UpstreamPool:
             except _Retryable:
                 await self._record(name, False)
                 continue
-            await self._record(name, True)
-            return UpstreamResult(name, resp.status_code, resp.content, dict(resp.headers), attempts)
+            return name, resp
         raise self._fail(chain, attempts, path)
+
+    async def call_chain(
+        self, chain: list[str], path: str, payload: dict[str, Any], attempts: list[Attempt] | None = None
+    ) -> UpstreamResult:
+        """The first successful (or client-error) response along ``chain``; raises ``UpstreamFailed``."""
+        attempts = [] if attempts is None else attempts
+        name, resp = await self._first_answer(chain, path, payload, attempts, stream=False)
+        await self._record(name, True)
+        return UpstreamResult(name, resp.status_code, resp.content, dict(resp.headers), attempts)
 
     async def stream_chain(
         self, chain: list[str], path: str, payload: dict[str, Any], attempts: list[Attempt] | None = None
@@ -243,32 +253,13 @@ class UpstreamPool:
         """Open a stream along ``chain`` (fallback until an upstream answers 2xx). A 4xx answer is
         returned whole as an ``UpstreamResult``; raises ``UpstreamFailed`` when all fail."""
         attempts = [] if attempts is None else attempts
-        retry_status = set(self.config.retries.on_status)
-        for name in chain:
-            if not await self._allow(name):
-                attempts.append(Attempt(name, "circuit_open"))
-                continue
-            m = self.models[name]
-
-            async def send(m: ModelConfig = m) -> httpx.Response:
-                resp = await self.client.send(self._request(m, path, payload), stream=True)
-                if resp.status_code in retry_status or resp.status_code >= 500 or resp.status_code == 429:
-                    await resp.aclose()
-                    raise _Retryable(f"http_{resp.status_code}")
-                return resp
-
-            try:
-                resp = await self._attempts(name, send, attempts)
-            except _Retryable:
-                await self._record(name, False)
-                continue
-            if resp.status_code >= 400:
-                body = await resp.aread()
-                await resp.aclose()
-                await self._record(name, True)
-                return UpstreamResult(name, resp.status_code, body, dict(resp.headers), attempts)
-            return UpstreamStream(name, self._relay(name, resp), attempts)
-        raise self._fail(chain, attempts, path)
+        name, resp = await self._first_answer(chain, path, payload, attempts, stream=True)
+        if resp.status_code >= 400:
+            body = await resp.aread()
+            await resp.aclose()
+            await self._record(name, True)
+            return UpstreamResult(name, resp.status_code, body, dict(resp.headers), attempts)
+        return UpstreamStream(name, self._relay(name, resp), attempts)
 
     async def _relay(self, name: str, resp: httpx.Response) -> AsyncIterator[bytes]:
         """Pass the upstream's SSE bytes through; end with an error event if it breaks off."""
