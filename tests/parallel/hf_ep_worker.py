@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from ep_worker import close, grad, summed
 from torchrun import run_checks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integrations" / "hf"))
@@ -35,21 +35,6 @@ from moelab.parallel.sharding import (  # noqa: E402
 
 FAMILIES = ("olmoe", "qwen2_moe", "deepseek_v3", "gpt_oss")
 ROWS_PER_RANK = 2
-TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def close(got, want, what):
-    torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{what}: {m}")
-
-
-def grad(p):
-    return torch.zeros_like(p) if p.grad is None else p.grad
-
-
-def summed(t):
-    t = t.detach().clone()
-    dist.all_reduce(t)
-    return t
 
 
 def check_family(family):
