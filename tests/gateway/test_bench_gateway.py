@@ -65,7 +65,7 @@ def test_quick_run_loses_nothing(tmp_path):
     assert f["answered_by_fallback"] > 0  # a was killed and b failed: their requests fell back
     assert any("closed->open" in k for k in f["breaker_transitions"])
     targets = {r["target"] for r in saved["load"]}
-    assert {"direct", "passthrough", "bench_first"} <= targets
+    assert {"direct", "passthrough", "passthrough_httpx", "bench_first"} <= targets
     assert set(saved["policies_measured"]) <= targets
     for r in saved["load"]:
         assert r["p50_ms"] > 0 and r["req_per_s"] > 0 and r["non_200"] == 0
@@ -76,6 +76,10 @@ def test_quick_run_loses_nothing(tmp_path):
         "throughput_ge_500_every_policy",
         "lost_eq_0",
     }
-    assert [r["concurrency"] for r in saved["sweep"]] == [4] and saved["sweep"][0]["req_per_s"] > 0
+    assert [(r["target"], r["concurrency"]) for r in saved["sweep"]] == [
+        ("passthrough", 4),
+        ("passthrough_httpx", 4),
+    ]
+    assert all(r["req_per_s"] > 0 for r in saved["sweep"])
     assert "machine" in saved and "cpu" in saved["machine"]
     assert "## Faults" in (tmp_path / "g.md").read_text()

@@ -451,7 +451,12 @@ def test_upstream_key_never_in_logs_or_errors(fakes, caplog):
 
 def test_semantic_cache_answers_repeats_without_the_upstream(fakes):
     with gateway(fakes, cache={"enabled": True, "embedder": "hashing", "threshold": 0.9}) as srv:
+        cache = srv.app.state.gateway.cache
+        embedded = []
+        embed = cache.embedder.embed
+        cache.embedder.embed = lambda texts: embedded.extend(texts) or embed(texts)
         first = post(srv, {"model": "a", "messages": USER, "temperature": 0})
+        assert len(embedded) == 1  # a miss embeds the prompt once, for the lookup and the store
         again = post(srv, {"model": "a", "messages": USER, "temperature": 0})
         assert "x-moelab-cache" not in first.headers and again.headers["x-moelab-cache"] == "hit"
         assert again.json() == first.json() and len(fakes["a"].requests) == 1

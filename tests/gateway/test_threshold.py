@@ -73,7 +73,9 @@ def test_logistic_regression_matches_sklearn():
     y = (x @ rng.standard_normal(6) + 0.3 * rng.standard_normal(200) > 0).astype(float)
     coef, intercept = fit_logistic(x, y, C=0.7)
     ref = LogisticRegression(C=0.7, tol=1e-12, max_iter=10_000).fit(x, y)
-    assert np.allclose(coef, ref.coef_[0], atol=1e-5) and intercept == pytest.approx(ref.intercept_[0], abs=1e-5)
+    assert np.allclose(coef, ref.coef_[0], atol=1e-5) and intercept == pytest.approx(
+        ref.intercept_[0], abs=1e-5
+    )
 
 
 def test_win_labels_and_calibrate():

@@ -332,13 +332,13 @@ class Gateway:
             result = await self.run_cascade(pname, rr, cascade, payload, attempts)
         else:
             params = {k: v for k, v in payload.items() if k not in NOT_CACHE_PARAMS}
-            hit = await self.cache_lookup(path, prompt, chosen, params, stream)
+            hit, embedding = await self.cache_lookup(path, prompt, chosen, params, stream)
             if hit is not None:
                 h = self.headers(chosen, label, score) | {"x-moelab-cache": "hit"}
                 return JSONResponse(hit, headers=h)
             result = await self.pool.call_chain(chain, path, payload, attempts)
             if result.status < 400:
-                await self.cache_put(path, prompt, result.model, params, stream, result.body)
+                await self.cache_put(path, prompt, result.model, params, stream, result.body, embedding)
         if chain and result.model != chain[0]:
             self.metrics.fallbacks.labels(chain[0], result.model).inc()
         headers = self.headers(result.model, label, score)
@@ -381,18 +381,26 @@ class Gateway:
             raise self.pool._fail(cascade, attempts, "/chat/completions")
         return last
 
-    async def cache_lookup(self, path: str, prompt: str, model: str, params: dict, stream: bool) -> Any:
+    async def cache_lookup(
+        self, path: str, prompt: str, model: str, params: dict, stream: bool
+    ) -> tuple[Any, Any]:
+        """``(cached response or None, the prompt's embedding)``; the embedding is reused by
+        ``cache_put`` so that a miss embeds the prompt once."""
         if self.cache is None or stream or path != "/chat/completions":
-            return None
-        hit = await asyncio.to_thread(self.cache.lookup, prompt, model, params)
-        (self.metrics.cache_hits if hit is not None else self.metrics.cache_misses).inc()
-        return None if hit is None else hit.entry.response
+            return None, None
 
-    async def cache_put(
-        self, path: str, prompt: str, model: str, params: dict, stream: bool, body: bytes
-    ) -> None:
+        def lookup() -> tuple[Any, Any]:
+            embedding = self.cache.embed(prompt)
+            return self.cache.lookup(prompt, model, params, embedding=embedding), embedding
+
+        hit, embedding = await asyncio.to_thread(lookup)
+        (self.metrics.cache_hits if hit is not None else self.metrics.cache_misses).inc()
+        return (None if hit is None else hit.entry.response), embedding
+
+    async def cache_put(self, path: str, prompt: str, model: str, params: dict, stream: bool, body: bytes,
+                        embedding: Any = None) -> None:  # fmt: skip
         if self.cache is not None and not stream and path == "/chat/completions":
-            await asyncio.to_thread(self.cache.put, prompt, model, json.loads(body), params)
+            await asyncio.to_thread(self.cache.put, prompt, model, json.loads(body), params, embedding)
 
 
 def create_app(config: GatewayConfig | dict[str, Any] | str | Path) -> FastAPI:

@@ -21,7 +21,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -167,6 +167,8 @@ class GatewayConfig(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     state: str = "memory"
     max_body_bytes: int = Field(1_000_000, gt=0)
+    # "keepalive": moelab.gateway.transport (O(1) pool work per request); "httpx": httpx's own
+    upstream_transport: Literal["keepalive", "httpx"] = "keepalive"
 
     @field_validator("state")
     @classmethod

@@ -90,8 +90,12 @@ def get_embedder(embedder: str | Embedder) -> Embedder:
     """An embedder by name (``"minilm"``, ``"hashing"``) or an object with ``embed``."""
     if isinstance(embedder, str):
         if embedder not in EMBEDDERS:
-            raise ValueError(f"embedder must be one of {sorted(EMBEDDERS)} or an object with .embed, got {embedder!r}")
+            raise ValueError(
+                f"embedder must be one of {sorted(EMBEDDERS)} or an object with .embed, got {embedder!r}"
+            )
         return EMBEDDERS[embedder]()
     if not callable(getattr(embedder, "embed", None)):
-        raise TypeError(f"embedder must be a name or an object with .embed(texts), got {type(embedder).__name__}")
+        raise TypeError(
+            f"embedder must be a name or an object with .embed(texts), got {type(embedder).__name__}"
+        )
     return embedder

@@ -42,7 +42,9 @@ class ServerThread:
     def __init__(
         self, app: Any, host: str = "127.0.0.1", port: int = 0, http: Any = "h11", log_level: str = "warning"
     ):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets whose proto says TCP; without it
+        # every small response waits ~40 ms on Nagle and delayed ACKs
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.host, self.port = host, self.sock.getsockname()[1]
@@ -150,6 +152,9 @@ class FakeUpstream:
         return self
 
     def stop(self) -> None:
+        """Stop the server (idempotent)."""
+        if self._stopping:
+            return
         self._stopping = True
         for transport in list(self._transports.values()):
             transport.abort()

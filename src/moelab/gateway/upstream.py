@@ -31,6 +31,7 @@ import httpx
 from moelab.gateway.config import GatewayConfig, ModelConfig
 from moelab.gateway.security import Redactor
 from moelab.gateway.state import StateStore
+from moelab.gateway.transport import KeepAliveTransport, within
 
 log = logging.getLogger("moelab.gateway.upstream")
 
@@ -99,7 +100,8 @@ class _Retryable(Exception):
 
 
 class UpstreamPool:
-    """The upstreams of one gateway: an ``httpx.AsyncClient``, the config, the shared state."""
+    """The upstreams of one gateway: an ``httpx.AsyncClient`` (on ``KeepAliveTransport`` unless
+    ``client`` is given), the config, the shared state."""
 
     def __init__(
         self,
@@ -115,6 +117,7 @@ class UpstreamPool:
         t = config.timeouts
         self.client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(t.total, connect=t.connect, read=t.read),
+            transport=KeepAliveTransport() if config.upstream_transport == "keepalive" else None,
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
         )
         self.models = {m.name: m for m in config.models}
@@ -216,6 +219,7 @@ class UpstreamPool:
         """Walk ``chain`` (skipping open circuits, retrying each model, falling back on retryable
         failures) to the first upstream whose response is not retryable; raises ``UpstreamFailed``."""
         retry_status = set(self.config.retries.on_status)
+        total = self.config.timeouts.total
         for name in chain:
             if not await self._allow(name):
                 attempts.append(Attempt(name, "circuit_open"))
@@ -223,7 +227,13 @@ class UpstreamPool:
             m = self.models[name]
 
             async def send(m: ModelConfig = m) -> httpx.Response:
-                resp = await self.client.send(self._request(m, path, payload), stream=stream)
+                # httpx's timeouts bound each read, not the whole attempt: timeouts.total does
+                try:
+                    resp = await within(
+                        total, self.client.send(self._request(m, path, payload), stream=stream)
+                    )
+                except TimeoutError:
+                    raise _Retryable("timeout") from None
                 if resp.status_code in retry_status or resp.status_code >= 500 or resp.status_code == 429:
                     if stream:
                         await resp.aclose()

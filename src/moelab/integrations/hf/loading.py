@@ -92,22 +92,81 @@ def smollm2_dir() -> Path | None:
 
 
 def load_smollm2(
-    *, tokenizer: bool = True, dtype: Any = None
+    *, tokenizer: bool = True, dtype: Any = None, cache: bool = True
 ) -> tuple[nn.Module, TransformersTokenizer | None]:
     """SmolLM2-135M as a ``LlamaForCausalLM`` (de-quantised from the GGUF, fp32 by default, eval
-    mode) and, with ``tokenizer``, its tokenizer (built from the GGUF: ~5 s), offline.
-    ``FileNotFoundError`` with the install line when the package is missing."""
+    mode) and, with ``tokenizer``, its tokenizer, offline. ``FileNotFoundError`` with the install
+    line when the package is missing.
+
+    Reading the GGUF costs ~20 s (its metadata is parsed in pure Python, once for the config, once
+    for the weights and once for the tokenizer). With ``cache``, the first load also saves the
+    de-quantised model and its tokenizer as a transformers folder under
+    ``$MOELAB_CACHE/models`` (``smollm2_cache_folder``), and later loads read that (~1 s). The
+    folder holds exactly what the GGUF load gives (a test checks the weights bitwise). A cache that
+    cannot be written is skipped, with a warning."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = smollm2_dir()
     if d is None:
         raise FileNotFoundError(f"SmolLM2-135M weights are not installed: {SMOLLM2_INSTALL}")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(d), gguf_file=SMOLLM2_GGUF, dtype=torch.float32 if dtype is None else dtype
-    ).eval()
-    tok = AutoTokenizer.from_pretrained(str(d), gguf_file=SMOLLM2_GGUF) if tokenizer else None
-    return model, tok
+    dtype = torch.float32 if dtype is None else dtype
+    folder = smollm2_cache_folder(d) if cache else None
+    if folder is not None and (folder / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+        tok = AutoTokenizer.from_pretrained(str(folder)) if tokenizer else None
+        return model, tok
+    model = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(d), gguf_file=SMOLLM2_GGUF) if tokenizer or folder else None
+    if folder is not None:
+        _save_atomically(folder, model, tok)
+    return model.to(dtype), (tok if tokenizer else None)
+
+
+def smollm2_cache_folder(package_dir: Path | None = None) -> Path | None:
+    """Where ``load_smollm2`` keeps the converted model: ``$MOELAB_CACHE/models/<name>``, the name
+    keyed by the GGUF file's size and modification time (a reinstalled package converts again)."""
+    from moelab.data.corpus import cache_dir
+
+    d = package_dir or smollm2_dir()
+    if d is None:
+        return None
+    st = (d / SMOLLM2_GGUF).stat()
+    return cache_dir() / "models" / f"{Path(SMOLLM2_GGUF).stem}-{st.st_size}-{st.st_mtime_ns}"
+
+
+def _save_atomically(folder: Path, model: nn.Module, tok: Any) -> None:
+    """``save_pretrained`` into a temporary sibling, then one rename: a reader never sees half a
+    folder, and two processes converting at once both end with a whole one."""
+    import logging
+    import shutil
+    import tempfile
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+        # the weights are already de-quantised fp32; transformers refuses to save a model still
+        # marked as GGUF-quantised, and the mark in config.json would send loads back to the GGUF
+        quantizer, qconfig = (
+            getattr(model, "hf_quantizer", None),
+            getattr(model.config, "quantization_config", None),
+        )
+        model.hf_quantizer = None
+        if qconfig is not None:
+            del model.config.quantization_config
+        try:
+            model.save_pretrained(str(tmp))
+        finally:
+            model.hf_quantizer = quantizer
+            if qconfig is not None:
+                model.config.quantization_config = qconfig
+        tok.save_pretrained(str(tmp))
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        logging.getLogger(__name__).warning("could not cache the converted SmolLM2 in %s: %s", folder, e)
 
 
 def load_base(spec: str | Path, *, tokenizer: str = "auto") -> tuple[nn.Module, Any]:
