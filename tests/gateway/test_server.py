@@ -214,6 +214,13 @@ def test_upstream_failures_give_502_and_504(fakes):
         fakes["c"].set_mode("hang")
         error(post(srv, {"model": "c", "messages": USER}), 504, "upstream_error")
         fakes["c"].set_mode("ok")
+    # timeouts.total bounds the whole attempt, even when each read is within timeouts.read
+    with gateway(fakes, retries={"count": 0}, timeouts={"connect": 1, "read": 5, "total": 0.3}) as srv:
+        fakes["c"].set_mode("hang")
+        t0 = time.monotonic()
+        err = error(post(srv, {"model": "c", "messages": USER}), 504, "upstream_error")
+        assert "c: timeout" in err["message"] and time.monotonic() - t0 < 4  # not the 5 s read timeout
+        fakes["c"].set_mode("ok")
 
 
 def test_client_errors_from_upstream_pass_through_without_fallback(fakes):
