@@ -104,17 +104,19 @@ def mmlu_half():
     return table.rows(tr), table.rows(te), CachedEmbedder("hashing")
 
 
-def test_calibration_hits_its_target_on_held_out_rows(mmlu_half):
-    # fit() calibrates on out-of-fold scores of its training prompts; the held-out half is unseen
-    # The issue asks for 1%; the held-out fraction is a binomial draw, so its sampling error is
-    # sqrt(f (1 - f) (1/n_cal + 1/n_test)) (~1.5% at 1500 rows a side): 1% holds reliably only with
-    # ~15k rows a side, which these tables lack. The bound is 3 standard errors (docs/methods/threshold.md).
-    train, test, emb = mmlu_half
+def test_calibration_hits_its_target_on_held_out_rows():
+    """The issue's check: within 1% on held-out rows. fit() calibrates on out-of-fold scores of its
+    training prompts; the held-out half (all of RouteLLM's MMLU table, 7018 / 7019 rows split by id)
+    is unseen. The held-out fraction is a binomial draw: its standard error
+    sqrt(f (1 - f) (1/n_cal + 1/n_test)) is 0.68-0.84% here, so 1% is 1.2-1.5 of them. The
+    measured misses on this split are 0.49, 0.56 and 0.24 points (docs/methods/threshold.md)."""
+    table = load_table("routellm_mmlu")
+    tr, te = split_by_id(table.ids, seed=0)
+    train, test, emb = table.rows(tr), table.rows(te), CachedEmbedder("hashing")
     for f in (0.2, 0.5, 0.8):
         policy = ThresholdPolicy(scorer="embed_lr", embedder=emb, strong_fraction=f).fit(train)
         held_out = np.mean(policy.scores(test.prompts) >= policy.threshold)
-        se = np.sqrt(f * (1 - f) * (1 / len(train) + 1 / len(test)))
-        assert abs(held_out - f) < 3 * se, (f, held_out, se)
+        assert abs(held_out - f) < 0.01, (f, held_out)
     # the same threshold as a request override (router-threshold-<t>) routes the same fraction
     req = [policy.route(_request(p, threshold=policy.threshold)).model == "big" for p in test.prompts[:200]]
     assert np.mean(req) == pytest.approx(np.mean(policy.scores(test.prompts[:200]) >= policy.threshold))
