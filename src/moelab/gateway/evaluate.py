@@ -41,6 +41,9 @@ COST_GRIDS = {
     "cost_weight": (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0),
     "cost_coe": (0.0, 0.1, 0.25, 0.5, 0.75, 0.9),
 }
+# a cascade's acceptance threshold (our grid): policies with ``simulate(table, threshold)`` run
+# offline on the table, accepting by their learned P(correct), since the table holds no answers
+CASCADE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 class CachedEmbedder:
@@ -274,12 +277,19 @@ def evaluate_multi_model(table: RoutingTable, policies: Sequence[str] | None = N
         grid = COST_GRIDS[sweep] if sweep else (None,)
         pts: list[tuple[float, float]] = []
         try:
-            for value in grid:
-                policy = _build(spec, emb, **({sweep: value} if sweep else {})).fit(train)
-                picks = _route_all(policy, test)
-                pts.append((float(c[picks].mean()), float(q[np.arange(len(test)), picks].mean())))
+            if callable(getattr(registry.get(KIND, spec.name).obj, "simulate", None)):
+                policy = _build(spec, emb).fit(train)
+                for t in CASCADE_THRESHOLDS:
+                    r = policy.simulate(test, threshold=t)
+                    pts.append((r["cost"], r["quality"]))
+                note = f"acceptance threshold swept over {list(CASCADE_THRESHOLDS)}, simulated (every called model paid)"
+            else:
+                for value in grid:
+                    policy = _build(spec, emb, **({sweep: value} if sweep else {})).fit(train)
+                    picks = _route_all(policy, test)
+                    pts.append((float(c[picks].mean()), float(q[np.arange(len(test)), picks].mean())))
+                note = f"{sweep} swept over {list(grid)}" if sweep else "one operating point"
             best = max(pts, key=lambda p: (p[1], -p[0]))
-            note = f"{sweep} swept over {list(grid)}" if sweep else "one operating point"
             rows.append(Row(spec.label, quality=best[1], cost=best[0], aiq=M.aiq([p[0] for p in pts], [p[1] for p in pts], (lo, hi)),
                             points=pts, note=note, seconds=time.perf_counter() - t0))  # fmt: skip
         except Exception as e:  # noqa: BLE001 - one failing policy is reported, the others still run
