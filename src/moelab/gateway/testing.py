@@ -37,11 +37,14 @@ MODES = ("ok", "error", "hang", "die_mid_stream", "truncate", "close")
 
 class ServerThread:
     """``app`` served by uvicorn in a daemon thread on ``host`` (a free port unless given).
-    ``url`` is ``http://host:port``; ``stop()`` shuts it down (open connections are dropped)."""
+    ``url`` is ``http://host:port``; ``stop()`` shuts it down (open connections are dropped).
+    ``http`` and ``loop`` are uvicorn's; the defaults (h11, asyncio) are the pure-Python ones,
+    the same on every machine."""
 
     def __init__(
-        self, app: Any, host: str = "127.0.0.1", port: int = 0, http: Any = "h11", log_level: str = "warning"
-    ):
+        self, app: Any, host: str = "127.0.0.1", port: int = 0, http: Any = "h11", log_level: str = "warning",
+        loop: str = "asyncio",
+    ):  # fmt: skip
         # IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets whose proto says TCP; without it
         # every small response waits ~40 ms on Nagle and delayed ACKs
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -50,7 +53,7 @@ class ServerThread:
         self.host, self.port = host, self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
         config = uvicorn.Config(
-            app, http=http, log_level=log_level, lifespan="on", timeout_graceful_shutdown=1
+            app, http=http, loop=loop, log_level=log_level, lifespan="on", timeout_graceful_shutdown=1
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
@@ -105,11 +108,13 @@ class FakeUpstream:
         self.set_mode(mode)
         self._lock = threading.Lock()
         self._transports: dict[Any, Any] = {}  # client (host, port) -> transport, to drop connections
+        self._loop: asyncio.AbstractEventLoop | None = None  # the server's loop, once it has a connection
         fake = self
 
         class Protocol(H11Protocol):
             def connection_made(self, transport: Any) -> None:
                 super().connection_made(transport)
+                fake._loop = asyncio.get_running_loop()
                 fake._transports[tuple(transport.get_extra_info("peername") or ())[:2]] = transport
 
             def connection_lost(self, exc: Exception | None) -> None:
@@ -156,8 +161,16 @@ class FakeUpstream:
         if self._stopping:
             return
         self._stopping = True
-        for transport in list(self._transports.values()):
-            transport.abort()
+
+        def abort_all() -> None:
+            for transport in list(self._transports.values()):
+                transport.abort()
+
+        # transports belong to the server's event loop: abort them there, not from this thread
+        if self._loop is not None and self._loop.is_running():
+            done = threading.Event()
+            self._loop.call_soon_threadsafe(lambda: (abort_all(), done.set()))
+            done.wait(timeout=5)
         self._server.stop()
 
     kill = stop
