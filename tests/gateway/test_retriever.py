@@ -11,7 +11,7 @@ import pytest
 
 from moelab.gateway.embed import HashingEmbedder
 from moelab.gateway.policies.retriever import CentroidRouter, KNNRouter, choose, kmeans, normalised_cost
-from moelab.gateway.policy import ModelInfo, RouteRequest
+from moelab.gateway.policy import ModelInfo, RouteRequest, pack_array, unpack_array
 from moelab.gateway.table import RoutingTable
 
 MODELS = ["a", "b", "c"]
@@ -218,8 +218,29 @@ def test_state_dict_round_trips_through_json(cls):
     again = cls("hashing")
     again.load_state_dict(state)
     assert again.predict(test.prompts) == router.predict(test.prompts)
+    assert np.array_equal(again.pilots, router.pilots)  # bit for bit through base64
+    # states written with plain lists (before matrices were packed) still load
+    legacy = dict(state, pilots=router.pilots.tolist())
+    if cls is KNNRouter:
+        legacy["pilot_quality"] = router.pilot_quality.tolist()
+    old = cls("hashing")
+    old.load_state_dict(legacy)
+    assert np.array_equal(old.pilots, router.pilots) and old.predict(test.prompts) == router.predict(
+        test.prompts
+    )
     with pytest.raises(ValueError, match="embedder"):
         cls(HashingEmbedder(dim=64)).load_state_dict(state)
+
+
+def test_pack_array_round_trips_exactly():
+    rng = np.random.default_rng(0)
+    for a in (rng.standard_normal((7, 5)), rng.standard_normal(3).astype(np.float32), np.arange(6).reshape(2, 3),
+              np.zeros((0, 4)), np.array([np.nan, -0.0, np.inf]), rng.standard_normal((4, 2)).astype(">f8")):  # fmt: skip
+        packed = json.loads(json.dumps(pack_array(a)))
+        back = unpack_array(packed)
+        assert back.shape == a.shape and back.dtype == a.dtype.newbyteorder("=")
+        assert np.array_equal(back, a, equal_nan=True) and back.tobytes() == a.astype(back.dtype).tobytes()
+    assert unpack_array([[1, 2]], np.float64).dtype == np.float64
 
 
 def test_bad_input_is_named():

@@ -161,8 +161,8 @@ def test_finetune_and_compare_cli_on_a_local_model(tmp_path):
 
     res = runner.invoke(
         app,
-        ["compare", "--mixtures", "mole,dynmole,remix", *common, "--base-tokenizer", "bytes", "--out",
-         str(tmp_path), "--name", "cmp", "--no-progress"],
+        ["compare", "--mixtures", "mole,dynmole,remix", *common, "--base-tokenizer", "bytes", "--generate", "2",
+         "--out", str(tmp_path), "--name", "cmp", "--no-progress"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "| dynmole |" in (tmp_path / "cmp" / "report.md").read_text()

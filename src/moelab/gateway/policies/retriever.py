@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 
 from moelab.gateway.embed import get_embedder
-from moelab.gateway.policy import Decision, RequestRouter, RouteRequest, register_policy
+from moelab.gateway.policy import (
+    Decision,
+    RequestRouter,
+    RouteRequest,
+    pack_array,
+    register_policy,
+    unpack_array,
+)
 from moelab.gateway.table import RoutingTable
 
 # ---------------------------------------------------------------- pure helpers
@@ -294,13 +301,13 @@ class CentroidRouter(EmbeddingPolicy):
     def state_dict(self) -> dict[str, Any]:
         return {
             **self._base_state(), "n_pilots": self.n_pilots, "rule": self.rule,
-            "pilots": self.pilots.tolist(), "pilot_model": self.pilot_model.tolist(),
+            "pilots": pack_array(self.pilots), "pilot_model": self.pilot_model.tolist(),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._load_base(state)
         self.n_pilots, self.rule = int(state["n_pilots"]), str(state["rule"])
-        self.pilots = np.asarray(state["pilots"], dtype=np.float64)
+        self.pilots = unpack_array(state["pilots"], np.float64)
         self.pilot_model = np.asarray(state["pilot_model"], dtype=int)
 
 
@@ -378,11 +385,11 @@ class KNNRouter(EmbeddingPolicy):
     def state_dict(self) -> dict[str, Any]:
         return {
             **self._base_state(), "k": self.k, "vote": self.vote, "tie_tol": self.tie_tol,
-            "pilots": self.pilots.tolist(), "pilot_quality": self.pilot_quality.tolist(),
+            "pilots": pack_array(self.pilots), "pilot_quality": pack_array(self.pilot_quality),
         }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._load_base(state)
         self.k, self.vote, self.tie_tol = int(state["k"]), str(state["vote"]), float(state["tie_tol"])
-        self.pilots = np.asarray(state["pilots"], dtype=np.float64)
-        self.pilot_quality = np.asarray(state["pilot_quality"], dtype=np.float64)
+        self.pilots = unpack_array(state["pilots"], np.float64)
+        self.pilot_quality = unpack_array(state["pilot_quality"], np.float64)
