@@ -67,6 +67,7 @@ def test_quick_run_loses_nothing(tmp_path):
     targets = {r["target"] for r in saved["load"]}
     assert {"direct", "passthrough", "passthrough_httpx", "bench_first"} <= targets
     assert set(saved["policies_measured"]) <= targets
+    assert {"threshold_embed_lr", "threshold_mf"} <= targets  # trained embedding policies
     for r in saved["load"]:
         assert r["p50_ms"] > 0 and r["req_per_s"] > 0 and r["non_200"] == 0
         assert r["target"] == "direct" or "overhead_p50_ms" in r
