@@ -174,6 +174,42 @@ def test_keep_alive_reuses_one_connection_and_bounds_idle():
     asyncio.run(main())
 
 
+def test_connections_per_origin_are_bounded_and_a_full_pool_times_out():
+    live, peak = [0], [0]
+
+    async def respond(head, body):
+        live[0] += 1
+        peak[0] = max(peak[0], live[0])
+        await asyncio.sleep(0.05)
+        live[0] -= 1
+        return b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+    async def main():
+        server, port, opened = await _server(respond)
+        url = f"http://127.0.0.1:{port}/"
+        t = KeepAliveTransport(max_connections_per_origin=2)
+        async with server, httpx.AsyncClient(transport=t) as client:
+            rs = await asyncio.gather(*(client.post(url, content=b"x") for _ in range(6)))
+            assert [r.content for r in rs] == [b"ok"] * 6 and peak[0] == 2 and opened[0] == 2
+            # a streamed response holds its connection until it is closed
+            async with client.stream("POST", url, content=b"x"), client.stream("POST", url, content=b"x"):
+                with pytest.raises(httpx.PoolTimeout):
+                    await client.post(url, content=b"x", timeout=httpx.Timeout(5, pool=0.1))
+            assert (await client.post(url, content=b"x")).content == b"ok"  # the slots came back
+        # a failed request gives its slot back too: with one slot, each failure is a connect error,
+        # not a pool timeout behind a leaked slot
+        dead = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        dead_url = f"http://127.0.0.1:{dead.sockets[0].getsockname()[1]}/"
+        dead.close()
+        await dead.wait_closed()
+        async with httpx.AsyncClient(transport=KeepAliveTransport(max_connections_per_origin=1)) as client:
+            for _ in range(3):
+                with pytest.raises(httpx.ConnectError):
+                    await client.post(dead_url, content=b"x", timeout=httpx.Timeout(1, pool=0.1))
+
+    asyncio.run(main())
+
+
 def test_connection_close_is_not_reused():
     async def main():
         server, port, opened = await _server(_fixed(CASES["close"]))
@@ -299,3 +335,5 @@ def test_parse_response_head_and_bad_arguments():
         KeepAliveTransport(max_idle_per_origin=-1)
     with pytest.raises(ValueError, match="idle_timeout_s"):
         KeepAliveTransport(idle_timeout_s=0)
+    with pytest.raises(ValueError, match="max_connections_per_origin"):
+        KeepAliveTransport(max_connections_per_origin=0)

@@ -18,6 +18,9 @@ HTTP/1.1 over asyncio streams (Content-Length, chunked, or read-to-close bodies)
 - Timeouts come from httpx (``request.extensions["timeout"]``: connect, read and write) and raise
   httpx's own exceptions (``ConnectTimeout``, ``ReadTimeout``). Transport failures raise
   ``ConnectError``, ``ReadError``, ``WriteError`` and ``RemoteProtocolError``, as httpcore does.
+- At most ``max_connections_per_origin`` connections per upstream are in use at once (1000,
+  httpx's default pool size, our choice); further requests wait for one, up to httpx's pool
+  timeout (``PoolTimeout``).
 - An idle connection is dropped after ``idle_timeout_s`` (our choice: 5 s, httpx's keep-alive
   expiry) or when it has seen EOF, and at most ``max_idle_per_origin`` wait per origin.
 """
@@ -158,6 +161,7 @@ class _Body(httpx.AsyncByteStream):
             self.transport._release(self.origin, conn)
         else:
             conn.close()
+        self.transport._free_slot(self.origin)
 
 
 class KeepAliveTransport(httpx.AsyncBaseTransport):
@@ -169,9 +173,17 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         max_idle_per_origin: int = 64,
         idle_timeout_s: float = 5.0,
         fallback: httpx.AsyncBaseTransport | None = None,
+        max_connections_per_origin: int | None = 1000,
     ) -> None:
         if max_idle_per_origin < 0:
             raise ValueError(f"max_idle_per_origin must be >= 0, got {max_idle_per_origin}")
+        if max_connections_per_origin is not None and max_connections_per_origin < 1:
+            raise ValueError(
+                f"max_connections_per_origin must be >= 1 or None, got {max_connections_per_origin}"
+            )
+        # requests beyond the limit wait (httpx's pool timeout) for a connection to come free
+        self.max_connections_per_origin = max_connections_per_origin
+        self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
         if not idle_timeout_s > 0:
             raise ValueError(f"idle_timeout_s must be > 0, got {idle_timeout_s}")
         self.max_idle_per_origin, self.idle_timeout_s = max_idle_per_origin, idle_timeout_s
@@ -189,6 +201,26 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         if origin is not None:
             return len(self._idle.get(origin, ()))
         return sum(map(len, self._idle.values()))
+
+    async def _take_slot(
+        self, origin: tuple[str, int], pool_timeout: float | None, request: httpx.Request
+    ) -> None:
+        if self.max_connections_per_origin is None:
+            return
+        slot = self._slots.get(origin)
+        if slot is None:
+            slot = self._slots[origin] = asyncio.Semaphore(self.max_connections_per_origin)
+        try:
+            await within(pool_timeout, slot.acquire())
+        except TimeoutError:
+            raise httpx.PoolTimeout(
+                f"all {self.max_connections_per_origin} connections to {origin[0]}:{origin[1]} stayed busy",
+                request=request,
+            ) from None
+
+    def _free_slot(self, origin: tuple[str, int]) -> None:
+        if self.max_connections_per_origin is not None:
+            self._slots[origin].release()
 
     def _release(self, origin: tuple[str, int], conn: _Connection) -> None:
         stack = self._idle.setdefault(origin, [])
@@ -229,6 +261,17 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         for name, value in request.headers.raw:
             head += [name, b": ", value, b"\r\n"]
         message = b"".join(head) + b"\r\n" + body
+        await self._take_slot(origin, timeout.get("pool"), request)
+        try:
+            return await self._exchange(request, origin, message, timeout)
+        except BaseException:
+            self._free_slot(origin)  # no body stream took the slot over
+            raise
+
+    async def _exchange(
+        self, request: httpx.Request, origin: tuple[str, int], message: bytes, timeout: dict[str, Any]
+    ) -> httpx.Response:
+        """Send ``message`` and read the response head; the body streams from the connection."""
         for attempt in range(2):
             conn, reused = await self._acquire(origin, timeout.get("connect"), request)
             phase = "write"
