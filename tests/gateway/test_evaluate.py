@@ -37,6 +37,12 @@ def test_eval_cli_writes_report_with_brute_force_reference_rows(tmp_path):
         pgr.append((quality - w.mean()) / (s.mean() - w.mean()))
     apgr = (sum(pgr) - (pgr[0] + pgr[-1]) / 2) / 10  # the trapezoid rule over the 11 budgets
     assert rows["oracle (whole table)"]["apgr"] == pytest.approx(apgr, abs=1e-9)
+    # the oracle's curve rises then stays flat (concave), so its own hull is the curve: AIQ is the
+    # area under it over [0, 100]% strong calls, by the trapezoid rule
+    x = np.linspace(0, 100, 11)
+    y = np.array([(w.sum() + gain[: int(round(f * len(w)))].sum()) / len(w) for f in x / 100])
+    area = float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x))) / 100
+    assert rows["oracle (whole table)"]["aiq"] == pytest.approx(area, abs=1e-9)
     assert rows["threshold-mf"]["apgr"] is not None and rows["threshold-mf"]["note"] == ""
 
 

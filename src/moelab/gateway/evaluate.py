@@ -167,8 +167,9 @@ class TableResult:
 
 
 def _curve_row(label: str, curve: M.Curve, w: float, s: float, note: str = "", seconds: float = 0.0) -> Row:
+    # AIQ on RouteLLM's cost axis, the % of strong calls over [0, 100]
     return Row(label, apgr=M.apgr(curve, w, s), cpt={f"{int(p * 100)}%": M.cpt(curve, w, s, p) for p in M.CPT_LEVELS},
-               points=curve.points(), note=note, seconds=seconds)  # fmt: skip
+               aiq=M.aiq(curve.x, curve.y, (0.0, 100.0)), points=curve.points(), note=note, seconds=seconds)  # fmt: skip
 
 
 def _oracle(w: np.ndarray, s: np.ndarray) -> M.Curve:
@@ -351,14 +352,17 @@ def render_markdown(results: Sequence[TableResult], plots: dict[str, str] | None
                 f"Weak `{s['weak']}`, strong `{s['strong']}`. Whole table: n = {s['n_all']}, weak "
                 f"{_fmt(s['weak_quality_all'], 4)}, strong {_fmt(s['strong_quality_all'], 4)}. Test half "
                 f"(seed {s['seed']}): n = {r.n_test} (train {r.n_train}), weak {_fmt(s['weak_quality'], 4)}, "
-                f"strong {_fmt(s['strong_quality'], 4)}. Embedder: {s['embedder']}.",
+                f"strong {_fmt(s['strong_quality'], 4)}. Embedder: {s['embedder']}. AIQ: RouterBench's, with "
+                "the % of strong calls as the cost, over [0, 100].",
                 "",
-                "| router | APGR | CPT(20%) | CPT(50%) | CPT(80%) | note |",
-                "|---|---|---|---|---|---|",
+                "| router | APGR | CPT(20%) | CPT(50%) | CPT(80%) | AIQ | note |",
+                "|---|---|---|---|---|---|---|",
             ]
             for row in r.rows:
                 cells = [_cpt_cell(row.cpt.get(k)) for k in ("20%", "50%", "80%")]
-                lines.append(f"| {row.label} | {_fmt(row.apgr)} | {' | '.join(cells)} | {row.note} |")
+                lines.append(
+                    f"| {row.label} | {_fmt(row.apgr)} | {' | '.join(cells)} | {_fmt(row.aiq)} | {row.note} |"
+                )
             lines += ["", "Sweep points (% strong calls: quality):", ""]
             for row in r.rows:
                 if row.points:
