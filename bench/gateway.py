@@ -18,8 +18,8 @@ cores go to the gateway and the client. The client is a bare keep-alive HTTP/1.1
   model name (``passthrough``), and the gateway with ``model: router-<policy>`` for each measured
   policy. A policy's overhead at quantile q is ``q(gateway) - q(direct)``, both measured in the
   same rounds. The anchor, ``passthrough_httpx``, is a second gateway process with the same
-  config but ``upstream_transport: httpx`` (httpx's own transport, httpcore, as LiteLLM and most
-  Python gateways use it), measured in the same rounds.
+  config but ``upstream_transport: httpx`` (httpx's client and its own transport, httpcore, as
+  LiteLLM and most Python gateways use them), measured in the same rounds.
 - *Throughput.* ``--concurrency`` keep-alive connections send requests back to back for
   ``--seconds`` per target, in ``--reps`` interleaved repetitions (medians reported). The rate is
   answered requests per second. The gateway's CPU time per request comes from
@@ -329,7 +329,7 @@ def trained_policies() -> dict[str, dict[str, Any]]:
     return out
 
 
-ANCHOR = "passthrough_httpx"  # the same gateway on httpx's own upstream transport (httpcore)
+ANCHOR = "passthrough_httpx"  # the same gateway on httpx's client and transport (httpcore)
 
 
 async def measure_load(
@@ -647,12 +647,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 NOTES = """## Notes
 
-- The gateway's upstream client is httpx on `moelab.gateway.transport.KeepAliveTransport`: one LIFO
-  stack of idle connections per upstream, O(1) pool work per request. With httpx's own transport
-  (the `passthrough_httpx` anchor row), a cProfile of the gateway put more than half of its CPU in
-  httpcore's connection pool: for every request added or removed it walks every pooled connection
-  and polls each idle socket, so the cost grows with the pool, and a burst of connections leaves a
-  large pool behind for 5 s. That is why the anchor's rate falls as connections are added.
+- The gateway sends httpx requests straight to `moelab.gateway.transport.KeepAliveTransport`: one
+  LIFO stack of idle connections per upstream, O(1) pool work per request, and no httpx client
+  layer (auth and redirect flows, a cookie jar parsing every response). With httpx's client and
+  transport (the `passthrough_httpx` anchor row), a cProfile of the gateway put more than half of
+  its CPU in httpcore's connection pool: for every request added or removed it walks every pooled
+  connection and polls each idle socket, so the cost grows with the pool, and a burst of
+  connections leaves a large pool behind for 5 s. That is why the anchor's rate falls as
+  connections are added.
 - uvicorn picks its HTTP parser and event loop (`server` above): httptools and uvloop come with
   the `gateway` extra (`uvicorn[standard]`); without them it runs on pure-Python h11 and asyncio.
 - The fault run's upstreams are `moelab.gateway.testing.FakeUpstream`s (uvicorn + FastAPI), with

@@ -167,7 +167,8 @@ class GatewayConfig(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     state: str = "memory"
     max_body_bytes: int = Field(1_000_000, gt=0)
-    # "keepalive": moelab.gateway.transport (O(1) pool work per request); "httpx": httpx's own
+    # "keepalive": moelab.gateway.transport, called directly (O(1) pool work per request);
+    # "httpx": httpx's AsyncClient and its transport (environment proxies, for example)
     upstream_transport: Literal["keepalive", "httpx"] = "keepalive"
 
     @field_validator("state")

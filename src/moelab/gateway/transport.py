@@ -1,4 +1,4 @@
-"""A lean HTTP/1.1 keep-alive transport for the gateway's ``httpx.AsyncClient``.
+"""A lean HTTP/1.1 keep-alive ``httpx`` transport: the gateway's upstream calls go through it.
 
 Why: with httpx's default transport (httpcore), more than half of the gateway's CPU per request
 went to the connection pool's bookkeeping. For every request added or removed it walks every

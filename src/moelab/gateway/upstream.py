@@ -34,6 +34,7 @@ from moelab.gateway.state import StateStore
 from moelab.gateway.transport import KeepAliveTransport, within
 
 log = logging.getLogger("moelab.gateway.upstream")
+USER_AGENT = "moelab-gateway"
 
 
 def estimate_tokens(payload: dict[str, Any]) -> int:
@@ -115,15 +116,41 @@ class UpstreamPool:
         self.config, self.store, self.redact = config, store, redact
         self.on_transition, self.on_attempt = on_transition, on_attempt
         t = config.timeouts
-        self.client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(t.total, connect=t.connect, read=t.read),
-            transport=KeepAliveTransport() if config.upstream_transport == "keepalive" else None,
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        self._timeout = httpx.Timeout(t.total, connect=t.connect, read=t.read)
+        # "keepalive": requests go straight to KeepAliveTransport. httpx's client layer (auth and
+        # redirect flows, a cookie jar parsing every response, URL merging) cost the gateway as
+        # much CPU per request as the transport itself, and none of it applies here. Environment
+        # proxies are httpx's client feature: set upstream_transport: httpx to use them.
+        self.transport = (
+            KeepAliveTransport() if client is None and config.upstream_transport == "keepalive" else None
         )
+        self.client = None
+        if self.transport is None:
+            self.client = client or httpx.AsyncClient(
+                timeout=self._timeout,
+                limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+            )
+        self._urls: dict[tuple[str, str], httpx.URL] = {}
         self.models = {m.name: m for m in config.models}
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self.client is not None:
+            await self.client.aclose()
+        if self.transport is not None:
+            await self.transport.aclose()
+
+    async def send(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
+        """``request`` through the transport (or the client); unless ``stream``, the body is read."""
+        if self.transport is None:
+            return await self.client.send(request, stream=stream)
+        resp = await self.transport.handle_async_request(request)
+        resp.request = request
+        if not stream:
+            try:
+                await resp.aread()
+            finally:
+                await resp.aclose()
+        return resp
 
     # ---------------------------------------------------------------------------------------------
     def chain_for(self, model: str, needed_tokens: int | None = None) -> tuple[list[str], list[Attempt]]:
@@ -148,13 +175,17 @@ class UpstreamPool:
 
     def _request(self, m: ModelConfig, path: str, payload: dict[str, Any]) -> httpx.Request:
         body = dict(payload, model=m.upstream_model or m.name)
-        headers = {"content-type": "application/json"}
+        headers = {"content-type": "application/json", "user-agent": USER_AGENT}
         key = m.api_key()
         if key:
             headers["authorization"] = f"Bearer {key}"
-        return self.client.build_request(
-            "POST", m.base_url + path, content=json.dumps(body).encode(), headers=headers
-        )
+        url = self._urls.get((m.name, path))
+        if url is None:  # parsed once per model and endpoint
+            url = self._urls[(m.name, path)] = httpx.URL(m.base_url + path)
+        return httpx.Request(
+            "POST", url, content=json.dumps(body).encode(), headers=headers,
+            extensions={"timeout": self._timeout.as_dict()},
+        )  # fmt: skip
 
     async def _allow(self, name: str) -> bool:
         ok, tr = await self.store.breaker_allow(name, self.config.cooldown.seconds)
@@ -229,9 +260,7 @@ class UpstreamPool:
             async def send(m: ModelConfig = m) -> httpx.Response:
                 # httpx's timeouts bound each read, not the whole attempt: timeouts.total does
                 try:
-                    resp = await within(
-                        total, self.client.send(self._request(m, path, payload), stream=stream)
-                    )
+                    resp = await within(total, self.send(self._request(m, path, payload), stream=stream))
                 except TimeoutError:
                     raise _Retryable("timeout") from None
                 if resp.status_code in retry_status or resp.status_code >= 500 or resp.status_code == 429:
