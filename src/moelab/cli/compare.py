@@ -138,6 +138,9 @@ def register(app: typer.Typer) -> None:
         generate: Annotated[
             int | None, typer.Option(help="with --mixtures: test prompts per task scored by greedy decoding")
         ] = None,
+        val_examples: Annotated[
+            int | None, typer.Option(help="with --mixtures: validation examples per task (default 32)")
+        ] = None,
         mixture_tokenizer: Annotated[
             str, typer.Option("--base-tokenizer", help="with --mixtures: 'auto' (the base's) or 'bytes'")
         ] = "auto",
@@ -156,7 +159,9 @@ def register(app: typer.Typer) -> None:
                 "warmup": "warmup_steps",
             }
             options = {field: ctx.params[p] for p, field in flags.items() if p in typed}
-            options.update({"tasks": tasks, "threads": threads, "generate": generate})
+            options.update(
+                {"tasks": tasks, "threads": threads, "generate": generate, "val_examples": val_examples}
+            )
             run_mixture_compare(
                 base=base,
                 tokenizer=mixture_tokenizer,

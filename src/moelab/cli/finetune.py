@@ -152,6 +152,9 @@ def register(app: typer.Typer) -> None:
         lr: Annotated[float | None, typer.Option()] = None,
         warmup: Annotated[int | None, typer.Option()] = None,
         train_examples: Annotated[int | None, typer.Option(help="train examples per task")] = None,
+        val_examples: Annotated[
+            int | None, typer.Option(help="validation examples per task (default 32)")
+        ] = None,
         generate: Annotated[
             int | None, typer.Option(help="test prompts per task scored by greedy decoding")
         ] = None,
@@ -185,6 +188,7 @@ def register(app: typer.Typer) -> None:
             "lr": lr,
             "warmup_steps": warmup,
             "train_examples": train_examples,
+            "val_examples": val_examples,
             "generate": generate,
             "seed": seed,
             "threads": threads,
