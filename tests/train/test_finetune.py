@@ -189,13 +189,13 @@ def test_compare_mixtures_on_smollm2(monkeypatch, tmp_path):
     res = CliRunner().invoke(
         app,
         ["compare", "--base", "smollm2", "--mixtures", "mole,remix", "--tasks", "sort", "--steps", "1",
-         "--batch-size", "1", "--seq-len", "64", "--generate", "1", "--val-examples", "8", "--out", str(tmp_path),
+         "--batch-size", "1", "--seq-len", "64", "--generate", "1", "--train-examples", "16", "--val-examples", "8", "--out", str(tmp_path),
          "--name", "smol", "--no-progress"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     saved = json.loads((tmp_path / "smol" / "results.json").read_text())
     assert saved["base"] == "smollm2" and set(saved["rows"]) == {"mole", "remix"}
-    assert saved["settings"]["val_examples"] == 8
+    assert saved["settings"]["val_examples"] == 8 and saved["settings"]["train_examples"] == 16
 
 
 def test_finetune_on_text_files(tmp_path):

@@ -138,6 +138,9 @@ def register(app: typer.Typer) -> None:
         generate: Annotated[
             int | None, typer.Option(help="with --mixtures: test prompts per task scored by greedy decoding")
         ] = None,
+        train_examples: Annotated[
+            int | None, typer.Option(help="with --mixtures: train examples per task (default 400)")
+        ] = None,
         val_examples: Annotated[
             int | None, typer.Option(help="with --mixtures: validation examples per task (default 32)")
         ] = None,
@@ -160,7 +163,13 @@ def register(app: typer.Typer) -> None:
             }
             options = {field: ctx.params[p] for p, field in flags.items() if p in typed}
             options.update(
-                {"tasks": tasks, "threads": threads, "generate": generate, "val_examples": val_examples}
+                {
+                    "tasks": tasks,
+                    "threads": threads,
+                    "generate": generate,
+                    "train_examples": train_examples,
+                    "val_examples": val_examples,
+                }
             )
             run_mixture_compare(
                 base=base,
