@@ -9,7 +9,7 @@ EXTRAS ?= dev,hf,gpu,peft,embed,gateway
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: setup demo test bench bench-quick lint clean
+.PHONY: setup demo test test-all bench bench-quick lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# also the `heavy` tests: the docs' numbers rerun on full tables, real-model smoke runs
+test-all: setup
+	$(PY) -m pytest -m ""
 
 bench: setup
 	$(PY) -m bench.run

@@ -131,6 +131,7 @@ def test_state_round_trip_and_bad_input():
         CascadeRouter("hashing").route(RouteRequest("x", [ModelInfo("small")]))
 
 
+@pytest.mark.heavy  # the numbers on the docs page, on the whole LLMRouter table
 def test_llmrouter_test_split(capsys):
     datasets = pytest.importorskip("moelab.gateway.datasets")
     table = datasets.load_table("llmrouter")

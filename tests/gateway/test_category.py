@@ -179,6 +179,7 @@ def test_bad_input_is_named():
         CategoryRouter("hashing").fit(no_task)
 
 
+@pytest.mark.heavy  # the numbers on the docs page, on the whole LLMRouter table
 def test_llmrouter_test_split(capsys):
     datasets = pytest.importorskip("moelab.gateway.datasets")
     table = datasets.load_table("llmrouter")

@@ -179,7 +179,7 @@ def test_finetune_and_compare_cli_on_a_local_model(tmp_path):
     assert missing.exit_code == 2 and "config.json" in missing.output
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # the same CLI path runs on a tiny local model in test_finetune_and_compare_cli_on_a_local_model
 def test_compare_mixtures_on_smollm2(monkeypatch, tmp_path):
     from smollm2 import smollm2_dir
 
