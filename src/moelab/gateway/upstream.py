@@ -117,6 +117,7 @@ class UpstreamPool:
         self.on_transition, self.on_attempt = on_transition, on_attempt
         t = config.timeouts
         self._timeout = httpx.Timeout(t.total, connect=t.connect, read=t.read)
+        self._timeout_ext = {"timeout": self._timeout.as_dict()}  # every request's, built once
         # "keepalive": requests go straight to KeepAliveTransport. httpx's client layer (auth and
         # redirect flows, a cookie jar parsing every response, URL merging) cost the gateway as
         # much CPU per request as the transport itself, and none of it applies here. Environment
@@ -184,7 +185,7 @@ class UpstreamPool:
             url = self._urls[(m.name, path)] = httpx.URL(m.base_url + path)
         return httpx.Request(
             "POST", url, content=json.dumps(body).encode(), headers=headers,
-            extensions={"timeout": self._timeout.as_dict()},
+            extensions=self._timeout_ext,
         )  # fmt: skip
 
     async def _allow(self, name: str) -> bool:

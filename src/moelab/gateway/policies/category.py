@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from moelab.gateway.policies.retriever import EmbeddingPolicy, choose, normalised_cost
+from moelab.gateway.policies.threshold import sigmoid
 from moelab.gateway.policy import Decision, RouteRequest, register_policy
 from moelab.gateway.table import RoutingTable
 
@@ -29,10 +30,6 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * z))  # overflow-free
 
 
 def fit_logistic(
@@ -59,7 +56,7 @@ def fit_logistic(
     curv = 0.5 if link == "softmax" else 0.25
     lip = curv * np.linalg.eigvalsh(xb.T @ xb / n)[-1] + l2
     mom = (1 - np.sqrt(l2 / lip)) / (1 + np.sqrt(l2 / lip))
-    act = _softmax if link == "softmax" else _sigmoid
+    act = _softmax if link == "softmax" else sigmoid
     reg = np.ones((d + 1, 1))
     reg[-1] = 0.0
     w = np.zeros((d + 1, y.shape[1]))
@@ -74,7 +71,7 @@ def fit_logistic(
 def predict_logistic(x: np.ndarray, w: np.ndarray, b: np.ndarray, link: str = "softmax") -> np.ndarray:
     """``[N, d]`` -> ``[N, K]`` probabilities of a ``fit_logistic`` model."""
     z = np.asarray(x, dtype=np.float64) @ w + b
-    return _softmax(z) if link == "softmax" else _sigmoid(z)
+    return _softmax(z) if link == "softmax" else sigmoid(z)
 
 
 def entropy(p: np.ndarray) -> np.ndarray:
