@@ -331,13 +331,15 @@ class Gateway:
         elif cascade and len(cascade) > 1 and path == "/chat/completions":
             result = await self.run_cascade(pname, rr, cascade, payload, attempts)
         else:
-            params = {k: v for k, v in payload.items() if k not in NOT_CACHE_PARAMS}
-            hit, embedding = await self.cache_lookup(path, prompt, chosen, params, stream)
-            if hit is not None:
-                h = self.headers(chosen, label, score) | {"x-moelab-cache": "hit"}
-                return JSONResponse(hit, headers=h)
+            params = embedding = None
+            if self.cache is not None:  # nothing to key or embed without a cache
+                params = {k: v for k, v in payload.items() if k not in NOT_CACHE_PARAMS}
+                hit, embedding = await self.cache_lookup(path, prompt, chosen, params, stream)
+                if hit is not None:
+                    h = self.headers(chosen, label, score) | {"x-moelab-cache": "hit"}
+                    return JSONResponse(hit, headers=h)
             result = await self.pool.call_chain(chain, path, payload, attempts)
-            if result.status < 400:
+            if self.cache is not None and result.status < 400:
                 await self.cache_put(path, prompt, result.model, params, stream, result.body, embedding)
         if chain and result.model != chain[0]:
             self.metrics.fallbacks.labels(chain[0], result.model).inc()
